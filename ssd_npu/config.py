@@ -1,0 +1,146 @@
+"""Config schemas (Hydra structured configs) and the checks Hydra's types cannot express.
+
+The schemas are registered in Hydra's ConfigStore so that an unknown key fails at start
+(`Key 'foo' is not in struct`). `validate` adds the value checks (allowed names, positive
+sizes) and raises `ConfigError` with one message that names the key; `train.py` prints
+that message and exits with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from ssd_npu.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda", "npu")
+FITS = ("stretch", "letterbox", "pad")
+SHAPES = ("fixed", "dynamic")
+DATASETS = ("synthetic", "coco")
+ON_BAD_IMAGE = ("fail", "skip")
+# The SSDLite backbone halves the resolution five times before its extra blocks; the canvas
+# must be divisible by 32 so every feature map (and so the anchor grid) has integer size.
+CANVAS_DIVISOR = 32
+MIN_CANVAS = 64
+
+
+class ConfigError(UserError):
+    """A bad config value; the message names the key and what is allowed."""
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"  # auto | cpu | cuda | npu
+    index: int | None = None  # device index; None: LOCAL_RANK under torchrun, else 0
+    jit_compile: bool = False  # npu only: torch.npu.set_compile_mode(jit_compile=...)
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 256
+    num_val: int = 48
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic | coco
+    root: str | None = None  # COCO root; for synthetic None means the cache folder
+    num_classes: int = 6  # including background (label 0); COCO: 91
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    on_bad_image: str = "fail"  # fail | skip
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    # torchvision's ssdlite recipe: lr 0.15 at global batch 192, SGD momentum 0.9, wd 4e-5,
+    # cosine. `lr: null` scales the recipe lr linearly to the global batch.
+    lr: float | None = None
+    base_lr: float = 0.15
+    base_batch: int = 192
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    warmup_steps: int = 20
+    warmup_factor: float = 0.001
+
+
+@dataclass
+class TrainConfig:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    canvas: list[int] = field(default_factory=lambda: [320, 320])  # [H, W] pixels
+    max_boxes: int = 32
+    fit: str = "stretch"  # stretch | letterbox | pad
+    pad_value: float = 0.0  # fill for letterbox/pad, in [0, 1] image units
+    shape: str = "fixed"  # fixed | dynamic
+    compile: bool = False
+    batch_size: int = 8
+    epochs: int = 4
+    max_steps: int | None = None
+    seed: int = 0
+    num_workers: int = 2
+    amp: bool = False
+    augment: bool = True
+    weights: str | None = None
+    log_every: int = 1
+    out_dir: str | None = None  # None: Hydra's run dir (train.py fills it in)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra; configs/*.yaml extend them via `defaults`."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="device", name="device_schema", node=DeviceConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}.")
+
+
+def validate(cfg: Any) -> None:
+    """Check values Hydra's types cannot; raise ConfigError naming the key."""
+    _one_of("device", cfg.device.name, DEVICES)
+    _one_of("fit", cfg.fit, FITS)
+    _one_of("shape", cfg.shape, SHAPES)
+    _one_of("data", cfg.data.name, DATASETS)
+    _one_of("data.on_bad_image", cfg.data.on_bad_image, ON_BAD_IMAGE)
+    canvas = list(cfg.canvas)
+    if (
+        len(canvas) != 2
+        or any(not isinstance(v, int) or isinstance(v, bool) for v in canvas)
+        or any(v < MIN_CANVAS or v % CANVAS_DIVISOR for v in canvas)
+    ):
+        raise ConfigError(
+            f"canvas={canvas} is not valid; give two integers [H,W], each >= {MIN_CANVAS} and "
+            f"divisible by {CANVAS_DIVISOR} (the backbone's total stride), e.g. canvas=[320,320]."
+        )
+    positive = {
+        "max_boxes": cfg.max_boxes,
+        "batch_size": cfg.batch_size,
+        "epochs": cfg.epochs,
+        "data.num_classes": cfg.data.num_classes - 1,
+        "log_every": cfg.log_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            shown = cfg.data.num_classes if key == "data.num_classes" else value
+            minimum = 2 if key == "data.num_classes" else 1
+            raise ConfigError(f"{key}={shown} is not valid; it must be an integer >= {minimum}.")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"max_steps={cfg.max_steps} is not valid; give an integer >= 1 or null.")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"num_workers={cfg.num_workers} is not valid; it must be >= 0.")
+    if not 0.0 <= cfg.pad_value <= 1.0:
+        raise ConfigError(f"pad_value={cfg.pad_value} is not valid; it must lie in [0, 1].")
+    if cfg.data.name == "coco" and not cfg.data.root:
+        raise ConfigError(
+            "data.root is not set; data=coco needs data.root=/path/to/coco with "
+            "annotations/instances_{train,val}2017.json and {train,val}2017/ inside."
+        )
