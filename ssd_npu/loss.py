@@ -1,0 +1,121 @@
+"""The SSD loss with no data-dependent shape.
+
+torchvision's `SSD.compute_loss` gathers the foreground anchors with `torch.where` and
+boolean indexing, and its matcher builds an IoU matrix with one row per ground-truth box:
+every step has new shapes. Here the ground truth is padded to `M` rows with a `valid` mask
+and every operation keeps its full `[B, A, ...]` shape; masks and sums select what
+torchvision's indexing selects, so the values and gradients are the same (to float32
+rounding: only the order of the summation differs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou
+
+# Below any real IoU (>= 0): padding rows never win a max and never pass the threshold.
+_PADDING_IOU = -1.0
+
+
+def match_anchors(
+    anchors: Tensor, boxes: Tensor, valid: Tensor, iou_threshold: float = 0.5
+) -> Tensor:
+    """torchvision's `SSDMatcher` on padded ground truth, in fixed shapes.
+
+    Args:
+        anchors: [A, 4] xyxy, canvas pixels.
+        boxes: [B, M, 4] xyxy, canvas pixels; rows where `valid` is False are ignored.
+        valid: [B, M] bool.
+    Returns:
+        matched: [B, A] int64, index into M of the box matched to each anchor, or -1
+        (background). Anchors between thresholds do not exist here: SSDMatcher uses one.
+    """
+    batch, max_boxes = valid.shape
+    num_anchors = anchors.shape[0]
+    # box_iou is [M, A] per image; flattening the batch keeps one call and one shape.
+    iou = box_iou(boxes.reshape(-1, 4), anchors).reshape(batch, max_boxes, num_anchors)
+    iou = torch.where(valid[:, :, None], iou, _PADDING_IOU)
+
+    # Matcher: best box per anchor (first index on ties, as torch.max), below threshold -> -1.
+    best_iou, matched = iou.max(dim=1)
+    matched = torch.where(best_iou < iou_threshold, -1, matched)
+
+    # SSDMatcher: each box is forced onto its best anchor. torchvision writes
+    # `matches[best_anchor] = arange(M)`; when two boxes share a best anchor the later box
+    # wins (CPU index_put order), so take the largest box index that chose each anchor.
+    best_anchor = iou.argmax(dim=2)  # [B, M]
+    chose = (best_anchor[:, :, None] == torch.arange(num_anchors, device=anchors.device)) & valid[
+        :, :, None
+    ]  # [B, M, A]
+    box_index = torch.arange(max_boxes, device=anchors.device)[None, :, None]
+    forced = torch.where(chose, box_index, -1).amax(dim=1)  # [B, A]
+    return torch.where(forced >= 0, forced, matched)
+
+
+def fixed_ssd_loss(
+    cls_logits: Tensor,
+    bbox_regression: Tensor,
+    anchors: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    box_coder: BoxCoder,
+    iou_threshold: float = 0.5,
+    neg_to_pos_ratio: int = 3,
+) -> dict[str, Tensor]:
+    """SSD loss (Smooth-L1 + softmax CE with 3:1 hard negatives) in shapes fixed by B, A, C, M.
+
+    Args:
+        cls_logits: [B, A, C] raw logits.
+        bbox_regression: [B, A, 4] encoded deltas.
+        anchors: [A, 4] xyxy, canvas pixels.
+        boxes: [B, M, 4] xyxy, canvas pixels; padding rows may hold anything (even NaN).
+        labels: [B, M] int64, 1..C-1 for real boxes.
+        valid: [B, M] bool, False for padding rows.
+        box_coder: torchvision's BoxCoder, weights (10, 10, 5, 5).
+    Returns:
+        {"bbox_regression": scalar, "classification": scalar}, each divided by
+        max(1, foreground anchors in the batch), as torchvision's `SSD.compute_loss`.
+    """
+    # Padding rows are arbitrary: replace them before they reach any arithmetic, so a NaN
+    # there cannot leak into a max, a sum or a gradient.
+    boxes = torch.where(valid[:, :, None], boxes, anchors.new_zeros(()))
+    labels = torch.where(valid, labels, 0)
+    matched = match_anchors(anchors, boxes, valid, iou_threshold)  # [B, A]
+    foreground = matched >= 0
+    num_foreground = foreground.sum()
+    gather_index = matched.clamp(min=0)
+
+    # Regression: encode every anchor against its matched box; background anchors get the
+    # anchor itself (a zero target) so nothing non-finite appears, then they are masked out.
+    matched_boxes = torch.gather(boxes, 1, gather_index[:, :, None].expand(-1, -1, 4))
+    anchors_b = anchors.expand_as(matched_boxes)
+    matched_boxes = torch.where(foreground[:, :, None], matched_boxes, anchors_b)
+    target = box_coder.encode_single(matched_boxes.reshape(-1, 4), anchors_b.reshape(-1, 4))
+    target = target.reshape_as(bbox_regression)
+    smooth_l1 = F.smooth_l1_loss(bbox_regression, target, reduction="none")
+    bbox_loss = torch.where(foreground[:, :, None], smooth_l1, 0.0).sum()
+
+    # Classification: cross entropy on every anchor, then hard negative mining exactly as
+    # torchvision does it (sort, rank, keep the top 3 x positives per image).
+    cls_targets = torch.where(foreground, torch.gather(labels, 1, gather_index), 0)
+    num_classes = cls_logits.shape[-1]
+    cls_loss = F.cross_entropy(
+        cls_logits.reshape(-1, num_classes), cls_targets.reshape(-1), reduction="none"
+    ).reshape(cls_targets.shape)
+    positive = cls_targets > 0
+    num_negative = neg_to_pos_ratio * positive.sum(1, keepdim=True)
+    negative_loss = torch.where(positive, -float("inf"), cls_loss)
+    _, order = negative_loss.sort(1, descending=True)
+    negative = order.sort(1)[1] < num_negative
+    # Summed separately, as torchvision does: when 4 x positives exceeds A an anchor can be
+    # in both sets and then counts twice there too.
+    cls_sum = (
+        torch.where(positive, cls_loss, 0.0).sum() + torch.where(negative, cls_loss, 0.0).sum()
+    )
+
+    normaliser = num_foreground.clamp(min=1).to(cls_logits.dtype)
+    return {"bbox_regression": bbox_loss / normaliser, "classification": cls_sum / normaliser}
