@@ -1,0 +1,135 @@
+"""The one place that knows cpu / cuda / npu.
+
+`resolve_device(name, index, jit_compile)` parses the name, imports the backend (torch_npu
+for `npu`), checks it works, and fails with a message that says what to do. Nothing falls
+back to another device silently: `auto` is the only name that chooses, and it says what
+it chose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ssd_npu.errors import DeviceError
+
+_CANN_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
+_NPU_REQUIREMENTS = (
+    "pip install -r requirements-npu.txt (torch==2.14.0 CPU build, torch-npu==2.14.0, "
+    "torchvision==0.29.0)"
+)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A resolved device: `type` is cpu | cuda | npu; `torch` is the torch.device."""
+
+    type: str
+    index: int | None
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device(self.type if self.index is None else f"{self.type}:{self.index}")
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so a clock read after it measures the work."""
+        if self.type == "cuda":
+            torch.cuda.synchronize(self.torch)
+        elif self.type == "npu":
+            torch.npu.synchronize()
+
+    def autocast(self, enabled: bool):
+        """Mixed precision for the network: bf16 on cpu, fp16 on cuda and npu."""
+        if not enabled:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.type == "cpu" else torch.float16
+        return torch.autocast(self.type, dtype=dtype)
+
+    @property
+    def dist_backend(self) -> str:
+        return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[self.type]
+
+    @property
+    def compile_backend(self) -> str:
+        """torch.compile backend: torch_npu registers "npu"; inductor elsewhere."""
+        return "npu" if self.type == "npu" else "inductor"
+
+
+def import_torch_npu():
+    """Import torch_npu, turning each known failure into a message that says what to do."""
+    try:
+        torch_npu = importlib.import_module("torch_npu")
+    except ModuleNotFoundError as err:
+        if err.name != "torch_npu":
+            raise DeviceError(
+                f"device=npu: torch_npu is installed but its dependency {err.name!r} is missing; "
+                f"reinstall with {_NPU_REQUIREMENTS}."
+            ) from err
+        raise DeviceError(
+            "device=npu needs torch_npu, which is not installed here. On an Ascend host: "
+            f"{_NPU_REQUIREMENTS}, then `{_CANN_ENV}` in the same shell. "
+            "Without an NPU use device=cpu, device=cuda or device=auto."
+        ) from err
+    except (ImportError, OSError) as err:
+        text = str(err)
+        if any(lib in text for lib in ("libhccl", "libascendcl", "libascend", "libge_runner")):
+            raise DeviceError(
+                f"device=npu: torch_npu cannot load the Ascend CANN libraries ({text}). "
+                f"Run `{_CANN_ENV}` in this shell (or your CANN install's set_env.sh), then retry."
+            ) from err
+        if torch.version.cuda is not None:
+            raise DeviceError(
+                f"device=npu: torch_npu failed to import beside a CUDA build of torch "
+                f"({torch.__version__}): {text}. torch_npu needs the CPU build: {_NPU_REQUIREMENTS}."
+            ) from err
+        raise DeviceError(f"device=npu: importing torch_npu failed: {text}.") from err
+    npu_version = getattr(torch_npu, "__version__", "")
+    if npu_version and npu_version.split("+")[0] != torch.__version__.split("+")[0]:
+        raise DeviceError(
+            f"device=npu: torch_npu {npu_version} needs torch {npu_version.split('+')[0]} exactly, "
+            f"but torch {torch.__version__} is installed; {_NPU_REQUIREMENTS}."
+        )
+    return torch_npu
+
+
+def _local_rank_index(index: int | None) -> int:
+    return int(os.environ.get("LOCAL_RANK", 0)) if index is None else index
+
+
+def resolve_device(name: str, index: int | None = None, jit_compile: bool = False) -> Device:
+    """Parse and set up a device. `auto` picks cuda, then npu (if torch_npu is installed), then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return resolve_device("cuda", index)
+        if importlib.util.find_spec("torch_npu") is not None:
+            return resolve_device("npu", index, jit_compile)
+        return Device("cpu", None)
+    if name == "cpu":
+        return Device("cpu", None)
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                "device=cuda: no CUDA GPU is visible to torch "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
+                "Check nvidia-smi and CUDA_VISIBLE_DEVICES, or use device=cpu / device=auto."
+            )
+        device = Device("cuda", _local_rank_index(index))
+        torch.cuda.set_device(device.torch)
+        return device
+    if name == "npu":
+        import_torch_npu()
+        if not torch.npu.is_available():
+            raise DeviceError(
+                "device=npu: torch_npu is installed but sees no NPU. Check `npu-smi info`, "
+                f"ASCEND_RT_VISIBLE_DEVICES and that `{_CANN_ENV}` was run in this shell."
+            )
+        device = Device("npu", _local_rank_index(index))
+        torch.npu.set_device(device.torch)
+        # False: binary (precompiled) kernels, no online compile for each new shape.
+        torch.npu.set_compile_mode(jit_compile=jit_compile)
+        return device
+    raise DeviceError(f"device={name!r} is not valid; choose one of: auto, cpu, cuda, npu.")

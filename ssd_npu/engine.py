@@ -1,0 +1,145 @@
+"""The training loop and its two step functions: fixed shapes, and torchvision's dynamic path.
+
+The loop takes built objects (model step, optimizer, loader, device, telemetry), not the
+config, as torchvision's references/detection engine does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from time import perf_counter
+
+import torch
+from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
+
+from ssd_npu.device import Device
+from ssd_npu.errors import UserError
+from ssd_npu.loss import fixed_ssd_loss
+from ssd_npu.model import FixedSSD
+from ssd_npu.telemetry import Telemetry
+
+StepFn = Callable[[object], dict[str, Tensor]]
+
+
+class NonFiniteLoss(UserError):
+    """Training produced a NaN or infinite loss; the message names the step and the terms."""
+
+
+def graphs_compiled() -> int:
+    """Graphs compiled by torch.compile in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def make_fixed_step(
+    model: FixedSSD,
+    device: Device,
+    amp: bool = False,
+    compile: bool = False,
+    backend: str = "inductor",
+) -> StepFn:
+    """Loss of one FixedBatch: network (optionally autocast) + fixed_ssd_loss in fp32.
+
+    With `compile`, the forward and loss become one graph (`dynamic=False`: one compile per
+    input shape, exactly like an NPU's online operator compile); backward follows it.
+    """
+    box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+
+    def losses(images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        with device.autocast(amp):
+            cls_logits, bbox_regression = model(images)
+        return fixed_ssd_loss(
+            cls_logits.float(),
+            bbox_regression.float(),
+            model.anchors,
+            boxes,
+            labels,
+            valid,
+            box_coder,
+        )
+
+    fn = torch.compile(losses, dynamic=False, backend=backend) if compile else losses
+    return lambda batch: fn(batch.images, batch.boxes, batch.labels, batch.valid)
+
+
+def make_dynamic_step(
+    model: FixedSSD,
+    device: Device,
+    amp: bool = False,
+    compile: bool = False,
+    backend: str = "inductor",
+) -> StepFn:
+    """torchvision's unmodified path: `detector(list_of_images, targets)` -> its loss dict."""
+    detector = model.detector
+    fn = torch.compile(detector, dynamic=False, backend=backend) if compile else detector
+
+    def step(batch) -> dict[str, Tensor]:
+        with device.autocast(amp):
+            return fn(batch.images, batch.targets)
+
+    return step
+
+
+def train_loop(
+    step_fn: StepFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loader: Iterable,
+    device: Device,
+    telemetry: Telemetry,
+    epochs: int,
+    max_steps: int | None = None,
+    count_graphs: bool = False,
+) -> int:
+    """Train for `epochs` (or until `max_steps` optimizer steps); return the steps done.
+
+    Timing: `data_ms` is the wait for the next batch (host pipeline + copy to the device);
+    `step_ms` runs from the batch being on the device to the optimizer step having finished
+    on it (the device is synchronised before the clock is read).
+    """
+    step = 0
+    for epoch in range(epochs):
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        data_start = perf_counter()
+        for batch in loader:
+            batch = batch.to(device.torch)
+            device.synchronize()
+            step_start = perf_counter()
+            losses = step_fn(batch)
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            device.synchronize()
+            step_end = perf_counter()
+
+            # Reading the losses is a device-to-host sync, made on purpose, after the clock.
+            values = {"total": total.item(), **{k: v.item() for k, v in losses.items()}}
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+            if not all(math.isfinite(v) for v in values.values()):
+                terms = ", ".join(f"{k}={v}" for k, v in values.items())
+                raise NonFiniteLoss(
+                    f"training stopped at step {step} (epoch {epoch}): the loss is not finite "
+                    f"({terms}). Lower the learning rate (optim.lr) or check the data of this batch."
+                )
+            telemetry.log_step(
+                step,
+                (step_end - step_start) * 1000.0,
+                (step_start - data_start) * 1000.0,
+                batch_size=len(batch.image_ids),
+                losses=values,
+                lr=lr,
+                boxes_dropped=getattr(batch, "boxes_dropped", 0),
+                graphs=graphs_compiled() if count_graphs else None,
+            )
+            if max_steps is not None and step >= max_steps:
+                return step
+            data_start = perf_counter()
+    return step

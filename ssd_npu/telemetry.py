@@ -1,0 +1,130 @@
+"""Step timing, warm-up detection, TensorBoard scalars, the progress bar and summary.json.
+
+Tags and summary keys are public contracts (DESIGN.md): keep their names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+# A step counts as warm-up when it is slower than this many times the steady reference.
+WARMUP_FACTOR = 2.0
+
+
+def detect_warmup(step_ms: list[float], factor: float = WARMUP_FACTOR) -> int:
+    """Number of leading warm-up (compile) steps in a step-time series (ms).
+
+    Rule: the reference is the median of the second half of the run (compiles are over
+    by then). Warm-up ends after the last step in the *first* half that is slower than
+    `factor` x reference, so a compile, a normal step and a second compile (a new shape)
+    are all warm-up, while a late spike (a recompile, a hiccup) is not. A one-step run
+    is all warm-up; a run with no slow early step has none.
+    """
+    n = len(step_ms)
+    if n <= 1:
+        return n
+    reference = statistics.median(step_ms[n // 2 :])
+    slow = [i for i in range(n - n // 2) if step_ms[i] > factor * reference]
+    return slow[-1] + 1 if slow else 0
+
+
+def steady_median(step_ms: list[float], warmup: int) -> float | None:
+    """Median step time after warm-up (ms); the whole run's median if all is warm-up."""
+    steady = step_ms[warmup:] or step_ms
+    return statistics.median(steady) if steady else None
+
+
+class Telemetry:
+    """Collects per-step numbers; rank 0 (`enabled`) writes TensorBoard and summary.json."""
+
+    def __init__(self, out_dir: str | Path, total_steps: int, enabled: bool = True):
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self.step_ms: list[float] = []
+        self.data_ms: list[float] = []
+        self.batch_sizes: list[int] = []
+        self.boxes_dropped = 0
+        self.last_losses: dict[str, float] = {}
+        self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if enabled else None
+        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=not enabled)
+
+    def log_step(
+        self,
+        step: int,
+        step_ms: float,
+        data_ms: float,
+        batch_size: int,
+        losses: dict[str, float],
+        lr: float,
+        boxes_dropped: int,
+        graphs: int | None = None,
+    ) -> None:
+        """One optimizer step. Times in ms; `losses` has total, bbox_regression, classification."""
+        self.step_ms.append(step_ms)
+        self.data_ms.append(data_ms)
+        self.batch_sizes.append(batch_size)
+        self.boxes_dropped += boxes_dropped
+        self.last_losses = dict(losses)
+        if self.writer is not None:
+            scalars = {
+                "time/step_ms": step_ms,
+                "time/data_ms": data_ms,
+                "throughput/images_per_s": batch_size * 1000.0 / step_ms,
+                "lr": lr,
+                "data/boxes_dropped": boxes_dropped,
+                **{f"loss/{k}": v for k, v in losses.items()},
+            }
+            if graphs is not None:
+                scalars["compile/graphs"] = graphs
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        self.bar.set_postfix(loss=f"{losses['total']:.3f}", step_ms=f"{step_ms:.0f}")
+        self.bar.update(1)
+
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def summary(self, **fields: Any) -> dict[str, Any]:
+        """The summary.json fields from the timings, plus `fields` (device, shape, ...)."""
+        warmup = detect_warmup(self.step_ms)
+        steady = steady_median(self.step_ms, warmup)
+        batch = statistics.median(self.batch_sizes) if self.batch_sizes else 0
+        return {
+            "steps": len(self.step_ms),
+            "warmup_steps": warmup,
+            "steady_step_ms": steady,
+            "steady_images_per_s": batch * 1000.0 / steady if steady else None,
+            "first_step_ms": self.step_ms[0] if self.step_ms else None,
+            "steady_data_ms": steady_median(self.data_ms, warmup),
+            "boxes_dropped": self.boxes_dropped,
+            "final_loss": self.last_losses.get("total"),
+            **fields,
+        }
+
+    def write_summary(self, summary: dict[str, Any]) -> Path | None:
+        """Write summary.json atomically (temp file, fsync, rename); rank 0 only."""
+        if not self.enabled:
+            return None
+        path = self.out_dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
