@@ -1,0 +1,110 @@
+"""The command-line contract: Hydra composition, schema strictness, value validation."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from ssd_npu.config import ConfigError, register_configs, validate
+
+REPO = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_defaults_follow_the_contract():
+    cfg = make_cfg()
+    validate(cfg)
+    assert cfg.device.name == "auto"
+    assert list(cfg.canvas) == [320, 320]
+    assert cfg.shape == "fixed" and cfg.fit == "stretch" and cfg.compile is False
+    assert cfg.data.name == "synthetic" and cfg.data.num_classes == 6
+    for key in ("max_boxes", "batch_size", "epochs", "max_steps", "seed", "num_workers", "amp"):
+        assert key in cfg
+
+
+def test_npu_override_parses():
+    cfg = make_cfg("device=npu", "canvas=[512,512]", "max_boxes=50")
+    validate(cfg)
+    assert cfg.device.name == "npu" and cfg.device.jit_compile is False
+    assert list(cfg.canvas) == [512, 512] and cfg.max_boxes == 50
+
+
+def test_coco_group_sets_91_classes():
+    cfg = make_cfg("data=coco", "data.root=/data/coco")
+    validate(cfg)
+    assert cfg.data.num_classes == 91 and cfg.data.root == "/data/coco"
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "hint"),
+    [
+        ("canvas=[300,320]", "canvas", "divisible by 32"),
+        ("canvas=[320]", "canvas", "two integers"),
+        ("canvas=[0,320]", "canvas", ">= 64"),
+        ("max_boxes=0", "max_boxes", ">= 1"),
+        ("fit=crop", "fit", "stretch, letterbox, pad"),
+        ("shape=ragged", "shape", "fixed, dynamic"),
+        ("batch_size=0", "batch_size", ">= 1"),
+        ("data.num_classes=1", "data.num_classes", ">= 2"),
+        ("data.on_bad_image=ignore", "data.on_bad_image", "fail, skip"),
+        ("max_steps=0", "max_steps", ">= 1"),
+    ],
+)
+def test_bad_values_name_the_key(override, key, hint):
+    cfg = make_cfg(override)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).startswith(f"{key}=")
+    assert hint in str(err.value)
+
+
+def test_unknown_key_and_device_fail_at_compose():
+    with pytest.raises(ConfigCompositionException, match="max_boxs"):
+        make_cfg("max_boxs=3")
+    with pytest.raises(Exception, match="(?s)tpu.*cpu"):
+        make_cfg("device=tpu")
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("canvas=[300,300]",), "canvas=[300, 300] is not valid"),
+        (("fit=crop",), "fit='crop' is not valid; choose one of: stretch, letterbox, pad"),
+        (("max_boxes=0",), "max_boxes=0 is not valid"),
+        (("max_boxs=3",), "max_boxs"),
+        (("device=tpu",), "Available options in 'device'"),
+    ],
+)
+def test_cli_rejects_bad_values_without_traceback(tmp_path, args, needle):
+    proc = run_train(*args, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_device_npu_without_torch_npu_explains(tmp_path):
+    proc = run_train("device=npu", "max_steps=1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip()
+    assert "torch_npu" in message and "requirements-npu.txt" in message
+    assert "set_env.sh" in message
+    assert len(message.splitlines()) == 1
