@@ -1,0 +1,279 @@
+"""Fixed shapes on the host: one [3, H, W] canvas per image and exactly M boxes per image.
+
+A shape-compiling device (Ascend NPU, torch.compile) compiles one graph per input shape, so
+every batch must look the same: images `[B, 3, H, W]`, boxes `[B, M, 4]`, labels `[B, M]`,
+a validity mask `[B, M]`. Units: images float32 in [0, 1]; boxes xyxy pixels.
+
+Fits (canvas (H, W), padding only right and bottom so box coordinates stay valid):
+- stretch: resize to (H, W) ignoring aspect ratio; the same pixels and boxes as torchvision's
+  `GeneralizedRCNNTransform` of ssdlite (whose `fixed_size` is given as (W, H)).
+- letterbox: resize by s = min(H/h, W/w), keep aspect ratio, pad with `pad_value`.
+- pad: no resize, pad; an image larger than the canvas is first scaled down to fit it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.transforms.v2.functional import to_dtype
+
+FIT_MODES = ("stretch", "letterbox", "pad")
+
+
+class FitInfo(NamedTuple):
+    """How one image was fitted: canvas_xy = orig_xy * scale."""
+
+    scale: tuple[float, float]  # (sx, sy)
+    orig_size: tuple[int, int]  # (h, w) of the image given to the fit
+    content_size: tuple[int, int]  # (h, w) of the image inside the canvas
+    downscaled: bool  # fit=pad only: the image was larger than the canvas
+
+
+def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+    # bilinear, align_corners=False, no antialias: what GeneralizedRCNNTransform does
+    return F.interpolate(image[None], size=list(size), mode="bilinear", align_corners=False)[0]
+
+
+def fit_to_canvas(
+    image: Tensor,
+    boxes: Tensor,
+    canvas: tuple[int, int],
+    mode: str = "stretch",
+    pad_value: float = 0.0,
+) -> tuple[Tensor, Tensor, FitInfo]:
+    """Fit one image to the canvas.
+
+    image uint8 [3, h, w]; boxes float32 [N, 4] xyxy original pixels; canvas (H, W).
+    Returns image float32 [3, H, W] in [0, 1], boxes float32 [N, 4] xyxy canvas pixels (clipped
+    to the content area), FitInfo.
+    """
+    if mode not in FIT_MODES:
+        raise ValueError(f"fit={mode!r} is not valid; choose one of: {', '.join(FIT_MODES)}")
+    H, W = int(canvas[0]), int(canvas[1])
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    # /255 first, then resize: torchvision's order (ToDtype(scale=True) in the recipe, resize in the model)
+    x = to_dtype(image.as_subclass(Tensor), torch.float32, scale=True)
+    boxes = boxes.as_subclass(Tensor).to(torch.float32).reshape(-1, 4)
+    downscaled = False
+    if mode == "stretch":
+        out = _resize(x, (H, W))
+        out_boxes = resize_boxes(boxes, [h, w], [H, W])  # torchvision's own float32 ratios
+        ch, cw = H, W
+    else:
+        if mode == "pad" and h <= H and w <= W:
+            ch, cw, content = h, w, x
+        else:
+            s = min(H / h, W / w)
+            ch, cw = max(1, min(H, round(h * s))), max(1, min(W, round(w * s)))
+            content = _resize(x, (ch, cw))
+            downscaled = mode == "pad"
+        out = x.new_full((3, H, W), float(pad_value))
+        out[:, :ch, :cw] = content
+        out_boxes = resize_boxes(boxes, [h, w], [ch, cw])
+    # float32 ratios, exactly the ones resize_boxes multiplied by
+    sy, sx = (
+        float(torch.tensor(n, dtype=torch.float32) / torch.tensor(o, dtype=torch.float32))
+        for n, o in ((ch, h), (cw, w))
+    )
+    out_boxes = _clip(out_boxes, ch, cw)
+    return out, out_boxes, FitInfo((sx, sy), (h, w), (ch, cw), downscaled)
+
+
+def _clip(boxes: Tensor, h: float, w: float) -> Tensor:
+    x = boxes[..., 0::2].clamp(0, w)
+    y = boxes[..., 1::2].clamp(0, h)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def unfit_boxes(boxes: Tensor, info: FitInfo) -> Tensor:
+    """Inverse of the fit's box mapping: canvas pixels [N, 4] -> original pixels [N, 4], clipped."""
+    sx, sy = info.scale
+    scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32, device=boxes.device)
+    return _clip(boxes.to(torch.float32) / scale, *info.orig_size)
+
+
+def pad_targets(
+    boxes: Tensor, labels: Tensor, max_boxes: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Pad or subsample to exactly `max_boxes` (M) rows.
+
+    boxes [N, 4], labels [N] -> boxes [M, 4] float32, labels [M] int64, valid [M] bool,
+    dropped = max(0, N - M). Real rows come first; padding rows are zeros / 0 / False.
+    With N > M a random subset (torch.randperm with `generator`) is kept, in original order.
+    """
+    n = int(boxes.shape[0])
+    if n > max_boxes:
+        keep = torch.randperm(n, generator=generator)[:max_boxes].sort().values
+        boxes, labels = boxes[keep], labels[keep]
+    k = min(n, max_boxes)
+    out_boxes = torch.zeros(max_boxes, 4, dtype=torch.float32)
+    out_labels = torch.zeros(max_boxes, dtype=torch.int64)
+    valid = torch.zeros(max_boxes, dtype=torch.bool)
+    out_boxes[:k] = boxes.as_subclass(Tensor).to(torch.float32)
+    out_labels[:k] = labels.to(torch.int64)
+    valid[:k] = True
+    return out_boxes, out_labels, valid, n - k
+
+
+def sample_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from non-negative-or-not integer keys (seed, image_id, epoch)."""
+    return int(
+        np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(2, np.uint64)[0] >> 1
+    )
+
+
+class FixSample:
+    """Per-sample fixed-shape transform, run in the DataLoader worker after augmentation.
+
+    (image uint8 [3, h, w], target) -> dict: image [3, H, W] f32, boxes [M, 4] f32 canvas px,
+    labels [M] i64, valid [M] bool, image_id, orig_size (h, w), content_size (h, w),
+    scale (sx, sy), boxes_dropped, degenerate, downscaled, skipped. The subset generator is
+    seeded from (seed, image_id, epoch), so the result does not depend on the worker count.
+    """
+
+    def __init__(
+        self,
+        canvas: Any,
+        max_boxes: int,
+        fit: str = "stretch",
+        pad_value: float = 0.0,
+        seed: int = 0,
+    ):
+        self.canvas = (int(canvas[0]), int(canvas[1]))
+        self.max_boxes, self.fit, self.pad_value, self.seed = (
+            int(max_boxes),
+            fit,
+            float(pad_value),
+            int(seed),
+        )
+
+    def __call__(self, image: Tensor, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
+        img, boxes, info = fit_to_canvas(
+            image, target["boxes"], self.canvas, self.fit, self.pad_value
+        )
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, int(target["image_id"]), epoch))
+        boxes, labels, valid, dropped = pad_targets(boxes, target["labels"], self.max_boxes, gen)
+        return {
+            "image": img,
+            "boxes": boxes,
+            "labels": labels,
+            "valid": valid,
+            "image_id": int(target["image_id"]),
+            "orig_size": info.orig_size,
+            "content_size": info.content_size,
+            "scale": info.scale,
+            "boxes_dropped": dropped,
+            "degenerate": int(target.get("degenerate", 0)),
+            "downscaled": int(info.downscaled),
+            "skipped": int(target.get("skipped", 0)),
+        }
+
+
+def _move(obj: Any, device: Any, non_blocking: bool) -> Any:
+    kw = {"non_blocking": non_blocking}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, Tensor):
+            setattr(obj, f.name, v.to(device, **kw))
+        elif f.name == "images" and isinstance(v, list):
+            setattr(obj, f.name, [t.to(device, **kw) for t in v])
+        elif f.name == "targets":
+            setattr(obj, f.name, [{k: t.to(device, **kw) for k, t in d.items()} for d in v])
+    return obj
+
+
+@dataclass
+class FixedBatch:
+    """A batch with static shapes. image_ids -1 mark padding samples (last val batch)."""
+
+    images: Tensor  # [B, 3, H, W] float32 in [0, 1]
+    boxes: Tensor  # [B, M, 4] float32 xyxy canvas pixels
+    labels: Tensor  # [B, M] int64 category ids, 0 on padding rows
+    valid: Tensor  # [B, M] bool
+    image_ids: Tensor  # [B] int64
+    orig_sizes: Tensor  # [B, 2] int64 (h, w) of the fitted image (the original when not augmented)
+    content_sizes: Tensor  # [B, 2] int64 (h, w) of the image inside the canvas
+    scales: Tensor  # [B, 2] float32 (sx, sy): canvas = orig * scale
+    boxes_dropped: int = 0
+    degenerate: int = 0
+    downscaled: int = 0
+    skipped: int = 0
+
+    def to(self, device: Any, non_blocking: bool = True) -> FixedBatch:
+        """Move the tensors (in place) and return self."""
+        return _move(self, device, non_blocking)
+
+    def fit_info(self, i: int) -> FitInfo:
+        """FitInfo of sample i, e.g. for `unfit_boxes` in evaluation."""
+        sx, sy = self.scales[i].tolist()
+        return FitInfo(
+            (sx, sy),
+            tuple(self.orig_sizes[i].tolist()),
+            tuple(self.content_sizes[i].tolist()),
+            False,
+        )
+
+
+def collate_fixed(samples: list[dict[str, Any]]) -> FixedBatch:
+    """Stack FixSample outputs into a FixedBatch."""
+    return FixedBatch(
+        images=torch.stack([s["image"] for s in samples]),
+        boxes=torch.stack([s["boxes"] for s in samples]),
+        labels=torch.stack([s["labels"] for s in samples]),
+        valid=torch.stack([s["valid"] for s in samples]),
+        image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
+        orig_sizes=torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
+        content_sizes=torch.tensor([s["content_size"] for s in samples], dtype=torch.int64),
+        scales=torch.tensor([s["scale"] for s in samples], dtype=torch.float32),
+        boxes_dropped=sum(s["boxes_dropped"] for s in samples),
+        degenerate=sum(s["degenerate"] for s in samples),
+        downscaled=sum(s["downscaled"] for s in samples),
+        skipped=sum(s["skipped"] for s in samples),
+    )
+
+
+def to_dynamic_sample(image: Tensor, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
+    """The baseline sample: float image [3, h, w] in [0, 1], unpadded boxes [N, 4] image px."""
+    return {
+        "image": to_dtype(image.as_subclass(Tensor), torch.float32, scale=True),
+        "boxes": target["boxes"].as_subclass(Tensor).to(torch.float32),
+        "labels": target["labels"].to(torch.int64),
+        "image_id": int(target["image_id"]),
+        "orig_size": tuple(int(v) for v in image.shape[-2:]),
+        "degenerate": int(target.get("degenerate", 0)),
+        "skipped": int(target.get("skipped", 0)),
+    }
+
+
+@dataclass
+class DynamicBatch:
+    """torchvision's own input: a list of images of any size and a list of target dicts."""
+
+    images: list[Tensor]  # [3, h_i, w_i] float32 in [0, 1]
+    targets: list[dict[str, Tensor]]  # boxes [N_i, 4] float32 xyxy image px, labels [N_i] int64
+    image_ids: Tensor  # [B] int64
+    orig_sizes: Tensor  # [B, 2] int64 (h, w)
+    degenerate: int = 0
+    skipped: int = 0
+
+    def to(self, device: Any, non_blocking: bool = True) -> DynamicBatch:
+        """Move the tensors (in place) and return self."""
+        return _move(self, device, non_blocking)
+
+
+def collate_dynamic(samples: list[dict[str, Any]]) -> DynamicBatch:
+    """Collect `to_dynamic_sample` outputs into a DynamicBatch (no stacking)."""
+    return DynamicBatch(
+        images=[s["image"] for s in samples],
+        targets=[{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
+        image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
+        orig_sizes=torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
+        degenerate=sum(s["degenerate"] for s in samples),
+        skipped=sum(s["skipped"] for s in samples),
+    )

@@ -1,0 +1,211 @@
+"""A small, deterministic COCO-format data set of coloured shapes on noisy backgrounds.
+
+Layout written under `root` (the same as COCO 2017, so the same reader serves both):
+`train2017/*.jpg`, `val2017/*.jpg`, `annotations/instances_{train,val}2017.json`.
+Five categories (ids 1..5, so `num_classes=6` with background 0), each a distinct shape
+AND colour. Image sides vary from 160 to 800 px, 0 to 30 objects per image (most 1-10),
+object sides from 8 px to half the image. Some images are grayscale ('L') or CMYK JPEGs,
+some have no objects and some carry one crowd region (iscrowd=1, uncompressed RLE), so every
+branch of the reader is exercised. Bit-for-bit deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CATEGORIES = [
+    {"id": 1, "name": "red_circle", "supercategory": "shape"},
+    {"id": 2, "name": "green_square", "supercategory": "shape"},
+    {"id": 3, "name": "blue_triangle", "supercategory": "shape"},
+    {"id": 4, "name": "yellow_diamond", "supercategory": "shape"},
+    {"id": 5, "name": "magenta_ring", "supercategory": "shape"},
+]
+_COLOURS = {
+    1: (220, 30, 30),
+    2: (30, 200, 40),
+    3: (40, 60, 230),
+    4: (235, 220, 30),
+    5: (220, 40, 220),
+}
+MIN_SIDE, MAX_SIDE = 160, 800
+MAX_OBJECTS = 30
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _polygon(cat: int, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Outline of one shape of half-size r px centred at (cx, cy), in image pixels."""
+    if cat in (1, 5):  # circle / ring outline: a 24-gon is close enough for COCO polygons
+        return [
+            (cx + r * math.cos(2 * math.pi * k / 24), cy + r * math.sin(2 * math.pi * k / 24))
+            for k in range(24)
+        ]
+    if cat == 2:
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if cat == 3:
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]  # diamond
+
+
+def _shoelace(pts: list[tuple[float, float]]) -> float:
+    xs, ys = np.array(pts).T
+    return float(0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    """Uncompressed COCO RLE of a bool mask [h, w]: column-major runs, starting with zeros."""
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat[0] == 1:
+        counts = [0, *counts]
+    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """Low-saturation gradient plus pixel noise plus grey clutter: texture, but no target colours."""
+    base = rng.integers(60, 180)
+    tint = rng.integers(-20, 21, size=3)
+    ramp = np.linspace(-30, 30, w)[None, :, None] * rng.choice([-1, 1])
+    noise = rng.normal(0, 18, size=(h, w, 1)) + rng.normal(0, 6, size=(h, w, 3))
+    arr = np.clip(base + tint + ramp + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(0, 6))):  # distractors: grey lines and boxes
+        g = int(rng.integers(40, 220))
+        x0, x1 = sorted(rng.uniform(0, w, 2).tolist())
+        y0, y1 = sorted(rng.uniform(0, h, 2).tolist())
+        if rng.random() < 0.5:
+            draw.line([(x0, y0), (x1, y1)], fill=(g, g, g), width=int(rng.integers(1, 4)))
+        else:
+            draw.rectangle([x0, y0, x1, y1], outline=(g, g, g))
+    return img
+
+
+def _draw_object(draw, rng, cat, cx, cy, r, img_id, ann_id, w, h) -> dict[str, Any]:
+    pts = _polygon(cat, cx, cy, r)
+    colour = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in _COLOURS[cat])
+    if cat == 5:  # ring: outline only, thick enough to see at 8 px
+        width = max(2, int(r / 3))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=width)
+        area = math.pi * (r**2 - (r - width) ** 2)
+    else:
+        draw.polygon(pts, fill=colour)
+        area = _shoelace(pts)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
+    x1, y1 = min(float(w), max(xs)), min(float(h), max(ys))
+    seg = [[round(v, 2) for p in pts for v in (min(max(p[0], 0), w), min(max(p[1], 0), h))]]
+    return {
+        "id": ann_id,
+        "image_id": img_id,
+        "category_id": cat,
+        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+        "area": round(area, 2),
+        "iscrowd": 0,
+        "segmentation": seg,
+    }
+
+
+def _make_split(root: Path, split: str, num: int, seed: int, id_base: int) -> None:
+    (root / split).mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(num):
+        # one generator per image: the data set does not depend on generation order
+        rng = np.random.default_rng([seed, id_base, i])
+        w, h = (
+            int(round(math.exp(v))) for v in rng.uniform(math.log(MIN_SIDE), math.log(MAX_SIDE), 2)
+        )
+        img_id, name = id_base + i + 1, f"{id_base + i + 1:012d}.jpg"
+        img = _background(rng, h, w)
+        draw = ImageDraw.Draw(img)
+        # skewed count: geometric (mean 5), capped; every 8th image (i % 8 == 5) is empty
+        n = 0 if i % 8 == 5 else min(MAX_OBJECTS, int(rng.geometric(0.2)))
+        max_r = min(w, h) / 4  # half-size: objects up to half the short side
+        for _ in range(n):
+            r = math.exp(rng.uniform(math.log(4), math.log(max_r)))
+            cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+            cat = int(rng.integers(1, 6))
+            anns.append(_draw_object(draw, rng, cat, cx, cy, r, img_id, len(anns) + 1, w, h))
+        if i % 6 == 3:  # a crowd: a tight cluster of small shapes, one iscrowd=1 region
+            cat, r = int(rng.integers(1, 6)), 4.0
+            bw, bh = min(w // 3, 90), min(h // 3, 90)
+            x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            for yy in range(y0 + 5, y0 + bh - 4, 10):
+                for xx in range(x0 + 5, x0 + bw - 4, 10):
+                    draw.polygon(_polygon(cat, xx, yy, r), fill=_COLOURS[cat])
+            mask = np.zeros((h, w), bool)
+            mask[y0 : y0 + bh, x0 : x0 + bw] = True
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": cat,
+                    "bbox": [float(x0), float(y0), float(bw), float(bh)],
+                    "area": float(bw * bh),
+                    "iscrowd": 1,
+                    "segmentation": _rle(mask),
+                }
+            )
+        if i % 8 == 2:  # grayscale JPEG: the reader must convert to RGB
+            img.convert("L").save(root / split / name, quality=90)
+        elif i == 1:  # CMYK JPEG
+            img.convert("CMYK").save(root / split / name, quality=90)
+        else:
+            img.save(root / split / name, quality=90)
+        images.append({"id": img_id, "file_name": name, "width": w, "height": h})
+    data = {"images": images, "annotations": anns, "categories": CATEGORIES}
+    ann_dir = root / "annotations"
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    (ann_dir / f"instances_{split}.json").write_text(json.dumps(data))
+
+
+def make_synthetic_coco(root: Path, num_train: int = 256, num_val: int = 48, seed: int = 0) -> Path:
+    """Write the data set under `root` (created if needed) and return `root`."""
+    root = Path(root)
+    _make_split(root, "train2017", num_train, seed, id_base=0)
+    # val ids start at 1e6 so train and val image ids never collide
+    _make_split(root, "val2017", num_val, seed, id_base=1_000_000)
+    return root
+
+
+def ensure_synthetic_coco(root: Path | None, cfg_synthetic: Any) -> Path:
+    """Return the data set folder for these parameters, generating it on first use only.
+
+    `root=None` means `<repo>/.cache/synthetic_coco`. The data lives in a subfolder named by
+    (num_train, num_val, seed), so a changed config never reuses stale data. Generation goes
+    into a temporary folder beside it and is moved in with `os.replace`, so a crash leaves no
+    half-written set and two racing processes both end up with one complete copy.
+    """
+    n_tr, n_va, seed = (
+        int(cfg_synthetic.num_train),
+        int(cfg_synthetic.num_val),
+        int(cfg_synthetic.seed),
+    )
+    parent = Path(root) if root is not None else _REPO / ".cache" / "synthetic_coco"
+    final = parent / f"train{n_tr}_val{n_va}_seed{seed}"
+    if (final / "DONE").exists():
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{uuid.uuid4().hex[:8]}.", dir=parent))
+    try:
+        make_synthetic_coco(tmp, n_tr, n_va, seed)
+        (tmp / "DONE").write_text("complete\n")  # written last: marks a finished set
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "DONE").exists():  # not a lost race: a real problem
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
