@@ -69,6 +69,13 @@ class OptimConfig:
 
 
 @dataclass
+class AuditConfig:
+    steps: int = 6  # training steps recorded by scripts/audit_shapes.py
+    out: str | None = None  # report path; None: <out_dir>/dynamic_shapes.json
+    fail_on_dynamic: bool = False  # exit 1 when a dynamic op or in-step host sync is found
+
+
+@dataclass
 class TrainConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -89,6 +96,7 @@ class TrainConfig:
     weights: str | None = None
     log_every: int = 1
     out_dir: str | None = None  # None: Hydra's run dir (train.py fills it in)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def register_configs() -> None:
