@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,3 +77,16 @@ def test_ensure_caches_by_parameters(tmp_path):
     other = ensure_synthetic_coco(tmp_path, SimpleNamespace(num_train=3, num_val=2, seed=5))
     assert other != root
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def _ensure(root: str) -> str:
+    return str(ensure_synthetic_coco(Path(root), SimpleNamespace(num_train=6, num_val=2, seed=0)))
+
+
+def test_ensure_two_processes_race(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        a, b = pool.map(_ensure, [str(tmp_path)] * 2)
+    assert a == b and (Path(a) / "DONE").is_file()
+    assert len(list((Path(a) / "train2017").glob("*.jpg"))) == 6
+    assert [p.name for p in tmp_path.iterdir()] == [Path(a).name]  # loser's temp dir removed

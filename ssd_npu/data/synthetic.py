@@ -198,6 +198,7 @@ def ensure_synthetic_coco(root: Path | None, cfg_synthetic: Any) -> Path:
         return final
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{uuid.uuid4().hex[:8]}.", dir=parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any data folder
     try:
         make_synthetic_coco(tmp, n_tr, n_va, seed)
         (tmp / "DONE").write_text("complete\n")  # written last: marks a finished set
