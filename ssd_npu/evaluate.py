@@ -1,0 +1,177 @@
+"""COCO box mAP for the fixed path and for torchvision's dynamic baseline, on the same weights.
+
+Fixed path: the device runs only the static graph (`FixedSSD`: `[B, 3, H, W]` -> head outputs).
+Everything data-dependent runs on the HOST: torchvision's own `SSD.postprocess_detections`
+(softmax, box decoding, score threshold, top-k, batched NMS; the number of boxes kept varies
+per image, which would force a recompile on a shape-compiling device), then `unfit_boxes` maps
+canvas pixels back to the original image for whichever fit (stretch, letterbox, pad) was used.
+
+Dynamic path: `detector(list_of_images)` in eval mode, torchvision's unmodified inference
+(its transform already maps boxes back to the input image).
+
+Both produce COCO result records (`image_id`, `category_id`, `bbox` xywh original pixels,
+`score`) and share `coco_map` (pycocotools COCOeval). Labels are COCO category ids here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+from torchvision.models.detection.ssd import SSD
+
+from ssd_npu.data.fixed_shape import FixedBatch, unfit_boxes
+from ssd_npu.device import Device
+from ssd_npu.model import FixedSSD
+
+# torchvision's ssdlite320 evaluation recipe (its builder's defaults)
+EVAL_RECIPE = {
+    "score_thresh": 0.001,
+    "nms_thresh": 0.55,
+    "detections_per_img": 300,
+    "topk_candidates": 300,
+}
+
+
+def check_eval_recipe(detector: SSD) -> None:
+    """Raise ValueError if the detector's postprocess settings differ from the recipe."""
+    for name, want in EVAL_RECIPE.items():
+        got = getattr(detector, name)
+        if got != want:
+            raise ValueError(
+                f"detector.{name}={got}, but the ssdlite eval recipe uses {want}; "
+                "mAP would not be comparable to torchvision's published number."
+            )
+
+
+def _as_device(device: Device | torch.device | str) -> Device:
+    if isinstance(device, Device):
+        return device
+    d = torch.device(device)
+    return Device(d.type, d.index)
+
+
+def coco_records(image_id: int, boxes: Tensor, scores: Tensor, labels: Tensor) -> list[dict]:
+    """One image's detections as COCO result records.
+
+    boxes [N, 4] xyxy original-image pixels; scores [N]; labels [N] int64 category ids.
+    """
+    xyxy = boxes.detach().to("cpu", torch.float64)
+    xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist()
+    return [
+        {"image_id": int(image_id), "category_id": int(c), "bbox": b, "score": float(s)}
+        for b, s, c in zip(xywh, scores.tolist(), labels.tolist(), strict=True)
+    ]
+
+
+def fixed_batch_records(batch: FixedBatch, detections: list[dict[str, Tensor]]) -> list[dict]:
+    """Records of one FixedBatch; detections[i] boxes in canvas pixels, padding samples skipped."""
+    records: list[dict] = []
+    for i, det in enumerate(detections):
+        image_id = int(batch.image_ids[i])
+        if image_id < 0:  # a repeat that only fills the last val batch
+            continue
+        boxes = unfit_boxes(det["boxes"].cpu(), batch.fit_info(i))
+        records += coco_records(image_id, boxes, det["scores"].cpu(), det["labels"].cpu())
+    return records
+
+
+def coco_map(coco_gt: COCO, results: list[dict], image_ids: Iterable[int]) -> dict[str, Any]:
+    """COCOeval "bbox" on `image_ids` only; prints the 12-line AP/AR table.
+
+    Returns {"mAP": AP@[.5:.95], "mAP50": AP@.5, "stats": the 12 COCOeval stats,
+    "num_images", "num_detections"}. COCOeval reports -1 where no ground truth exists.
+    """
+    ids = sorted({int(i) for i in image_ids})
+    out: dict[str, Any] = {"num_images": len(ids), "num_detections": len(results)}
+    if not results:  # loadRes cannot take an empty list; nothing detected scores 0
+        print(f"COCOeval: no detections on {len(ids)} images; mAP = 0.0")
+        return {"mAP": 0.0, "mAP50": 0.0, "stats": [0.0] * 12, **out, "note": "no detections"}
+    # pycocotools prints progress lines; keep only the table. loadRes edits records: copy.
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.params.imgIds = ids
+        ev.evaluate()
+        ev.accumulate()
+    ev.summarize()
+    stats = [float(v) for v in ev.stats]
+    return {"mAP": stats[0], "mAP50": stats[1], "stats": stats, **out}
+
+
+@torch.no_grad()
+def fixed_detections(
+    model: FixedSSD,
+    loader: Iterable[FixedBatch],
+    device: Device | torch.device | str,
+    amp: bool = False,
+) -> tuple[list[dict], list[int]]:
+    """COCO records and evaluated image ids for every FixedBatch of `loader` (eval mode)."""
+    dev = _as_device(device)
+    check_eval_recipe(model.detector)
+    anchors = model.anchors.detach().cpu()  # [A, 4] xyxy canvas px
+    canvas = (int(model.canvas[0]), int(model.canvas[1]))
+    was_training = model.training
+    model.eval()
+    records: list[dict] = []
+    image_ids: list[int] = []
+    try:
+        for batch in loader:
+            images = batch.images.to(dev.torch, non_blocking=True)
+            with dev.autocast(amp):
+                cls_logits, bbox_regression = model(images)
+            # NMS keeps a data-dependent number of boxes: run it on the host, in fp32
+            head = {
+                "cls_logits": cls_logits.float().cpu(),
+                "bbox_regression": bbox_regression.float().cpu(),
+            }
+            n = head["cls_logits"].shape[0]
+            detections = model.detector.postprocess_detections(head, [anchors] * n, [canvas] * n)
+            records += fixed_batch_records(batch, detections)
+            image_ids += [i for i in batch.image_ids.tolist() if i >= 0]
+    finally:
+        model.train(was_training)
+    return records, image_ids
+
+
+@torch.no_grad()
+def dynamic_detections(
+    detector: SSD | FixedSSD, loader: Iterable, device: Device | torch.device | str
+) -> tuple[list[dict], list[int]]:
+    """COCO records and image ids from torchvision's own inference on each DynamicBatch."""
+    dev = _as_device(device)
+    detector = detector.detector if isinstance(detector, FixedSSD) else detector
+    check_eval_recipe(detector)
+    was_training = detector.training
+    detector.eval()
+    records: list[dict] = []
+    image_ids: list[int] = []
+    try:
+        for batch in loader:
+            outputs = detector([img.to(dev.torch) for img in batch.images])
+            for image_id, det in zip(batch.image_ids.tolist(), outputs, strict=True):
+                records += coco_records(image_id, det["boxes"], det["scores"], det["labels"])
+                image_ids.append(image_id)
+    finally:
+        detector.train(was_training)
+    return records, image_ids
+
+
+def evaluate_fixed(
+    model: FixedSSD, loader: Iterable[FixedBatch], dataset, device, amp: bool = False
+) -> dict[str, Any]:
+    """COCO mAP of the fixed path on a val loader of FixedBatch; `dataset.coco` is the GT."""
+    records, image_ids = fixed_detections(model, loader, device, amp)
+    return coco_map(dataset.coco, records, image_ids)
+
+
+def evaluate_dynamic(detector: SSD | FixedSSD, loader: Iterable, dataset, device) -> dict[str, Any]:
+    """COCO mAP of torchvision's dynamic inference on a val loader of DynamicBatch."""
+    records, image_ids = dynamic_detections(detector, loader, device)
+    return coco_map(dataset.coco, records, image_ids)
