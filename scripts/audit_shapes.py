@@ -1,0 +1,50 @@
+"""Find the dynamic shapes: record the aten ops of real training steps, report what varies.
+
+Usage:
+    python scripts/audit_shapes.py [shape=fixed|dynamic] [audit.steps=6] [audit.out=PATH]
+        [audit.fail_on_dynamic=true] [any train.py override: canvas=[H,W] batch_size=4 ...]
+
+Runs `audit.steps` steps of the pipeline exactly as `python train.py` with the same overrides
+would (forward, loss, backward, optimizer step), prints the ops whose shapes change between
+steps and the ops that force a device-to-host sync, each with its source line, and writes
+`dynamic_shapes.json` into the run folder (or to `audit.out`). Exit status: 0; with
+`audit.fail_on_dynamic=true`, 1 when any dynamic op or in-step host sync was found; 2 on a
+bad config value.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from ssd_npu.config import register_configs  # noqa: E402
+from ssd_npu.errors import UserError  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from ssd_npu.audit import format_report, run_audit, write_report
+
+    if cfg.out_dir is None:
+        cfg.out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        report = run_audit(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    path = write_report(report, cfg.audit.out or Path(cfg.out_dir) / "dynamic_shapes.json")
+    print(format_report(report))
+    print(f"\nreport: {path}")
+    if cfg.audit.fail_on_dynamic and (report["dynamic_ops"] or report["host_syncs"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
