@@ -95,6 +95,9 @@ class TrainConfig:
     augment: bool = True
     weights: str | None = None
     log_every: int = 1
+    eval: bool = True  # COCO evaluation at the end of training (and every eval_every epochs)
+    eval_every: int = 0  # epochs between evaluations; 0: only at the end
+    eval_only: bool = False  # evaluate `weights` without training
     out_dir: str | None = None  # None: Hydra's run dir (train.py fills it in)
     audit: AuditConfig = field(default_factory=AuditConfig)
 
@@ -143,6 +146,12 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key}={shown} is not valid; it must be an integer >= {minimum}.")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"max_steps={cfg.max_steps} is not valid; give an integer >= 1 or null.")
+    if cfg.eval_every < 0:
+        raise ConfigError(
+            f"eval_every={cfg.eval_every} is not valid; give epochs >= 0 (0: at the end)."
+        )
+    if cfg.eval_only and not cfg.weights:
+        raise ConfigError("eval_only=true needs weights=PATH, the checkpoint to evaluate.")
     if cfg.num_workers < 0:
         raise ConfigError(f"num_workers={cfg.num_workers} is not valid; it must be >= 0.")
     if not 0.0 <= cfg.pad_value <= 1.0:

@@ -93,12 +93,14 @@ def train_loop(
     epochs: int,
     max_steps: int | None = None,
     count_graphs: bool = False,
+    on_epoch_end: Callable[[int, int], None] | None = None,
 ) -> int:
     """Train for `epochs` (or until `max_steps` optimizer steps); return the steps done.
 
     Timing: `data_ms` is the wait for the next batch (host pipeline + copy to the device);
     `step_ms` runs from the batch being on the device to the optimizer step having finished
-    on it (the device is synchronised before the clock is read).
+    on it (the device is synchronised before the clock is read). `on_epoch_end(epoch, step)`
+    runs after each complete epoch (evaluation, checkpoints).
     """
     step = 0
     for epoch in range(epochs):
@@ -142,4 +144,6 @@ def train_loop(
             if max_steps is not None and step >= max_steps:
                 return step
             data_start = perf_counter()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, step)
     return step

@@ -18,6 +18,7 @@ from ssd_npu.data.coco import check_num_classes
 from ssd_npu.data.loader import build_loaders, resolve_data_root
 from ssd_npu.device import Device, resolve_device
 from ssd_npu.engine import graphs_compiled, make_dynamic_step, make_fixed_step, train_loop
+from ssd_npu.evaluate import evaluate_dynamic, evaluate_fixed
 from ssd_npu.model import FixedSSD, build_detector, load_weights
 from ssd_npu.optim import build_optimizer, build_scheduler
 from ssd_npu.telemetry import Telemetry
@@ -88,8 +89,15 @@ def build_training(cfg) -> Training:
     )
 
 
+def evaluate(t: Training, cfg) -> dict[str, Any]:
+    """COCO mAP on the val set: the fixed path, or torchvision's own for shape=dynamic."""
+    if cfg.shape == "fixed":
+        return evaluate_fixed(t.model, t.val_loader, t.val_set, t.device, amp=cfg.amp)
+    return evaluate_dynamic(t.model.detector, t.val_loader, t.val_set, t.device)
+
+
 def run(cfg) -> dict[str, Any]:
-    """Train as configured; return the summary (also written to `<out_dir>/summary.json`)."""
+    """Train (or only evaluate) as configured; return the summary, also in summary.json."""
     t = build_training(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,20 +106,44 @@ def run(cfg) -> dict[str, Any]:
         f"max_boxes={cfg.max_boxes} fit={cfg.fit} batch={cfg.batch_size} steps={t.total_steps} "
         f"anchors={t.model.anchors.shape[0]} data={t.data_root} out={out_dir}"
     )
-    telemetry = Telemetry(out_dir, t.total_steps)
+    telemetry = Telemetry(out_dir, 0 if cfg.eval_only else t.total_steps)
+    evals: list[dict[str, Any]] = []
+
+    def log_eval(step: int) -> None:
+        result = evaluate(t, cfg)
+        evals.append({"step": step, "mAP": result["mAP"], "mAP50": result["mAP50"]})
+        telemetry.log_scalars(step, {"eval/mAP": result["mAP"], "eval/mAP50": result["mAP50"]})
+
+    def on_epoch_end(epoch: int, step: int) -> None:
+        last_epoch = epoch + 1 == cfg.epochs
+        if cfg.eval and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and not last_epoch:
+            log_eval(step)
+
     graphs_before = graphs_compiled()
+    steps = 0
     try:
-        train_loop(
-            t.step_fn,
-            t.optimizer,
-            t.scheduler,
-            t.train_loader,
-            t.device,
-            telemetry,
-            cfg.epochs,
-            cfg.max_steps,
-            count_graphs=cfg.compile,
-        )
+        if not cfg.eval_only:
+            steps = train_loop(
+                t.step_fn,
+                t.optimizer,
+                t.scheduler,
+                t.train_loader,
+                t.device,
+                telemetry,
+                cfg.epochs,
+                cfg.max_steps,
+                count_graphs=cfg.compile,
+                on_epoch_end=on_epoch_end,
+            )
+            save_atomic(
+                {
+                    "model": t.model.state_dict(),
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                },
+                out_dir / "checkpoint_final.pt",
+            )
+        if cfg.eval or cfg.eval_only:
+            log_eval(steps)
     finally:
         telemetry.close()
 
@@ -126,10 +158,12 @@ def run(cfg) -> dict[str, Any]:
         fit=cfg.fit,
         batch_size=cfg.batch_size,
     )
-    save_atomic(
-        {"model": t.model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)},
-        out_dir / "checkpoint_final.pt",
-    )
+    if evals:
+        summary["eval"] = {"mAP": evals[-1]["mAP"], "mAP50": evals[-1]["mAP50"], "history": evals}
     telemetry.write_summary(summary)
-    print(json.dumps(summary, indent=2))
+    print(
+        json.dumps(
+            {k: v for k, v in summary.items() if k != "eval"} | {"eval": evals[-1:]}, indent=2
+        )
+    )
     return summary
