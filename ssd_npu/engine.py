@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 
+from ssd_npu.compiler import compile_fn, graphs_compiled
 from ssd_npu.device import Device
 from ssd_npu.errors import UserError
 from ssd_npu.loss import fixed_ssd_loss
@@ -25,13 +26,6 @@ StepFn = Callable[[object], dict[str, Tensor]]
 
 class NonFiniteLoss(UserError):
     """Training produced a NaN or infinite loss; the message names the step and the terms."""
-
-
-def graphs_compiled() -> int:
-    """Graphs compiled by torch.compile in this process so far (dynamo's own counter)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 def make_fixed_step(
@@ -61,7 +55,7 @@ def make_fixed_step(
             box_coder,
         )
 
-    fn = torch.compile(losses, dynamic=False, backend=backend) if compile else losses
+    fn = compile_fn(losses, backend) if compile else losses
     return lambda batch: fn(batch.images, batch.boxes, batch.labels, batch.valid)
 
 
@@ -74,7 +68,7 @@ def make_dynamic_step(
 ) -> StepFn:
     """torchvision's unmodified path: `detector(list_of_images, targets)` -> its loss dict."""
     detector = model.detector
-    fn = torch.compile(detector, dynamic=False, backend=backend) if compile else detector
+    fn = compile_fn(detector, backend) if compile else detector
 
     def step(batch) -> dict[str, Tensor]:
         with device.autocast(amp):

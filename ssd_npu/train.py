@@ -13,11 +13,12 @@ import torch
 from omegaconf import OmegaConf
 
 from ssd_npu.checkpoint import save_atomic
+from ssd_npu.compiler import graphs_compiled
 from ssd_npu.config import validate
 from ssd_npu.data.coco import check_num_classes
 from ssd_npu.data.loader import build_loaders, resolve_data_root
 from ssd_npu.device import Device, resolve_device
-from ssd_npu.engine import graphs_compiled, make_dynamic_step, make_fixed_step, train_loop
+from ssd_npu.engine import make_dynamic_step, make_fixed_step, train_loop
 from ssd_npu.evaluate import evaluate_dynamic, evaluate_fixed
 from ssd_npu.model import FixedSSD, build_detector, load_weights
 from ssd_npu.optim import build_optimizer, build_scheduler
