@@ -76,6 +76,21 @@ class AuditConfig:
 
 
 @dataclass
+class CompilerConfig:
+    # `compile` stays a plain bool (a public contract); compile options live here.
+    backend: str | None = None  # None: the device's default (inductor on cpu/cuda, npu on npu)
+    fail_on_recompile: bool = False  # error (naming the changed tensor) on a recompile after step 1
+    # dynamo's recompile limit per code object; None: torch's default (8)
+    recompile_limit: int | None = None
+
+
+@dataclass
+class BenchConfig:
+    steps: int = 30  # training steps per variant in scripts/bench.py
+    out: str | None = None  # bench.json path; None: <out_dir>/bench.json
+
+
+@dataclass
 class TrainConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -100,6 +115,8 @@ class TrainConfig:
     eval_only: bool = False  # evaluate `weights` without training
     out_dir: str | None = None  # None: Hydra's run dir (train.py fills it in)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    compiler: CompilerConfig = field(default_factory=CompilerConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def register_configs() -> None:
