@@ -82,6 +82,12 @@ def _fmt(sig: Signature) -> str:
     return f"{shapes_in} -> {shapes_out}"
 
 
+def _by_line(site: str) -> tuple[str, int]:
+    """Sort key: file, then line as a number (`_utils.py:92` before `_utils.py:100`)."""
+    path, _, line = site.rpartition(":")
+    return (path, int(line)) if line.isdigit() else (site, 0)
+
+
 def analyse(recorder: OpRecorder) -> dict[str, Any]:
     """Dynamic ops, in-step host syncs and logging syncs from a recorder's steps."""
     keys = sorted(set().union(*recorder.steps)) if recorder.steps else []
@@ -111,7 +117,7 @@ def analyse(recorder: OpRecorder) -> dict[str, Any]:
     worst = {}
     for e in dynamic + syncs:
         worst[e["site"]] = max(worst.get(e["site"], 0), e["distinct_shapes"])
-    order = lambda e: (-worst[e["site"]], e["site"], -e["distinct_shapes"], e["op"])  # noqa: E731
+    order = lambda e: (-worst[e["site"]], _by_line(e["site"]), -e["distinct_shapes"], e["op"])  # noqa: E731
     logging = [
         {"op": op, "site": site, "calls": n, "calls_per_step": n / max(1, len(recorder.steps))}
         for (site, op), n in sorted(recorder.logging.items())
@@ -186,28 +192,33 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _rows(entries: list[dict[str, Any]], extra: str = "", max_sites: int = 20) -> list[str]:
-    """Table lines grouped by site: a site line, then one line per op (most shapes first)."""
-    lines, site, sites = [], None, []
+def _site_rows(entries: list[dict[str, Any]]) -> list[str]:
+    """One line per site (entries come grouped by site, worst first): its most distinct
+    shapes, the ops there (fwd/bwd), an example of its worst op and where it was called from."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for e in entries:
-        if e["site"] != site:
-            site = e["site"]
-            sites.append(site)
-            if len(sites) > max_sites:
-                continue
-            callers = ", ".join(e["called_from"]) if e["kind"] == "fwd" else ""
-            lines.append(f"  {site}" + (f"  (called from {callers})" if callers else ""))
-        if len(sites) > max_sites:
-            continue
-        calls = "/".join(str(n) for n in e["calls_per_step"])
-        note = f"  [{e[extra]}]" if extra else ""
+        groups.setdefault(e["site"], []).append(e)
+    lines = [f"  {'shapes':>6}  {'site':<46} {'ops':<44} example (worst op)  <- called from"]
+    for site, ops in groups.items():
+        names = [f"{e['kind']} {e['op'].removeprefix('aten::')}" for e in ops]
+        if len(names) > 3:
+            names = names[:3] + [f"+{len(names) - 3}"]
+        worst = ops[0]
+        caller = f"  <- {', '.join(worst['called_from'])}" if worst["kind"] == "fwd" else ""
         lines.append(
-            f"    {e['distinct_shapes']:>4}  {e['kind']} {e['op']:<28} calls/step {calls:<12} "
-            f"e.g. {e['examples'][0] if e['examples'] else '-'}{note}"
+            f"  {worst['distinct_shapes']:>6}  {site:<46} {', '.join(names):<44} "
+            f"{worst['examples'][0] if worst['examples'] else '-'}{caller}"
         )
-    if len(sites) > max_sites:
-        lines.append(f"  ... {len(sites) - max_sites} more sites in the JSON report")
     return lines
+
+
+def _sync_rows(entries: list[dict[str, Any]]) -> list[str]:
+    """One line per host-sync op: site, kind and op, calls per step, why it syncs."""
+    return [
+        f"  {e['site']:<46} {e['kind']} {e['op'].removeprefix('aten::'):<20} "
+        f"calls/step {'/'.join(map(str, e['calls_per_step'])):<12} {e['reason']}"
+        for e in entries
+    ]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -226,10 +237,10 @@ def format_report(report: dict[str, Any]) -> str:
     if data["device_batch_shapes"]:
         lines.append(f"device batch shapes: {data['device_batch_shapes']}")
     sites = len({e["site"] for e in dyn})
-    lines.append(f"\ndynamic ops: {len(dyn)} at {sites} sites (distinct shapes, kind, op)")
-    lines += _rows(dyn) or ["  none: every op has the same shapes in every step"]
+    lines.append(f"\ndynamic ops: {len(dyn)} at {sites} sites")
+    lines += _site_rows(dyn) if dyn else ["  none: every op has the same shapes in every step"]
     lines.append(f"\nhost syncs inside the step: {len(syncs)}")
-    lines += _rows(syncs, "reason") or ["  none"]
+    lines += _sync_rows(syncs) or ["  none"]
     per_step = sum(e["calls_per_step"] for e in logging)
     lines.append(
         f"\nlogging syncs, outside the step (train_loop reads the losses after the clock): "
