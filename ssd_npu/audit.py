@@ -59,6 +59,7 @@ class _DataProbe:
 
     def __init__(self, loader: Any) -> None:
         self.loader, self.sampler, self.batches = loader, loader.sampler, []
+        self.batch_size = loader.batch_size
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -154,12 +155,12 @@ def run_audit(cfg: Any) -> dict[str, Any]:
         print("audit: compile=true ignored; the audit records the eager ops a compiler would get")
         cfg.compile = False
     t = build_training(cfg)
-    recorder, probe, end = OpRecorder(), _DataProbe(t.train_loader), None
+    recorder, probe = OpRecorder(), _DataProbe(t.train_loader)
     end = _StepEnd(recorder)
     start = perf_counter()
     try:
         epochs = -(-steps // len(t.train_loader))
-        done = train_loop(
+        train_loop(
             t.step_fn,
             t.optimizer,
             t.scheduler,
@@ -172,7 +173,7 @@ def run_audit(cfg: Any) -> dict[str, Any]:
     finally:
         recorder.end_step()  # leave no mode pushed if the step failed
     report = {
-        "steps": done,
+        "steps": len(end.step_ms),  # steps the loop completed and logged
         "shape": cfg.shape,
         "device": str(t.device.torch),
         "canvas": list(cfg.canvas),
