@@ -2,14 +2,28 @@
 
 `compile_fn` wraps a step function with `torch.compile(dynamic=False)`, so every new input
 shape compiles a new graph, as an Ascend NPU compiles operators online for every new shape.
-`graphs_compiled` reads dynamo's own counter.
+The wrapper (`CompiledStep`) counts the graphs each call compiled (dynamo's own
+`unique_graphs` counter): graphs of the first call are the warm-up, every graph after it is
+a recompile. With `fail_on_recompile`, calls after the first run under
+`torch.compiler.set_stance("fail_on_recompile")` and a recompile raises `RecompileError`
+with dynamo's guard-failure text, which names the tensor whose shape changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from ssd_npu.errors import UserError
+
+_DYNAMO_FAIL_PREFIX = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
+
+
+class RecompileError(UserError):
+    """A recompile after the first step under compiler.fail_on_recompile=true."""
 
 
 def graphs_compiled() -> int:
@@ -19,6 +33,84 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def compile_fn(fn: Callable, backend: str) -> Callable:
+def reset() -> None:
+    """Forget every compiled graph and zero dynamo's counters (between benchmark runs)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+class CompiledStep:
+    """`fn` under `torch.compile(dynamic=False)`, counting graphs compiled per call.
+
+    `graphs_per_call[i]`: graphs compiled during call i (0-based). `recompile_limit`: dynamo's
+    per-function limit while this step runs (None: torch's default, 8); past it dynamo runs
+    the function eagerly, or raises `FailOnRecompileLimitHit` with `fail_on_limit`.
+    """
+
+    def __init__(
+        self,
+        fn: Callable,
+        backend: str,
+        fail_on_recompile: bool = False,
+        recompile_limit: int | None = None,
+        fail_on_limit: bool = False,
+    ):
+        self.compiled = torch.compile(fn, dynamic=False, backend=backend)
+        self.fail_on_recompile = fail_on_recompile
+        self.recompile_limit = recompile_limit
+        self.fail_on_limit = fail_on_limit
+        self.graphs_per_call: list[int] = []
+
+    @property
+    def graphs(self) -> int:
+        return sum(self.graphs_per_call)
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled after the first call (the first call's graph breaks are not recompiles)."""
+        return sum(self.graphs_per_call[1:])
+
+    def _options(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        patch: dict[str, Any] = {}
+        if self.recompile_limit is not None:
+            patch["recompile_limit"] = self.recompile_limit
+        if self.fail_on_limit:
+            patch["fail_on_recompile_limit_hit"] = True
+        if patch:
+            stack.enter_context(torch._dynamo.config.patch(**patch))
+        if self.fail_on_recompile and self.graphs_per_call:
+            stack.enter_context(torch.compiler.set_stance("fail_on_recompile"))
+        return stack
+
+    def __call__(self, *args: Any) -> Any:
+        before = graphs_compiled()
+        try:
+            with self._options():
+                return self.compiled(*args)
+        except RuntimeError as err:
+            text = str(err)
+            if not text.startswith(_DYNAMO_FAIL_PREFIX):
+                raise
+            raise RecompileError(
+                f"compiler.fail_on_recompile=true: call {len(self.graphs_per_call) + 1} would "
+                "compile a new graph (a shape changed since the first step; on an NPU this is an "
+                "online operator compile). Dynamo's reason, naming the tensor:\n"
+                f"{text.removeprefix(_DYNAMO_FAIL_PREFIX).lstrip('. ')}\n"
+                "Fix the input or loss shape (see scripts/audit_shapes.py), or set "
+                "compiler.fail_on_recompile=false."
+            ) from err
+        finally:
+            self.graphs_per_call.append(graphs_compiled() - before)
+
+
+def compile_fn(
+    fn: Callable,
+    backend: str,
+    fail_on_recompile: bool = False,
+    recompile_limit: int | None = None,
+) -> CompiledStep:
     """`fn` compiled once per input shape (`dynamic=False`) with the device's backend."""
-    return torch.compile(fn, dynamic=False, backend=backend)
+    return CompiledStep(fn, backend, fail_on_recompile, recompile_limit)

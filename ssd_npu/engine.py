@@ -34,6 +34,7 @@ def make_fixed_step(
     amp: bool = False,
     compile: bool = False,
     backend: str = "inductor",
+    compile_options: dict | None = None,
 ) -> StepFn:
     """Loss of one FixedBatch: network (optionally autocast) + fixed_ssd_loss in fp32.
 
@@ -55,8 +56,14 @@ def make_fixed_step(
             box_coder,
         )
 
-    fn = compile_fn(losses, backend) if compile else losses
-    return lambda batch: fn(batch.images, batch.boxes, batch.labels, batch.valid)
+    # compile_options: fail_on_recompile, recompile_limit (ssd_npu.compiler.CompiledStep)
+    fn = compile_fn(losses, backend, **(compile_options or {})) if compile else losses
+
+    def step(batch) -> dict[str, Tensor]:
+        return fn(batch.images, batch.boxes, batch.labels, batch.valid)
+
+    step.compiled = fn if compile else None  # graphs_per_call / recompiles for the summary
+    return step
 
 
 def make_dynamic_step(
@@ -65,15 +72,17 @@ def make_dynamic_step(
     amp: bool = False,
     compile: bool = False,
     backend: str = "inductor",
+    compile_options: dict | None = None,
 ) -> StepFn:
     """torchvision's unmodified path: `detector(list_of_images, targets)` -> its loss dict."""
     detector = model.detector
-    fn = compile_fn(detector, backend) if compile else detector
+    fn = compile_fn(detector, backend, **(compile_options or {})) if compile else detector
 
     def step(batch) -> dict[str, Tensor]:
         with device.autocast(amp):
             return fn(batch.images, batch.targets)
 
+    step.compiled = fn if compile else None
     return step
 
 

@@ -74,7 +74,13 @@ def build_training(cfg) -> Training:
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.batch_size)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     make_step = make_fixed_step if cfg.shape == "fixed" else make_dynamic_step
-    step_fn = make_step(model, device, cfg.amp, cfg.compile, device.compile_backend)
+    compiler = cfg.compiler
+    options = {
+        "fail_on_recompile": compiler.fail_on_recompile,
+        "recompile_limit": compiler.recompile_limit,
+    }
+    backend = compiler.backend or device.compile_backend
+    step_fn = make_step(model, device, cfg.amp, cfg.compile, backend, options)
     return Training(
         device,
         model,
@@ -151,7 +157,8 @@ def run(cfg) -> dict[str, Any]:
     graphs = graphs_compiled() - graphs_before if cfg.compile else None
     summary = telemetry.summary(
         graphs_compiled=graphs,
-        recompiles=max(0, graphs - 1) if graphs is not None else 0,
+        # graphs compiled after the first step (the first step's graph breaks are not recompiles)
+        recompiles=t.step_fn.compiled.recompiles if cfg.compile else 0,
         device=str(t.device.torch),
         shape=cfg.shape,
         canvas=list(cfg.canvas),
