@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from ssd_npu.errors import UserError
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
@@ -28,3 +32,69 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+STEP_PATTERN = "step_*.pt"
+
+
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest first (temporary files are never listed)."""
+    return sorted(Path(folder).glob(STEP_PATTERN))
+
+
+def save_checkpoint(obj: Any, folder: str | Path, step: int, keep: int) -> Path:
+    """Write `step_<step>.pt` atomically, then delete all but the newest `keep`."""
+    path = save_atomic(obj, checkpoint_path(folder, step))
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def find_resume(resume: str, folder: str | Path) -> Path:
+    """`resume=auto`: the newest checkpoint in `folder`; otherwise `resume` is a path."""
+    if resume == "auto":
+        found = list_checkpoints(folder)
+        if not found:
+            raise UserError(
+                f"resume=auto found no checkpoint in {folder}; run with hydra.run.dir=<the old "
+                "run folder>, or give resume=/path/to/step_XXXXXXX.pt."
+            )
+        return found[-1]
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"resume={resume}: no such file; give a checkpoint path or resume=auto.")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint (tensors and plain containers only: weights_only=True)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign file: say which, not a deep traceback
+        raise UserError(f"{path} cannot be read as an ssd-npu checkpoint ({err}).") from err
+
+
+def rng_state() -> dict[str, Any]:
+    """python, numpy and torch RNG states, as plain lists and tensors (weights_only-safe)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -113,6 +113,9 @@ class TrainConfig:
     eval: bool = True  # COCO evaluation at the end of training (and every eval_every epochs)
     eval_every: int = 0  # epochs between evaluations; 0: only at the end
     eval_only: bool = False  # evaluate `weights` without training
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at the end (and on stop)
+    keep_checkpoints: int = 3  # newest checkpoints kept in <run>/checkpoints
+    resume: str | None = None  # auto (newest in <run>/checkpoints) or a checkpoint path
     out_dir: str | None = None  # None: Hydra's run dir (train.py fills it in)
     audit: AuditConfig = field(default_factory=AuditConfig)
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
@@ -166,6 +169,11 @@ def validate(cfg: Any) -> None:
     if cfg.eval_every < 0:
         raise ConfigError(
             f"eval_every={cfg.eval_every} is not valid; give epochs >= 0 (0: at the end)."
+        )
+    if cfg.checkpoint_every < 0 or cfg.keep_checkpoints < 1:
+        raise ConfigError(
+            f"checkpoint_every={cfg.checkpoint_every} / keep_checkpoints={cfg.keep_checkpoints} "
+            "are not valid; give checkpoint_every >= 0 steps and keep_checkpoints >= 1."
         )
     if cfg.eval_only and not cfg.weights:
         raise ConfigError("eval_only=true needs weights=PATH, the checkpoint to evaluate.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from time import perf_counter
 
 import torch
@@ -86,6 +87,15 @@ def make_dynamic_step(
     return step
 
 
+@dataclass
+class Progress:
+    """Where training stands: the epoch being run, its batches done, optimizer steps done."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
 def train_loop(
     step_fn: StepFn,
     optimizer: torch.optim.Optimizer,
@@ -96,20 +106,26 @@ def train_loop(
     epochs: int,
     max_steps: int | None = None,
     count_graphs: bool = False,
-    on_epoch_end: Callable[[int, int], None] | None = None,
-) -> int:
-    """Train for `epochs` (or until `max_steps` optimizer steps); return the steps done.
+    progress: Progress | None = None,
+    on_step_end: Callable[[Progress], None] | None = None,
+    on_epoch_end: Callable[[Progress], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> Progress:
+    """Train until `epochs` are done, `max_steps` optimizer steps, or `stop_requested()`.
 
+    `progress` resumes mid-epoch: the loader's sampler skips the batches already trained on
+    (`skip_next`), so a resumed run sees exactly the batches an uninterrupted one would.
     Timing: `data_ms` is the wait for the next batch (host pipeline + copy to the device);
     `step_ms` runs from the batch being on the device to the optimizer step having finished
-    on it (the device is synchronised before the clock is read). `on_epoch_end(epoch, step)`
-    runs after each complete epoch (evaluation, checkpoints).
+    on it (the device is synchronised before the clock is read).
     """
-    step = 0
-    for epoch in range(epochs):
-        sampler = getattr(loader, "sampler", None)
+    progress = progress or Progress()
+    sampler = getattr(loader, "sampler", None)
+    while progress.epoch < epochs:
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(progress.epoch)
+        if progress.batch and hasattr(sampler, "skip_next"):
+            sampler.skip_next(progress.batch * loader.batch_size)
         data_start = perf_counter()
         for batch in loader:
             batch = batch.to(device.torch)
@@ -127,15 +143,17 @@ def train_loop(
             values = {"total": total.item(), **{k: v.item() for k, v in losses.items()}}
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            step += 1
+            progress.step += 1
+            progress.batch += 1
             if not all(math.isfinite(v) for v in values.values()):
                 terms = ", ".join(f"{k}={v}" for k, v in values.items())
                 raise NonFiniteLoss(
-                    f"training stopped at step {step} (epoch {epoch}): the loss is not finite "
-                    f"({terms}). Lower the learning rate (optim.lr) or check the data of this batch."
+                    f"training stopped at step {progress.step} (epoch {progress.epoch}): the loss "
+                    f"is not finite ({terms}). Lower the learning rate (optim.lr) or check the "
+                    "data of this batch."
                 )
             telemetry.log_step(
-                step,
+                progress.step,
                 (step_end - step_start) * 1000.0,
                 (step_start - data_start) * 1000.0,
                 batch_size=len(batch.image_ids),
@@ -144,9 +162,15 @@ def train_loop(
                 boxes_dropped=getattr(batch, "boxes_dropped", 0),
                 graphs=graphs_compiled() if count_graphs else None,
             )
-            if max_steps is not None and step >= max_steps:
-                return step
+            if on_step_end is not None:
+                on_step_end(progress)
+            if max_steps is not None and progress.step >= max_steps:
+                return progress
+            if stop_requested is not None and stop_requested():
+                return progress
             data_start = perf_counter()
+        progress.epoch += 1
+        progress.batch = 0
         if on_epoch_end is not None:
-            on_epoch_end(epoch, step)
-    return step
+            on_epoch_end(progress)
+    return progress

@@ -4,6 +4,16 @@
 class UserError(Exception):
     """A problem with the user's input or machine; the message says what to do."""
 
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for "killed by signal"
+
 
 class DataError(UserError):
     """Bad data: a missing or malformed file, a corrupt image, an unknown category."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+import signal
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +13,24 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ssd_npu.checkpoint import save_atomic
+from ssd_npu.checkpoint import (
+    checkpoint_path,
+    find_resume,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ssd_npu.compiler import graphs_compiled
 from ssd_npu.config import validate
 from ssd_npu.data.coco import check_num_classes
 from ssd_npu.data.loader import build_loaders, resolve_data_root
 from ssd_npu.device import Device, resolve_device
-from ssd_npu.engine import make_dynamic_step, make_fixed_step, train_loop
+from ssd_npu.engine import NonFiniteLoss, Progress, make_dynamic_step, make_fixed_step, train_loop
+from ssd_npu.errors import Interrupted
 from ssd_npu.evaluate import evaluate_dynamic, evaluate_fixed
+from ssd_npu.interrupt import StopOnSignal
 from ssd_npu.model import FixedSSD, build_detector, load_weights
 from ssd_npu.optim import build_optimizer, build_scheduler
 from ssd_npu.telemetry import Telemetry
@@ -68,11 +79,12 @@ def build_training(cfg) -> Training:
     model = FixedSSD(detector, canvas).to(device.torch)
     model.train()
 
-    total_steps = cfg.epochs * len(train_loader)
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    # The schedule spans the configured epochs; max_steps only stops early (a smoke run
+    # sees the start of the real schedule, and a resumed run the same learning rates).
+    schedule_steps = cfg.epochs * len(train_loader)
+    total_steps = min(schedule_steps, cfg.max_steps or schedule_steps)
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, schedule_steps)
     make_step = make_fixed_step if cfg.shape == "fixed" else make_dynamic_step
     compiler = cfg.compiler
     options = {
@@ -103,54 +115,95 @@ def evaluate(t: Training, cfg) -> dict[str, Any]:
     return evaluate_dynamic(t.model.detector, t.val_loader, t.val_set, t.device)
 
 
+def training_state(t: Training, cfg, progress: Progress) -> dict[str, Any]:
+    """Everything `resume` needs to continue exactly: weights, optimizer, schedule, RNGs."""
+    return {
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": None,  # no gradient scaler in fp32 / bf16 training
+        "progress": asdict(progress),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "rng": rng_state(),
+    }
+
+
+def restore(t: Training, state: dict[str, Any]) -> Progress:
+    """Load a `training_state` into built objects; return where to continue."""
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return Progress(**state["progress"])
+
+
 def run(cfg) -> dict[str, Any]:
     """Train (or only evaluate) as configured; return the summary, also in summary.json."""
     t = build_training(cfg)
     out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    if cfg.resume:
+        path = find_resume(cfg.resume, ckpt_dir)
+        progress = restore(t, load_checkpoint(path))
+        print(f"ssd-npu: resumed from {path} at step {progress.step} (epoch {progress.epoch})")
     print(
         f"ssd-npu: device={t.device.torch} shape={cfg.shape} canvas={list(cfg.canvas)} "
         f"max_boxes={cfg.max_boxes} fit={cfg.fit} batch={cfg.batch_size} steps={t.total_steps} "
         f"anchors={t.model.anchors.shape[0]} data={t.data_root} out={out_dir}"
     )
-    telemetry = Telemetry(out_dir, 0 if cfg.eval_only else t.total_steps)
+    telemetry = Telemetry(out_dir, 0 if cfg.eval_only else t.total_steps - progress.step)
     evals: list[dict[str, Any]] = []
+    saved: list[Path] = []
+
+    def save(p: Progress) -> None:
+        saved.append(
+            save_checkpoint(training_state(t, cfg, p), ckpt_dir, p.step, cfg.keep_checkpoints)
+        )
 
     def log_eval(step: int) -> None:
         result = evaluate(t, cfg)
         evals.append({"step": step, "mAP": result["mAP"], "mAP50": result["mAP50"]})
         telemetry.log_scalars(step, {"eval/mAP": result["mAP"], "eval/mAP50": result["mAP50"]})
 
-    def on_epoch_end(epoch: int, step: int) -> None:
-        last_epoch = epoch + 1 == cfg.epochs
-        if cfg.eval and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and not last_epoch:
-            log_eval(step)
+    def on_step_end(p: Progress) -> None:
+        if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
+            save(p)
+
+    def on_epoch_end(p: Progress) -> None:
+        if cfg.eval and cfg.eval_every and p.epoch % cfg.eval_every == 0 and p.epoch < cfg.epochs:
+            log_eval(p.step)
 
     graphs_before = graphs_compiled()
-    steps = 0
+    stop = StopOnSignal()
     try:
         if not cfg.eval_only:
-            steps = train_loop(
-                t.step_fn,
-                t.optimizer,
-                t.scheduler,
-                t.train_loader,
-                t.device,
-                telemetry,
-                cfg.epochs,
-                cfg.max_steps,
-                count_graphs=cfg.compile,
-                on_epoch_end=on_epoch_end,
-            )
-            save_atomic(
-                {
-                    "model": t.model.state_dict(),
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                },
-                out_dir / "checkpoint_final.pt",
-            )
-        if cfg.eval or cfg.eval_only:
-            log_eval(steps)
+            with stop:
+                progress = train_loop(
+                    t.step_fn,
+                    t.optimizer,
+                    t.scheduler,
+                    t.train_loader,
+                    t.device,
+                    telemetry,
+                    cfg.epochs,
+                    cfg.max_steps,
+                    count_graphs=cfg.compile,
+                    progress=progress,
+                    on_step_end=on_step_end,
+                    on_epoch_end=on_epoch_end,
+                    stop_requested=stop.requested,
+                )
+            if not saved or saved[-1] != checkpoint_path(ckpt_dir, progress.step):
+                save(progress)
+        if (cfg.eval or cfg.eval_only) and not stop.requested():
+            log_eval(progress.step)
+    except NonFiniteLoss as err:
+        last = list_checkpoints(ckpt_dir)
+        raise NonFiniteLoss(
+            f"{err} The last good checkpoint is {last[-1] if last else 'not written yet'}."
+        ) from None
     finally:
         telemetry.close()
 
@@ -165,10 +218,20 @@ def run(cfg) -> dict[str, Any]:
         max_boxes=cfg.max_boxes,
         fit=cfg.fit,
         batch_size=cfg.batch_size,
+        global_step=progress.step,
+        checkpoint=str(saved[-1]) if saved else None,
+        interrupted=stop.requested(),
     )
     if evals:
         summary["eval"] = {"mAP": evals[-1]["mAP"], "mAP50": evals[-1]["mAP50"], "history": evals}
     telemetry.write_summary(summary)
+    if stop.requested():
+        raise Interrupted(
+            f"stopped by {signal.Signals(stop.signum).name} at step {progress.step}; checkpoint "
+            f"{saved[-1]}. Resume with: python train.py <same overrides> "
+            f"hydra.run.dir={out_dir} resume=auto",
+            stop.signum,
+        )
     print(
         json.dumps(
             {k: v for k, v in summary.items() if k != "eval"} | {"eval": evals[-1:]}, indent=2

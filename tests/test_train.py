@@ -90,7 +90,8 @@ def test_few_step_run_writes_events_and_summary(tiny_coco, tmp_path):
     assert [e.value for e in scalars["loss/total"]][-1] == pytest.approx(summary["final_loss"])
     dropped = sum(e.value for e in scalars["data/boxes_dropped"])
     assert dropped == summary["boxes_dropped"]
-    assert (tmp_path / "checkpoint_final.pt").is_file()
+    assert summary["checkpoint"] == str(tmp_path / "checkpoints" / "step_0000004.pt")
+    assert Path(summary["checkpoint"]).is_file()
 
 
 def test_anchors_follow_the_canvas(tiny_coco, tmp_path):

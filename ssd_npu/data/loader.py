@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ssd_npu.data.coco import CocoDetectionDataset, check_num_classes
 from ssd_npu.data.fixed_shape import (
@@ -36,23 +36,32 @@ class SampleKey(NamedTuple):
 
 
 class EpochSampler(Sampler):
-    """Wraps a sampler; yields SampleKey(i, epoch) and counts epochs (calls inner.set_epoch)."""
+    """Wraps a sampler; yields SampleKey(i, epoch) and counts epochs (calls inner.set_epoch).
+
+    The inner sampler's order is a function of (seed, epoch) alone (DistributedSampler), so
+    a resumed run can re-enter an epoch: `skip_next(n)` drops the first n indices of the
+    next pass (the batches an interrupted run already trained on).
+    """
 
     def __init__(self, inner: Sampler) -> None:
-        self.inner, self.epoch = inner, 0
+        self.inner, self.epoch, self.skip = inner, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def skip_next(self, num_indices: int) -> None:
+        self.skip = num_indices
+
     def __len__(self) -> int:
-        return len(self.inner)
+        return len(self.inner) - self.skip
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
-        if hasattr(self.inner, "set_epoch"):  # DistributedSampler reshuffles per epoch
-            self.inner.set_epoch(epoch)
-        for i in self.inner:
-            yield SampleKey(int(i), epoch)
+        skip, self.skip = self.skip, 0
+        self.inner.set_epoch(epoch)  # DistributedSampler reshuffles per epoch
+        for position, i in enumerate(self.inner):
+            if position >= skip:
+                yield SampleKey(int(i), epoch)
 
 
 class PaddedSequentialSampler(Sampler):
@@ -159,14 +168,13 @@ def build_loaders(
             f"{train_ds.ann_file} has {len(train_set)} images, fewer than batch_size={bs}; "
             "lower batch_size or use more data."
         )
-    # two generators: the DataLoader draws worker base seeds from its own once per iterator
-    # (only once with persistent workers), which must not shift the shuffling stream
-    order_gen = torch.Generator().manual_seed(int(cfg.seed))
+    # The shuffle order is a function of (seed, epoch) only, so a resumed run sees the same
+    # order; one process is a DistributedSampler with a single replica. The DataLoader's own
+    # generator only draws worker base seeds.
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    inner = (
-        DistributedSampler(train_set, shuffle=True, seed=int(cfg.seed), drop_last=True)
-        if distributed
-        else RandomSampler(train_set, generator=order_gen)
+    replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
+    inner = DistributedSampler(
+        train_set, shuffle=True, seed=int(cfg.seed), drop_last=True, **replicas
     )
     common = {
         "num_workers": workers,
