@@ -1,0 +1,59 @@
+"""detect_warmup on made-up step-time series (ms), and Telemetry's event file read back."""
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ssd_npu.telemetry import Telemetry, detect_warmup, steady_median
+
+STEADY = [100.0, 104.0, 98.0, 101.0, 99.0, 103.0, 97.0, 102.0, 100.0, 101.0]
+
+
+@pytest.mark.parametrize(
+    ("series", "warmup"),
+    [
+        ([60_000.0, *STEADY], 1),  # one compile spike
+        ([60_000.0, 100.0, 30_000.0, *STEADY], 3),  # compile, normal step, a new shape
+        (STEADY, 0),  # noise only: no warm-up
+        ([130.0, 180.0, *STEADY], 0),  # slower but under 2x: not a compile
+        ([*STEADY, 5_000.0], 0),  # a late spike (second half) is not warm-up
+        ([250.0], 1),  # one step: all warm-up
+        ([], 0),
+    ],
+)
+def test_detect_warmup(series, warmup):
+    assert detect_warmup(series) == warmup
+
+
+def test_steady_median_skips_warmup():
+    series = [60_000.0, 100.0, 30_000.0, *STEADY]
+    assert steady_median(series, detect_warmup(series)) == pytest.approx(100.5)
+    assert steady_median([250.0], 1) == 250.0  # all warm-up: the whole run's median
+    assert steady_median([], 0) is None
+
+
+def test_telemetry_writes_events_and_summary(tmp_path):
+    step_ms = [5_000.0, 100.0, 110.0, 90.0]
+    tel = Telemetry(tmp_path, total_steps=len(step_ms))
+    for i, ms in enumerate(step_ms, start=1):
+        losses = {"total": 3.0 / i, "bbox_regression": 1.0 / i, "classification": 2.0 / i}
+        tel.log_step(i, ms, 2.0, 4, losses, lr=0.01, boxes_dropped=1, graphs=1)
+    summary = tel.summary(graphs_compiled=1, recompiles=0)
+    tel.write_summary(summary)
+    tel.close()
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    scalars = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+    assert [e.step for e in scalars["time/step_ms"]] == [1, 2, 3, 4]
+    assert [e.value for e in scalars["time/step_ms"]] == pytest.approx(step_ms)
+    assert [e.value for e in scalars["compile/graphs"]] == [1, 1, 1, 1]
+    assert scalars["throughput/images_per_s"][1].value == pytest.approx(40.0)
+    assert scalars["loss/total"][-1].value == pytest.approx(0.75)
+
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written == summary
+    assert summary["warmup_steps"] == 1 and summary["steady_step_ms"] == 100.0
+    assert summary["first_step_ms"] == 5_000.0 and summary["boxes_dropped"] == 4
+    assert summary["steady_images_per_s"] == pytest.approx(40.0)
