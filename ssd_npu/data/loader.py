@@ -124,9 +124,10 @@ def _worker_init(worker_id: int) -> None:
 def resolve_data_root(cfg: Any) -> Path:
     """The data set folder: the synthetic cache (generated on first use) or data.root for coco."""
     if cfg.data.name == "synthetic":
-        return ensure_synthetic_coco(
-            Path(cfg.data.root) if cfg.data.root else None, cfg.data.synthetic
-        )
+        root = Path(cfg.data.root) if cfg.data.root else None
+        if root is not None and (root / "annotations").is_dir():
+            return root  # a set made by scripts/make_synthetic_coco.py: use it as it is
+        return ensure_synthetic_coco(root, cfg.data.synthetic)
     root = Path(str(cfg.data.root)).expanduser()
     if not root.is_dir():
         raise DataError(
