@@ -91,6 +91,12 @@ class BenchConfig:
 
 
 @dataclass
+class ReportConfig:
+    out: str | None = None  # data_report.json path; None: <out_dir>/data_report.json
+    png: bool = False  # also write histograms (needs matplotlib)
+
+
+@dataclass
 class TrainConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -120,6 +126,7 @@ class TrainConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def register_configs() -> None:

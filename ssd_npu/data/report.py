@@ -1,0 +1,407 @@
+"""Dynamicity report: choose `canvas`, `fit` and `max_boxes` from the annotation file alone.
+
+Reads `instances_<split>.json` with pycocotools and never decodes an image, so it runs in
+seconds even on COCO train2017 (118k images, 860k boxes): every statistic is a numpy
+expression over flat arrays. Boxes are counted as training targets, with the same rules as
+`CocoDetectionDataset._target`: crowd annotations excluded, boxes clipped to the image,
+boxes empty after clipping dropped ("degenerate").
+
+Units: image and box sizes in pixels; a box's size is sqrt(w * h); shares in percent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from ssd_npu.errors import DataError
+
+PERCENTILES = (50, 90, 99, 99.9)
+MAX_BOXES_CANDIDATES = (8, 16, 20, 32, 50, 64, 100, 128)
+DROP_BUDGET_PCT = 0.1  # recommended max_boxes drops at most this share of boxes
+MAX_DISTORTION = 1.5  # stretch is fine while p90 of max(sx/sy, sy/sx) stays below this
+MAX_PAD_SHARE_PCT = 25.0  # fit=pad is fine while padding stays below this share of the canvas
+
+
+@dataclass
+class BoxTable:
+    """Images and their training boxes as flat arrays.
+
+    heights, widths [I] px (from the annotation file); image_ids [I]; counts [I] boxes per
+    image after filtering; box_image [N] index into the image arrays; box_wh [N, 2] (w, h) px
+    after clipping; crowd, degenerate: annotations filtered out.
+    """
+
+    image_ids: np.ndarray
+    heights: np.ndarray
+    widths: np.ndarray
+    counts: np.ndarray
+    box_image: np.ndarray
+    box_wh: np.ndarray
+    crowd: int
+    degenerate: int
+
+
+def load_coco(ann_file: str | Path) -> COCO:
+    """pycocotools index of an annotation file, without its progress prints."""
+    if not Path(ann_file).is_file():
+        raise DataError(
+            f"Annotation file {ann_file} does not exist; point data.root at a COCO-format "
+            "folder with annotations/instances_<split>.json inside."
+        )
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(ann_file))
+
+
+def box_table(coco: COCO, image_ids: list[int] | None = None) -> BoxTable:
+    """Vectorised `CocoDetectionDataset._target` filtering over the whole annotation file."""
+    ids = np.asarray(sorted(coco.imgs) if image_ids is None else image_ids, dtype=np.int64)
+    heights = np.array([coco.imgs[int(i)]["height"] for i in ids], dtype=np.float64)
+    widths = np.array([coco.imgs[int(i)]["width"] for i in ids], dtype=np.float64)
+    anns = coco.dataset.get("annotations", [])
+    ann_img = np.fromiter((a["image_id"] for a in anns), np.int64, len(anns))
+    crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), bool, len(anns))
+    xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    # image index of each annotation (ids is sorted or given; searchsorted needs sorted)
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids[order], ann_img)
+    pos = np.clip(pos, 0, max(len(ids) - 1, 0))
+    known = (ids[order][pos] == ann_img) if len(ids) else np.zeros(len(anns), bool)
+    img = order[pos]
+    h, w = heights[img], widths[img]
+    x1, y1 = np.clip(xywh[:, 0], 0, w), np.clip(xywh[:, 1], 0, h)
+    x2, y2 = np.clip(xywh[:, 0] + xywh[:, 2], 0, w), np.clip(xywh[:, 1] + xywh[:, 3], 0, h)
+    nondegenerate = (x2 > x1) & (y2 > y1)
+    keep = known & ~crowd & nondegenerate
+    return BoxTable(
+        image_ids=ids,
+        heights=heights,
+        widths=widths,
+        counts=np.bincount(img[keep], minlength=len(ids)),
+        box_image=img[keep],
+        box_wh=np.stack([x2 - x1, y2 - y1], axis=1)[keep],
+        crowd=int((known & crowd).sum()),
+        degenerate=int((known & ~crowd & ~nondegenerate).sum()),
+    )
+
+
+def percentiles(values: np.ndarray) -> dict[str, float]:
+    """p50, p90, p99, p99.9 and max (0 for an empty array)."""
+    if values.size == 0:
+        return {**{f"p{p:g}": 0.0 for p in PERCENTILES}, "max": 0.0}
+    qs = np.percentile(values, PERCENTILES)
+    return {
+        **{f"p{p:g}": round(float(q), 2) for p, q in zip(PERCENTILES, qs, strict=True)},
+        "max": float(values.max()),
+    }
+
+
+def truncation(counts: np.ndarray, max_boxes: int) -> dict[str, float]:
+    """What `max_boxes` costs: images truncated, boxes dropped, padding rows (all percent)."""
+    total, n = max(int(counts.sum()), 1), max(len(counts), 1)
+    kept = np.minimum(counts, max_boxes).sum()
+    return {
+        "max_boxes": int(max_boxes),
+        "images_truncated_pct": round(100.0 * float((counts > max_boxes).sum()) / n, 3),
+        "boxes_dropped_pct": round(100.0 * float(total - kept) / total, 3),
+        "padding_rows_pct": round(100.0 * (1.0 - float(kept) / (n * max_boxes)), 2),
+    }
+
+
+def bucket_padding(counts: np.ndarray, buckets: list[int]) -> float:
+    """Padding rows (percent) when each image is padded to the smallest bucket holding it."""
+    sizes = np.asarray(buckets)
+    idx = np.minimum(np.searchsorted(sizes, counts), len(sizes) - 1)
+    rows = sizes[idx].sum()
+    return round(100.0 * (1.0 - float(np.minimum(counts, sizes[idx]).sum()) / max(rows, 1)), 2)
+
+
+def fit_scales(
+    heights: np.ndarray, widths: np.ndarray, canvas: tuple[int, int], fit: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image (sx, sy, content_area_px) of `fixed_shape.fit_to_canvas`, vectorised."""
+    H, W = canvas
+    if fit == "stretch":
+        return W / widths, H / heights, np.full_like(heights, H * W)
+    s = np.minimum(H / heights, W / widths)
+    if fit == "pad":  # no resize when the image fits; larger images are scaled down
+        s = np.where((heights <= H) & (widths <= W), 1.0, s)
+    ch = np.clip(np.round(heights * s), 1, H)
+    cw = np.clip(np.round(widths * s), 1, W)
+    return cw / widths, ch / heights, ch * cw
+
+
+def smallest_anchor(canvas: tuple[int, int], num_classes: int) -> float:
+    """Size sqrt(w * h) px of the smallest default box of ssdlite on this canvas."""
+    from ssd_npu.model import build_detector, canvas_anchors  # torch only when needed
+
+    anchors = canvas_anchors(build_detector(num_classes, canvas), canvas).numpy()
+    wh = anchors[:, 2:] - anchors[:, :2]
+    # anchors are clipped to the canvas; the unclipped design sizes are the common values,
+    # so take the smallest size that at least 1% of anchors have, not a clipped corner
+    return float(np.percentile(np.sqrt(wh[:, 0] * wh[:, 1]), 1))
+
+
+def fit_row(t: BoxTable, canvas: tuple[int, int], fit: str, anchor_px: float) -> dict[str, Any]:
+    """Box sizes on the canvas under one fit, and what falls below the smallest anchor / 1 px."""
+    sx, sy, content = fit_scales(t.heights, t.widths, canvas, fit)
+    bw = t.box_wh[:, 0] * sx[t.box_image]
+    bh = t.box_wh[:, 1] * sy[t.box_image]
+    size = np.sqrt(bw * bh)
+    n = max(len(size), 1)
+    distortion = np.maximum(sx / sy, sy / sx)
+    return {
+        "canvas": list(canvas),
+        "fit": fit,
+        "box_size_px": percentiles(size)
+        | {"p10": round(float(np.percentile(size, 10)), 2) if len(size) else 0.0},
+        "smallest_anchor_px": round(anchor_px, 1),
+        "below_smallest_anchor_pct": round(100.0 * float((size < anchor_px).sum()) / n, 2),
+        "below_1px_pct": round(100.0 * float((np.minimum(bw, bh) < 1.0).sum()) / n, 3),
+        "padding_pct": round(100.0 * float(1.0 - (content / (canvas[0] * canvas[1])).mean()), 2),
+        "distortion_p90": round(float(np.percentile(distortion, 90)), 3)
+        if len(distortion)
+        else 1.0,
+        "images_downscaled_pct": round(
+            100.0 * float(((sx < 1) | (sy < 1)).sum()) / max(len(sx), 1), 2
+        ),
+    }
+
+
+def aspect_canvas(canvas: tuple[int, int], aspect: float, divisor: int = 32) -> tuple[int, int]:
+    """A canvas of about the same area whose W/H is the data's median `aspect`, sides % divisor."""
+    area = canvas[0] * canvas[1]
+    h = max(divisor, round(np.sqrt(area / aspect) / divisor) * divisor)
+    w = max(divisor, round(np.sqrt(area * aspect) / divisor) * divisor)
+    return int(h), int(w)
+
+
+def _round_up(v: float, step: int = 8) -> int:
+    return int(max(step, -(-int(np.ceil(v)) // step) * step))
+
+
+def recommend(t: BoxTable, rows: list[dict[str, Any]], canvas: tuple[int, int]) -> dict[str, Any]:
+    """max_boxes (smallest within the drop budget), buckets, canvas and fit, with the reasons."""
+    counts = t.counts
+    top = int(counts.max()) if len(counts) else 1
+    candidates = sorted({*MAX_BOXES_CANDIDATES, max(top, 1)})
+    within = [
+        m
+        for m in range(1, max(top, 1) + 1)
+        if truncation(counts, m)["boxes_dropped_pct"] <= DROP_BUDGET_PCT
+    ]
+    max_boxes = within[0] if within else candidates[-1]
+    cost = truncation(counts, max_boxes)
+    p50, p90 = (float(np.percentile(counts, q)) if len(counts) else 1.0 for q in (50, 90))
+    buckets = sorted({b for b in (_round_up(p50), _round_up(p90)) if b < max_boxes} | {max_boxes})
+    by = {(tuple(r["canvas"]), r["fit"]): r for r in rows}
+    pad, stretch = by[(canvas, "pad")], by[(canvas, "stretch")]
+    if pad["images_downscaled_pct"] == 0 and pad["padding_pct"] < MAX_PAD_SHARE_PCT:
+        choice, why = (
+            pad,
+            (
+                f"every image fits the canvas and padding is only {pad['padding_pct']}% of it: "
+                "fit=pad keeps every pixel unresampled"
+            ),
+        )
+    elif stretch["distortion_p90"] <= MAX_DISTORTION:
+        choice, why = (
+            stretch,
+            (
+                f"stretch distorts 90% of images by at most {stretch['distortion_p90']}x (<= "
+                f"{MAX_DISTORTION}), uses the whole canvas, keeps boxes largest "
+                f"({stretch['below_smallest_anchor_pct']}% below the smallest anchor) and is "
+                "torchvision's own ssdlite recipe"
+            ),
+        )
+    else:
+        letter = min((r for r in rows if r["fit"] == "letterbox"), key=lambda r: r["padding_pct"])
+        choice, why = (
+            letter,
+            (
+                f"stretch would distort 10% of images by more than {MAX_DISTORTION}x "
+                f"(p90 {stretch['distortion_p90']}x); letterbox keeps aspect ratios, and canvas "
+                f"{letter['canvas']} wastes the least padding ({letter['padding_pct']}%) of "
+                f"{[r['canvas'] for r in rows if r['fit'] == 'letterbox']} (the configured canvas "
+                "and one of the same area with W/H at the data's median)"
+            ),
+        )
+    return {
+        "max_boxes": max_boxes,
+        "max_boxes_reason": (
+            f"smallest max_boxes that drops <= {DROP_BUDGET_PCT}% of boxes: drops "
+            f"{cost['boxes_dropped_pct']}%, truncates {cost['images_truncated_pct']}% of images, "
+            f"{cost['padding_rows_pct']}% of target rows are padding"
+        ),
+        "buckets": buckets,
+        "buckets_reason": (
+            f"buckets at the box-count p50/p90 (rounded up to 8) and max_boxes: padding rows "
+            f"fall from {cost['padding_rows_pct']}% to {bucket_padding(counts, buckets)}% with "
+            f"at most {len(buckets)} device shapes"
+        ),
+        "canvas": choice["canvas"],
+        "fit": choice["fit"],
+        "fit_reason": why,
+        "overrides": f"canvas=[{choice['canvas'][0]},{choice['canvas'][1]}] fit={choice['fit']} "
+        f"max_boxes={max_boxes}",
+    }
+
+
+def data_report(
+    ann_file: str | Path, canvas: tuple[int, int], num_classes: int, batch_size: int = 8
+) -> dict[str, Any]:
+    """The full report as a JSON-ready dict (see docs/choosing.md for an example)."""
+    canvas = (int(canvas[0]), int(canvas[1]))
+    t = box_table(load_coco(ann_file))
+    aspect = t.widths / t.heights
+    shapes, shape_counts = np.unique(np.stack([t.heights, t.widths], 1), axis=0, return_counts=True)
+    top = np.argsort(-shape_counts, kind="stable")[:5]
+    canvases = [canvas]
+    matched = aspect_canvas(canvas, float(np.median(aspect)) if len(aspect) else 1.0)
+    if matched != canvas:
+        canvases.append(matched)
+    rows = []
+    for c in canvases:
+        anchor_px = smallest_anchor(c, num_classes)
+        rows += [fit_row(t, c, fit, anchor_px) for fit in ("stretch", "letterbox", "pad")]
+    candidates = sorted({*MAX_BOXES_CANDIDATES, int(t.counts.max()) if len(t.counts) else 1})
+    rec = recommend(t, rows, canvas)
+    sizes = np.asarray(rec["buckets"])
+    bucket_of = sizes[np.minimum(np.searchsorted(sizes, t.counts), len(sizes) - 1)]
+    per_bucket = {int(b): int((bucket_of == b).sum()) for b in sizes}
+    return {
+        "ann_file": str(ann_file),
+        "images": len(t.image_ids),
+        "boxes": int(t.counts.sum()),
+        "crowd_filtered": t.crowd,
+        "degenerate_filtered": t.degenerate,
+        "image_shapes": {
+            "distinct": len(shapes),
+            "most_common": [
+                [int(h), int(w), int(n)]
+                for (h, w), n in zip(shapes[top], shape_counts[top], strict=True)
+            ],
+            "height_px": percentiles(t.heights),
+            "width_px": percentiles(t.widths),
+            "aspect_w_over_h": percentiles(aspect),
+        },
+        "boxes_per_image": percentiles(t.counts.astype(np.float64))
+        | {
+            "mean": round(float(t.counts.mean()), 2) if len(t.counts) else 0.0,
+            "empty_images": int((t.counts == 0).sum()),
+        },
+        "max_boxes": [truncation(t.counts, m) for m in candidates],
+        "fits": rows,
+        "buckets": {
+            "sizes": rec["buckets"],
+            "images": per_bucket,
+            # the bucket sampler drops each bucket's last partial batch every epoch
+            "images_unused_per_epoch": int(sum(n % batch_size for n in per_bucket.values())),
+            "batch_size": batch_size,
+        },
+        "recommendation": rec,
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as console text: a few short tables and the recommendation."""
+    s, b = r["image_shapes"], r["boxes_per_image"]
+
+    def pcts(d: dict[str, float]) -> str:
+        return "  ".join(f"{k}={v:g}" for k, v in d.items())
+
+    lines = [
+        f"{r['ann_file']}: {r['images']} images, {r['boxes']} training boxes "
+        f"({r['crowd_filtered']} crowd and {r['degenerate_filtered']} degenerate filtered)",
+        f"image shapes: {s['distinct']} distinct; most common (h, w, n): {s['most_common']}",
+        f"  height px   {pcts(s['height_px'])}",
+        f"  width px    {pcts(s['width_px'])}",
+        f"  aspect W/H  {pcts(s['aspect_w_over_h'])}",
+        f"boxes per image: {pcts(b)}",
+        "",
+        f"{'max_boxes':>9} {'imgs truncated %':>17} {'boxes dropped %':>16} {'padding rows %':>15}",
+    ]
+    lines += [
+        f"{m['max_boxes']:>9} {m['images_truncated_pct']:>17} {m['boxes_dropped_pct']:>16} "
+        f"{m['padding_rows_pct']:>15}"
+        for m in r["max_boxes"]
+    ]
+    lines += [
+        "",
+        f"{'canvas':>10} {'fit':>9} {'box p10':>7} {'p50':>6} {'<anchor %':>9} {'<1px %':>7} "
+        f"{'padding %':>9} {'distort p90':>11} {'downscaled %':>12}",
+    ]
+    for f in r["fits"]:
+        c = f"{f['canvas'][0]}x{f['canvas'][1]}"
+        lines.append(
+            f"{c:>10} {f['fit']:>9} {f['box_size_px']['p10']:>7.1f} {f['box_size_px']['p50']:>6.1f} "
+            f"{f['below_smallest_anchor_pct']:>9} {f['below_1px_pct']:>7} {f['padding_pct']:>9} "
+            f"{f['distortion_p90']:>11} {f['images_downscaled_pct']:>12}"
+        )
+    anchor = ", ".join(
+        f"{f['canvas'][0]}x{f['canvas'][1]}: {f['smallest_anchor_px']} px" for f in r["fits"][::3]
+    )
+    rec, bk = r["recommendation"], r["buckets"]
+    lines += [
+        f"(box sizes sqrt(w*h) canvas px; smallest anchor {anchor})",
+        "",
+        f"buckets {bk['sizes']}: images per bucket {bk['images']}, "
+        f"{bk['images_unused_per_epoch']} unused per epoch at batch_size={bk['batch_size']}",
+        "",
+        f"recommendation: {rec['overrides']}",
+        f"  max_boxes={rec['max_boxes']}: {rec['max_boxes_reason']}",
+        f"  max_boxes=[{','.join(map(str, rec['buckets']))}]: {rec['buckets_reason']}",
+        f"  canvas={rec['canvas']} fit={rec['fit']}: {rec['fit_reason']}",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def save_pngs(ann_file: str | Path, report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Histograms (boxes per image, aspect ratio, box size under the recommended fit) as PNGs.
+
+    matplotlib is optional: without it, returns [] and the caller says so.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    t = box_table(load_coco(ann_file))
+    rec = report["recommendation"]
+    sx, sy, _ = fit_scales(t.heights, t.widths, tuple(rec["canvas"]), rec["fit"])
+    size = np.sqrt(t.box_wh[:, 0] * sx[t.box_image] * t.box_wh[:, 1] * sy[t.box_image])
+    plots = {
+        "boxes_per_image.png": (t.counts, "boxes per image (after filtering)"),
+        "aspect_ratio.png": (t.widths / t.heights, "image aspect ratio W/H"),
+        "box_size.png": (size, f"box size sqrt(w*h), canvas px ({rec['fit']} {rec['canvas']})"),
+    }
+    out = []
+    for name, (values, label) in plots.items():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(values, bins=50)
+        ax.set_xlabel(label)
+        ax.set_ylabel("count")
+        if name == "boxes_per_image.png":
+            ax.axvline(rec["max_boxes"], color="r", label=f"max_boxes={rec['max_boxes']}")
+            ax.legend()
+        fig.tight_layout()
+        out.append(Path(out_dir) / name)
+        fig.savefig(out[-1], dpi=100)
+        plt.close(fig)
+    return out
