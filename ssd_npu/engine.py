@@ -17,8 +17,9 @@ from torchvision.models.detection._utils import BoxCoder
 
 from ssd_npu.compiler import compile_fn, graphs_compiled
 from ssd_npu.device import Device
+from ssd_npu.distributed import World, all_reduce
 from ssd_npu.errors import UserError
-from ssd_npu.loss import fixed_ssd_loss
+from ssd_npu.loss import fixed_ssd_loss, normalise, ssd_loss_sums
 from ssd_npu.model import FixedSSD
 from ssd_npu.telemetry import Telemetry
 
@@ -36,26 +37,40 @@ def make_fixed_step(
     compile: bool = False,
     backend: str = "inductor",
     compile_options: dict | None = None,
+    network: Callable | None = None,
+    world: World | None = None,
 ) -> StepFn:
     """Loss of one FixedBatch: network (optionally autocast) + fixed_ssd_loss in fp32.
+
+    `network` is the module to call (DistributedDataParallel-wrapped under torchrun; default
+    `model`). In a world of several ranks the loss is divided by the foreground count of the
+    global batch (all-reduced), as one process would divide on the whole batch.
 
     With `compile`, the forward and loss become one graph (`dynamic=False`: one compile per
     input shape, exactly like an NPU's online operator compile); backward follows it.
     """
     box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
+    network = network or model
+    distributed = world is not None and world.distributed
+
     def losses(images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor) -> dict[str, Tensor]:
         with device.autocast(amp):
-            cls_logits, bbox_regression = model(images)
-        return fixed_ssd_loss(
-            cls_logits.float(),
-            bbox_regression.float(),
+            cls_logits, bbox_regression = network(images)
+        # The loss runs in the anchors' precision (fp32) whatever autocast gave the network.
+        dtype = model.anchors.dtype
+        args = (
+            cls_logits.to(dtype),
+            bbox_regression.to(dtype),
             model.anchors,
             boxes,
             labels,
             valid,
-            box_coder,
         )
+        if not distributed:
+            return fixed_ssd_loss(*args, box_coder)
+        bbox_sum, cls_sum, num_foreground = ssd_loss_sums(*args, box_coder)
+        return normalise(bbox_sum, cls_sum, all_reduce(num_foreground))
 
     # compile_options: fail_on_recompile, recompile_limit (ssd_npu.compiler.CompiledStep)
     fn = compile_fn(losses, backend, **(compile_options or {})) if compile else losses
@@ -74,9 +89,15 @@ def make_dynamic_step(
     compile: bool = False,
     backend: str = "inductor",
     compile_options: dict | None = None,
+    network: Callable | None = None,
+    world: World | None = None,
 ) -> StepFn:
-    """torchvision's unmodified path: `detector(list_of_images, targets)` -> its loss dict."""
-    detector = model.detector
+    """torchvision's unmodified path: `detector(list_of_images, targets)` -> its loss dict.
+
+    `network`: the detector to call (DDP-wrapped under torchrun). Its loss is normalised by
+    each rank's own positives, as torchvision's reference does.
+    """
+    detector = network or model.detector
     fn = compile_fn(detector, backend, **(compile_options or {})) if compile else detector
 
     def step(batch) -> dict[str, Tensor]:
@@ -110,6 +131,8 @@ def train_loop(
     on_step_end: Callable[[Progress], None] | None = None,
     on_epoch_end: Callable[[Progress], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    world: World | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Progress:
     """Train until `epochs` are done, `max_steps` optimizer steps, or `stop_requested()`.
 
@@ -118,14 +141,23 @@ def train_loop(
     Timing: `data_ms` is the wait for the next batch (host pipeline + copy to the device);
     `step_ms` runs from the batch being on the device to the optimizer step having finished
     on it (the device is synchronised before the clock is read).
+    Under DDP (`world` of several ranks) gradients are averaged over ranks, so the backward
+    uses world-size x the loss (each rank's loss is already divided by the global positives);
+    logged losses are summed over ranks and times are the slowest rank's. `scaler`: a
+    GradScaler for fp16 autocast.
     """
     progress = progress or Progress()
-    sampler = getattr(loader, "sampler", None)
+    world = world or World()
+    # a bucketed loader (max_boxes=[...]) keeps the epoch and skip state in its batch sampler
+    sampler = getattr(loader, "batch_sampler", None)
+    if not hasattr(sampler, "skip_next"):
+        sampler = getattr(loader, "sampler", None)
+    batch_size = getattr(loader, "batch_size", None) or getattr(sampler, "batch_size", None)
     while progress.epoch < epochs:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(progress.epoch)
         if progress.batch and hasattr(sampler, "skip_next"):
-            sampler.skip_next(progress.batch * loader.batch_size)
+            sampler.skip_next(progress.batch * batch_size)
         data_start = perf_counter()
         for batch in loader:
             batch = batch.to(device.torch)
@@ -134,13 +166,25 @@ def train_loop(
             losses = step_fn(batch)
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            backward = total * world.size if world.distributed else total
+            if scaler is not None:
+                scaler.scale(backward).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                backward.backward()
+                optimizer.step()
             device.synchronize()
             step_end = perf_counter()
 
             # Reading the losses is a device-to-host sync, made on purpose, after the clock.
-            values = {"total": total.item(), **{k: v.item() for k, v in losses.items()}}
+            names = ["total", *losses]
+            reduced = all_reduce(torch.stack([total.detach(), *losses.values()]).float())
+            values = {name: reduced[i].item() for i, name in enumerate(names)}
+            step_ms, data_ms = (step_end - step_start) * 1000.0, (step_start - data_start) * 1000.0
+            if world.distributed:  # the slowest rank sets the pace
+                times = torch.tensor([step_ms, data_ms], device=device.torch)
+                step_ms, data_ms = all_reduce(times, op="max").tolist()
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             progress.step += 1
@@ -154,9 +198,9 @@ def train_loop(
                 )
             telemetry.log_step(
                 progress.step,
-                (step_end - step_start) * 1000.0,
-                (step_start - data_start) * 1000.0,
-                batch_size=len(batch.image_ids),
+                step_ms,
+                data_ms,
+                batch_size=len(batch.image_ids) * world.size,
                 losses=values,
                 lr=lr,
                 boxes_dropped=getattr(batch, "boxes_dropped", 0),

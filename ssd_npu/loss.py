@@ -80,6 +80,35 @@ def fixed_ssd_loss(
         {"bbox_regression": scalar, "classification": scalar}, each divided by
         max(1, foreground anchors in the batch), as torchvision's `SSD.compute_loss`.
     """
+    bbox_sum, cls_sum, num_foreground = ssd_loss_sums(
+        cls_logits, bbox_regression, anchors, boxes, labels, valid, box_coder,
+        iou_threshold, neg_to_pos_ratio,
+    )  # fmt: skip
+    return normalise(bbox_sum, cls_sum, num_foreground)
+
+
+def normalise(bbox_sum: Tensor, cls_sum: Tensor, num_foreground: Tensor) -> dict[str, Tensor]:
+    """Both sums divided by max(1, foreground anchors): pass the *global* count under DDP."""
+    normaliser = num_foreground.clamp(min=1).to(bbox_sum.dtype)
+    return {"bbox_regression": bbox_sum / normaliser, "classification": cls_sum / normaliser}
+
+
+def ssd_loss_sums(
+    cls_logits: Tensor,
+    bbox_regression: Tensor,
+    anchors: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    box_coder: BoxCoder,
+    iou_threshold: float = 0.5,
+    neg_to_pos_ratio: int = 3,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The un-normalised loss: (bbox Smooth-L1 sum, classification CE sum, foreground count).
+
+    Same arguments as `fixed_ssd_loss`. Split out so that data-parallel training can divide
+    by the foreground count of the *global* batch, as one process would.
+    """
     # Padding rows are arbitrary: replace them before they reach any arithmetic, so a NaN
     # there cannot leak into a max, a sum or a gradient.
     boxes = torch.where(valid[:, :, None], boxes, anchors.new_zeros(()))
@@ -117,5 +146,4 @@ def fixed_ssd_loss(
         torch.where(positive, cls_loss, 0.0).sum() + torch.where(negative, cls_loss, 0.0).sum()
     )
 
-    normaliser = num_foreground.clamp(min=1).to(cls_logits.dtype)
-    return {"bbox_regression": bbox_loss / normaliser, "classification": cls_sum / normaliser}
+    return bbox_loss, cls_sum, num_foreground
