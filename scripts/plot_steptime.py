@@ -1,0 +1,86 @@
+"""Plot step time against step for one or more runs, warm-up (compile) steps marked.
+
+Usage:
+    python scripts/plot_steptime.py RUN_DIR [RUN_DIR ...] --out steptime.png [--labels A B ...]
+
+RUN_DIR is a train.py output folder (its `tensorboard/` is read), a scripts/bench.py variant
+folder, or a TensorBoard folder itself. For each run, `time/step_ms` is drawn on a log y axis;
+the warm-up steps (`ssd_npu.telemetry.detect_warmup`, the rule summary.json uses) are drawn as
+hollow circles, and the steady median (after warm-up) as a dashed line with its value.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from ssd_npu.telemetry import detect_warmup, steady_median  # noqa: E402
+
+TAG = "time/step_ms"
+
+
+def read_step_ms(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(steps, step_ms) from the run's TensorBoard events, sorted by step."""
+    tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    if TAG not in acc.Tags()["scalars"]:
+        sys.exit(f"error: {tb} has no {TAG!r} scalars; give a train.py output folder.")
+    events = sorted(acc.Scalars(TAG), key=lambda e: e.step)
+    return [e.step for e in events], [e.value for e in events]
+
+
+def plot(runs: list[tuple[str, list[int], list[float]]], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    for label, steps, ms in runs:
+        warmup = detect_warmup(ms)
+        steady = steady_median(ms, warmup)
+        (line,) = ax.plot(steps, ms, marker=".", linewidth=1, label=f"{label} (warm-up {warmup})")
+        color = line.get_color()
+        if warmup:
+            ax.scatter(steps[:warmup], ms[:warmup], s=90, facecolors="none", edgecolors=color)
+        if steady:
+            ax.axhline(steady, color=color, linestyle="--", linewidth=1)
+            ax.annotate(
+                f"steady median {steady:.0f} ms",
+                (steps[-1], steady),
+                textcoords="offset points",
+                xytext=(-4, 4),
+                ha="right",
+                color=color,
+                fontsize=8,
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("step time (ms, log)")
+    ax.set_title("Step time; hollow circles: warm-up (compile) steps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--labels", nargs="*", help="one legend label per run (default: names)")
+    args = parser.parse_args(argv)
+    labels = args.labels or [p.resolve().name for p in args.runs]
+    if len(labels) != len(args.runs):
+        parser.error(f"{len(labels)} labels for {len(args.runs)} runs")
+    plot([(lab, *read_step_ms(p)) for lab, p in zip(labels, args.runs, strict=True)], args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
