@@ -42,12 +42,46 @@ class Device:
         elif self.type == "npu":
             torch.npu.synchronize()
 
-    def autocast(self, enabled: bool):
-        """Mixed precision for the network: bf16 on cpu, fp16 on cuda and npu."""
+    def amp_dtype(self, name: str | None = None) -> torch.dtype:
+        """Autocast dtype: `name` (bf16 | fp16), or the device's default (cpu bf16, else fp16)."""
+        if name is None:
+            return torch.bfloat16 if self.type == "cpu" else torch.float16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+    def autocast(self, enabled: bool, dtype: str | None = None):
+        """Mixed precision for the network (the fixed loss stays fp32: see engine.py)."""
         if not enabled:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.type == "cpu" else torch.float16
-        return torch.autocast(self.type, dtype=dtype)
+        return torch.autocast(self.type, dtype=self.amp_dtype(dtype))
+
+    def grad_scaler(self, enabled: bool, dtype: str | None = None):
+        """A GradScaler where the autocast dtype needs one (fp16), else None.
+
+        fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        On the NPU the scaler is torch_npu's own (`torch_npu.npu.amp.GradScaler`).
+        """
+        if not enabled or self.amp_dtype(dtype) != torch.float16:
+            return None
+        if self.type == "npu":
+            return import_torch_npu().npu.amp.GradScaler()
+        return torch.amp.GradScaler(self.type)
+
+    def profiler(self, out_dir: str, steps: int):
+        """A profiler over `steps` steps (after 1 wait + 1 warm-up step) writing a trace that
+        TensorBoard's profiler plugin reads: torch_npu.profiler on npu, torch.profiler else.
+        Call `.step()` after every training step."""
+        prof_mod = import_torch_npu().profiler if self.type == "npu" else torch.profiler
+        activities = [prof_mod.ProfilerActivity.CPU]
+        if self.type == "cuda":
+            activities.append(prof_mod.ProfilerActivity.CUDA)
+        elif self.type == "npu":
+            activities.append(prof_mod.ProfilerActivity.NPU)
+        return prof_mod.profile(
+            activities=activities,
+            schedule=prof_mod.schedule(wait=1, warmup=1, active=steps, repeat=1),
+            on_trace_ready=prof_mod.tensorboard_trace_handler(out_dir),
+            record_shapes=True,
+        )
 
     @property
     def dist_backend(self) -> str:
