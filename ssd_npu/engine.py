@@ -39,6 +39,7 @@ def make_fixed_step(
     compile_options: dict | None = None,
     network: Callable | None = None,
     world: World | None = None,
+    amp_dtype: str | None = None,
 ) -> StepFn:
     """Loss of one FixedBatch: network (optionally autocast) + fixed_ssd_loss in fp32.
 
@@ -55,7 +56,7 @@ def make_fixed_step(
     distributed = world is not None and world.distributed
 
     def losses(images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor) -> dict[str, Tensor]:
-        with device.autocast(amp):
+        with device.autocast(amp, amp_dtype):
             cls_logits, bbox_regression = network(images)
         # The loss runs in the anchors' precision (fp32) whatever autocast gave the network.
         dtype = model.anchors.dtype
@@ -91,6 +92,7 @@ def make_dynamic_step(
     compile_options: dict | None = None,
     network: Callable | None = None,
     world: World | None = None,
+    amp_dtype: str | None = None,
 ) -> StepFn:
     """torchvision's unmodified path: `detector(list_of_images, targets)` -> its loss dict.
 
@@ -101,7 +103,7 @@ def make_dynamic_step(
     fn = compile_fn(detector, backend, **(compile_options or {})) if compile else detector
 
     def step(batch) -> dict[str, Tensor]:
-        with device.autocast(amp):
+        with device.autocast(amp, amp_dtype):
             return fn(batch.images, batch.targets)
 
     step.compiled = fn if compile else None
