@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import ListConfig
 
 from ssd_npu.errors import UserError
 
@@ -102,7 +103,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     canvas: list[int] = field(default_factory=lambda: [320, 320])  # [H, W] pixels
-    max_boxes: int = 32
+    # one int, or sorted distinct ints: box-count buckets (ssd_npu/data/buckets.py)
+    max_boxes: Any = 32
     fit: str = "stretch"  # stretch | letterbox | pad
     pad_value: float = 0.0  # fill for letterbox/pad, in [0, 1] image units
     shape: str = "fixed"  # fixed | dynamic
@@ -142,6 +144,30 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}.")
 
 
+def _check_max_boxes(cfg: Any) -> None:
+    value = cfg.max_boxes
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if (
+        not items
+        or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in items)
+        or items != sorted(set(items))
+    ):
+        shown = (
+            f"[{','.join(map(str, items))}]"
+            if isinstance(value, (list, tuple, ListConfig))
+            else value
+        )
+        raise ConfigError(
+            f"max_boxes={shown} is not valid; give an integer >= 1 (max_boxes=32) or box-count "
+            "buckets as a sorted list of distinct integers >= 1 (max_boxes=[16,32,64])."
+        )
+    if len(items) > 1 and cfg.compiler.fail_on_recompile:
+        raise ConfigError(
+            f"compiler.fail_on_recompile=true with max_boxes={items}: every bucket compiles its "
+            "own graph on its first batch; use one max_boxes or compiler.fail_on_recompile=false."
+        )
+
+
 def validate(cfg: Any) -> None:
     """Check values Hydra's types cannot; raise ConfigError naming the key."""
     _one_of("device", cfg.device.name, DEVICES)
@@ -159,8 +185,8 @@ def validate(cfg: Any) -> None:
             f"canvas={canvas} is not valid; give two integers [H,W], each >= {MIN_CANVAS} and "
             f"divisible by {CANVAS_DIVISOR} (the backbone's total stride), e.g. canvas=[320,320]."
         )
+    _check_max_boxes(cfg)
     positive = {
-        "max_boxes": cfg.max_boxes,
         "batch_size": cfg.batch_size,
         "epochs": cfg.epochs,
         "data.num_classes": cfg.data.num_classes - 1,

@@ -220,13 +220,23 @@ class FixedBatch:
         )
 
 
-def collate_fixed(samples: list[dict[str, Any]]) -> FixedBatch:
-    """Stack FixSample outputs into a FixedBatch."""
+def collate_fixed(samples: list[dict[str, Any]], buckets: Any = None) -> FixedBatch:
+    """Stack FixSample outputs into a FixedBatch.
+
+    buckets: sorted box-count buckets (FixSample padded to the largest); the target rows are cut
+    to the smallest bucket holding the batch's largest valid count, so M only takes bucket
+    values. Valid rows come first (pad_targets), so the cut removes padding only.
+    """
+    valid = torch.stack([s["valid"] for s in samples])
+    m = valid.shape[1]
+    if buckets:
+        most = int(valid.sum(1).max())
+        m = next((b for b in buckets if b >= most), m)
     return FixedBatch(
         images=torch.stack([s["image"] for s in samples]),
-        boxes=torch.stack([s["boxes"] for s in samples]),
-        labels=torch.stack([s["labels"] for s in samples]),
-        valid=torch.stack([s["valid"] for s in samples]),
+        boxes=torch.stack([s["boxes"][:m] for s in samples]),
+        labels=torch.stack([s["labels"][:m] for s in samples]),
+        valid=valid[:, :m],
         image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
         orig_sizes=torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
         content_sizes=torch.tensor([s["content_size"] for s in samples], dtype=torch.int64),

@@ -9,6 +9,7 @@ a counter kept inside (persistent) workers would depend on which worker saw whic
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ssd_npu.data.buckets import BucketBatchSampler, bucket_sizes
 from ssd_npu.data.coco import CocoDetectionDataset, check_num_classes
 from ssd_npu.data.fixed_shape import (
     FixSample,
@@ -24,6 +26,7 @@ from ssd_npu.data.fixed_shape import (
     sample_seed,
     to_dynamic_sample,
 )
+from ssd_npu.data.report import box_table
 from ssd_npu.data.synthetic import ensure_synthetic_coco
 from ssd_npu.data.transforms import train_augmentation
 from ssd_npu.errors import DataError
@@ -137,6 +140,27 @@ def resolve_data_root(cfg: Any) -> Path:
     return root
 
 
+def _bucket_batches(
+    cfg: Any, train_ds: CocoDetectionDataset, sizes: tuple[int, ...], distributed: bool
+) -> BucketBatchSampler:
+    """Box-count bucket batches for max_boxes=[...], from the annotation counts (no decoding)."""
+    world, rank = (
+        (torch.distributed.get_world_size(), torch.distributed.get_rank())
+        if distributed
+        else (1, 0)
+    )
+    counts = box_table(train_ds.coco, train_ds.ids).counts
+    batches = BucketBatchSampler(
+        counts, sizes, int(cfg.batch_size), int(cfg.seed), SampleKey, world, rank
+    )
+    if len(batches) == 0:
+        raise DataError(
+            f"max_boxes={list(sizes)}: no bucket of {train_ds.ann_file} holds a full batch of "
+            f"{cfg.batch_size * world} images; lower batch_size or use fewer buckets."
+        )
+    return batches
+
+
 def build_loaders(
     cfg: Any, data_root: Path, shape: str, distributed: bool = False
 ) -> tuple[DataLoader, DataLoader, CocoDetectionDataset, CocoDetectionDataset]:
@@ -147,6 +171,9 @@ def build_loaders(
     image_ids are -1). shape="dynamic": DynamicBatch; val's last batch may be smaller.
     distributed: DistributedSampler for train (drop_last, seed=cfg.seed; the epoch is set
     automatically on every pass); val is not sharded (each rank sees the whole val set).
+    max_boxes=[...] (buckets, fixed only): train batches come from `BucketBatchSampler` (one
+    bucket per batch, `loader.batch_sampler` keeps the epoch and `skip_next`) and every batch's
+    M is cut to its bucket; val batches too (in order, so their M is any bucket value).
     """
     if shape not in ("fixed", "dynamic"):
         raise ValueError(f"shape={shape!r}; choose fixed or dynamic")
@@ -155,9 +182,11 @@ def build_loaders(
     val_ds = CocoDetectionDataset(data_root, cfg.data.val_split, on_bad_image=on_bad)
     check_num_classes(train_ds, cfg.data.num_classes)
     check_num_classes(val_ds, cfg.data.num_classes)
+    sizes = bucket_sizes(cfg.max_boxes)
     if shape == "fixed":
-        finish = FixSample(cfg.canvas, cfg.max_boxes, cfg.fit, cfg.pad_value, cfg.seed)
-        collate = collate_fixed
+        # buckets: samples are padded to the largest, each batch cut to its bucket on collate
+        finish = FixSample(cfg.canvas, sizes[-1], cfg.fit, cfg.pad_value, cfg.seed)
+        collate = partial(collate_fixed, buckets=sizes) if len(sizes) > 1 else collate_fixed
     else:
         finish, collate = to_dynamic_sample, collate_dynamic
     augment = train_augmentation() if cfg.augment else None
@@ -184,14 +213,22 @@ def build_loaders(
         "worker_init_fn": _worker_init,
         "collate_fn": collate,
     }
-    train_loader = DataLoader(
-        train_set,
-        batch_size=bs,
-        sampler=EpochSampler(inner),
-        drop_last=True,
-        generator=gen,
-        **common,
-    )
+    if shape == "fixed" and len(sizes) > 1:
+        train_loader = DataLoader(
+            train_set,
+            batch_sampler=_bucket_batches(cfg, train_ds, sizes, distributed),
+            generator=gen,
+            **common,
+        )
+    else:
+        train_loader = DataLoader(
+            train_set,
+            batch_size=bs,
+            sampler=EpochSampler(inner),
+            drop_last=True,
+            generator=gen,
+            **common,
+        )
     if shape == "fixed":
         val_sampler: Sampler = PaddedSequentialSampler(len(val_set), bs)
     else:

@@ -1,0 +1,162 @@
+"""Box-count buckets (max_boxes=[...]): config, sampler, device-side shapes, loss, resume, compile."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torchvision.models.detection._utils import BoxCoder
+
+from ssd_npu.compiler import reset
+from ssd_npu.config import ConfigError, validate
+from ssd_npu.data.buckets import BucketBatchSampler, bucket_index
+from ssd_npu.loss import fixed_ssd_loss
+from ssd_npu.model import build_detector, canvas_anchors
+from ssd_npu.train import build_training, run
+from tests.test_checkpoint import losses
+from tests.test_loss import torchvision_loss
+from tests.test_train import REPO, tiny_cfg
+
+# The tiny set's box counts are [17 3 4 2 13 0 16 1 3 3 4 2]: 9 images in bucket 4, 3 in 32.
+BUCKETS = "max_boxes=[4,8,32]"
+FAST = ("canvas=[128,128]", BUCKETS, "eval=false")
+
+
+def make_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_config_takes_an_int_or_sorted_buckets():
+    assert make_cfg("max_boxes=50").max_boxes == 50
+    cfg = make_cfg("max_boxes=[16,32,64]")
+    validate(cfg)
+    assert list(cfg.max_boxes) == [16, 32, 64]
+    for bad in (
+        "max_boxes=[32,16]",
+        "max_boxes=[8,8]",
+        "max_boxes=[0,8]",
+        "max_boxes=[]",
+        "max_boxes=abc",
+        "max_boxes=[8,true]",
+    ):
+        with pytest.raises(ConfigError, match=r"^max_boxes=.* is not valid"):
+            validate(make_cfg(bad))
+    with pytest.raises(ConfigError, match="compiler.fail_on_recompile"):
+        validate(make_cfg("max_boxes=[8,16]", "compiler.fail_on_recompile=true"))
+
+
+def test_sampler_batches_are_full_single_bucket_and_seeded():
+    counts = np.array([0, 1, 5, 9, 30, 2, 6, 7, 100, 3, 4, 8, 40, 41, 1])
+    sizes = (4, 8, 64)
+    bucket = bucket_index(counts, sizes)
+    assert bucket.tolist() == [0, 0, 1, 2, 2, 0, 1, 1, 2, 0, 0, 1, 2, 2, 0]  # 100 -> largest
+    s = BucketBatchSampler(counts, sizes, batch_size=2, seed=3)
+    epoch0 = list(s)
+    assert len(epoch0) == len(s) == 3 + 2 + 2  # 6, 4 and 5 images: drop_last per bucket
+    for batch in epoch0:
+        assert len(batch) == 2 and len({bucket[i] for i, _ in batch}) == 1
+        assert all(epoch == 0 for _, epoch in batch)
+    epoch1 = list(s)
+    assert epoch1 != epoch0  # reshuffled per epoch
+    again = BucketBatchSampler(counts, sizes, batch_size=2, seed=3)
+    assert list(again) == epoch0  # a function of (seed, epoch) alone
+    again.set_epoch(1)
+    again.skip_next(3 * 2)  # resume after 3 batches: the rest of the same epoch
+    assert list(again) == epoch1[3:]
+
+
+def test_ranks_share_the_bucket_of_each_step():
+    counts = np.array([1] * 9 + [20] * 7)
+    ranks = [BucketBatchSampler(counts, (4, 32), 2, 0, num_replicas=2, rank=r) for r in (0, 1)]
+    steps = list(zip(*ranks, strict=True))
+    assert len(steps) == 2 + 1
+    seen = [i for step in steps for batch in step for i, _ in batch]
+    assert len(seen) == len(set(seen))  # disjoint across ranks
+    for a, b in steps:
+        assert len({counts[i] for i, _ in a + b}) == 1
+
+
+def test_device_shapes_only_take_bucket_values(tiny_coco, tmp_path):
+    t = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST))
+    assert t.train_loader.batch_sampler.batches_per_bucket == {4: 4, 8: 0, 32: 1}
+    seen = set()
+    for _ in range(2):  # two epochs
+        for batch in t.train_loader:
+            m = batch.boxes.shape[1]
+            most = int(batch.valid.sum(1).max())
+            assert m == min(b for b in (4, 8, 32) if b >= most)  # smallest bucket that holds it
+            assert batch.images.shape == (2, 3, 128, 128)
+            assert batch.labels.shape == batch.valid.shape == (2, m)
+            assert not batch.labels[~batch.valid].any()  # the cut removed padding only
+            seen.add(m)
+    assert seen <= {4, 8, 32} and len(seen) >= 2
+    for batch in t.val_loader:
+        assert batch.boxes.shape[1] in (4, 8, 32)
+
+
+def test_loss_equals_torchvision_for_each_bucket(tiny_coco, tmp_path):
+    t = build_training(tiny_cfg(tiny_coco, tmp_path, "canvas=[320,320]", BUCKETS, "augment=false"))
+    detector = build_detector(6, (320, 320))
+    anchors = canvas_anchors(detector, (320, 320))
+    g = torch.Generator().manual_seed(0)
+    done = set()
+    for batch in t.train_loader:
+        m = batch.boxes.shape[1]
+        cls_logits = torch.randn(2, anchors.shape[0], 6, generator=g) * 3
+        bbox_regression = torch.randn(2, anchors.shape[0], 4, generator=g)
+        ours = fixed_ssd_loss(
+            cls_logits,
+            bbox_regression,
+            anchors,
+            batch.boxes,
+            batch.labels,
+            batch.valid,
+            BoxCoder((10.0, 10.0, 5.0, 5.0)),
+        )
+        targets = [
+            {"boxes": b[v], "labels": lab[v]}
+            for b, lab, v in zip(batch.boxes, batch.labels, batch.valid, strict=True)
+        ]
+        ref, _ = torchvision_loss(detector, anchors, cls_logits, bbox_regression, targets)
+        for key in ref:
+            torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-6)
+        done.add(m)
+    assert done == {4, 32}  # no augmentation: the annotation buckets exactly
+
+
+def test_summary_counts_batches_and_resume_keeps_the_bucket_order(tiny_coco, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    summary = run(tiny_cfg(tiny_coco, straight, *FAST, "max_steps=7"))
+    buckets = json.loads((straight / "summary.json").read_text())["buckets"]
+    assert buckets == summary["buckets"] and buckets["sizes"] == [4, 8, 32]
+    assert sum(buckets["batches"].values()) == 7 and buckets["graphs"] is None
+    assert summary["max_boxes"] == [4, 8, 32]
+    run(tiny_cfg(tiny_coco, split, *FAST, "max_steps=3"))
+    run(tiny_cfg(tiny_coco, split, *FAST, "max_steps=7", "resume=auto"))
+    expected, got = losses(straight), losses(split)
+    # steps 4-7 cross the epoch boundary (5 batches per epoch): same batches, same losses
+    for step in range(4, 8):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+@pytest.mark.slow
+def test_compiled_graphs_never_exceed_the_buckets(tiny_coco, tmp_path):
+    reset()
+    cfg = tiny_cfg(
+        tiny_coco,
+        tmp_path,
+        "canvas=[128,128]",
+        "max_boxes=[4,32]",
+        "eval=false",
+        "compile=true",
+        "max_steps=5",
+    )
+    summary = run(cfg)
+    buckets = summary["buckets"]
+    used = [m for m, n in buckets["batches"].items() if n]
+    assert len(used) == 2  # both shapes really ran
+    assert summary["graphs_compiled"] <= 2
+    assert sum(buckets["graphs"].values()) == summary["graphs_compiled"]
+    assert all(buckets["graphs"][m] <= 1 for m in used)
