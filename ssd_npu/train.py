@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from omegaconf import OmegaConf
 
-from ssd_npu.build import Training, build_training
 from ssd_npu.checkpoint import (
     checkpoint_path,
     find_resume,
@@ -21,12 +23,90 @@ from ssd_npu.checkpoint import (
     set_rng_state,
 )
 from ssd_npu.compiler import graphs_compiled
+from ssd_npu.config import validate
 from ssd_npu.data.buckets import BucketCounter, bucket_sizes
-from ssd_npu.engine import NonFiniteLoss, Progress, train_loop
+from ssd_npu.data.coco import check_num_classes
+from ssd_npu.data.loader import build_loaders, resolve_data_root
+from ssd_npu.device import Device, resolve_device
+from ssd_npu.engine import NonFiniteLoss, Progress, make_dynamic_step, make_fixed_step, train_loop
 from ssd_npu.errors import Interrupted
 from ssd_npu.evaluate import evaluate_dynamic, evaluate_fixed
 from ssd_npu.interrupt import StopOnSignal
+from ssd_npu.model import FixedSSD, build_detector, load_weights
+from ssd_npu.optim import build_optimizer, build_scheduler
 from ssd_npu.telemetry import Telemetry
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Training:
+    """Everything a training run needs, built from the config (see `build_training`)."""
+
+    device: Device
+    model: FixedSSD
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step_fn: Any
+    train_loader: Any
+    val_loader: Any
+    train_set: Any
+    val_set: Any
+    data_root: Path
+    total_steps: int
+
+
+def build_training(cfg) -> Training:
+    """Validate the config and build device, data, model, optimizer and step function.
+
+    Shared by train.py, the shape audit and the benchmark, so they run exactly the same
+    pipeline for the same overrides.
+    """
+    validate(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device.name, cfg.device.index, cfg.device.jit_compile)
+    data_root = resolve_data_root(cfg)
+    train_loader, val_loader, train_set, val_set = build_loaders(cfg, data_root, cfg.shape)
+    check_num_classes(train_set, cfg.data.num_classes)
+
+    canvas = (int(cfg.canvas[0]), int(cfg.canvas[1]))
+    detector = build_detector(cfg.data.num_classes, canvas)
+    if cfg.weights:
+        load_weights(detector, cfg.weights)
+    model = FixedSSD(detector, canvas).to(device.torch)
+    model.train()
+
+    # The schedule spans the configured epochs; max_steps only stops early (a smoke run
+    # sees the start of the real schedule, and a resumed run the same learning rates).
+    schedule_steps = cfg.epochs * len(train_loader)
+    total_steps = min(schedule_steps, cfg.max_steps or schedule_steps)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.batch_size)
+    scheduler = build_scheduler(optimizer, cfg.optim, schedule_steps)
+    make_step = make_fixed_step if cfg.shape == "fixed" else make_dynamic_step
+    compiler = cfg.compiler
+    options = {
+        "fail_on_recompile": compiler.fail_on_recompile,
+        "recompile_limit": compiler.recompile_limit,
+    }
+    backend = compiler.backend or device.compile_backend
+    step_fn = make_step(model, device, cfg.amp, cfg.compile, backend, options)
+    return Training(
+        device,
+        model,
+        optimizer,
+        scheduler,
+        step_fn,
+        train_loader,
+        val_loader,
+        train_set,
+        val_set,
+        data_root,
+        total_steps,
+    )
 
 
 def evaluate(t: Training, cfg) -> dict[str, Any]:
