@@ -111,6 +111,7 @@ def compile_fn(
     backend: str,
     fail_on_recompile: bool = False,
     recompile_limit: int | None = None,
+    fail_on_limit: bool = False,
 ) -> CompiledStep:
     """`fn` compiled once per input shape (`dynamic=False`) with the device's backend."""
-    return CompiledStep(fn, backend, fail_on_recompile, recompile_limit)
+    return CompiledStep(fn, backend, fail_on_recompile, recompile_limit, fail_on_limit)

@@ -1,0 +1,213 @@
+"""Benchmark: torchvision's dynamic path vs the fixed-shape path, eager and compiled.
+
+Usage:
+    python scripts/bench.py [bench.steps=30] [bench.out=PATH] [any train.py override:
+        device=cpu canvas=[H,W] batch_size=8 num_workers=2 seed=0 ...]
+
+One invocation runs five variants one after another in this process, each on the same data,
+batch size and seed (each builds its pipeline afresh with `build_training`, so each sees the
+same batches in the same order), each driven by `train_loop` for `bench.steps` steps:
+
+    tv_eager        shape=dynamic compile=false: torchvision's model(images, targets)
+    fixed_eager     shape=fixed   compile=false
+    floor           the bare backbone + head forward, backward and optimizer step on one
+                    batch kept on the device: no loss (a plain mean), no data loading
+    fixed_compiled  shape=fixed   compile=true (one graph; the first step is the compile)
+    tv_compiled     shape=dynamic compile=true, bounded: stops at dynamo's recompile limit
+                    (compiler.recompile_limit, torch's default 8) or after bench.steps
+
+Dynamo is reset between variants. Each variant's TensorBoard events go to <out_dir>/<variant>/
+(for scripts/plot_steptime.py). Prints a markdown table and writes bench.json (bench.out, or
+<out_dir>/bench.json): {"runs": {variant: {...}}, "machine": {...}}. Times in ms; steady =
+median after warm-up (`detect_warmup`); data_wait_pct = steady data wait / steady step time.
+peak_rss_mb is the main process's peak resident memory during the variant (Linux VmHWM, reset
+before each variant; DataLoader workers not included).
+"""
+
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from ssd_npu.config import register_configs  # noqa: E402
+from ssd_npu.errors import UserError  # noqa: E402
+
+register_configs()
+
+VARIANTS = {  # name: (shape, compile)
+    "tv_eager": ("dynamic", False),
+    "fixed_eager": ("fixed", False),
+    "floor": ("fixed", False),
+    "fixed_compiled": ("fixed", True),
+    "tv_compiled": ("dynamic", True),
+}
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so each variant gets its own peak."""
+    with contextlib.suppress(OSError):  # not Linux: peak_rss_mb falls back to ru_maxrss
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    import resource  # not Linux: the process-wide peak, never reset
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def floor_step(model):
+    """Backbone + head only; the outputs' mean is the scalar to differentiate (no loss).
+
+    A mean, not a sum: a sum's gradients are large enough that SGD drives the weights towards
+    huge or denormal values within a few steps, and denormal arithmetic is slow on a CPU.
+    """
+
+    def step(batch):
+        cls_logits, bbox_regression = model(batch.images)
+        return {"floor": cls_logits.mean() + bbox_regression.mean()}
+
+    return step
+
+
+def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
+    from ssd_npu.compiler import reset
+    from ssd_npu.engine import make_dynamic_step, train_loop
+    from ssd_npu.telemetry import Telemetry, detect_warmup, steady_median
+    from ssd_npu.train import build_training
+
+    shape, compile = VARIANTS[name]
+    steps = int(base.bench.steps)
+    cfg = copy.deepcopy(base)
+    with open_dict(cfg):
+        cfg.shape, cfg.compile, cfg.max_steps, cfg.eval = shape, compile, steps, False
+    reset()
+    t = build_training(cfg)
+    if cfg.epochs * len(t.train_loader) < steps:  # a small data set: enough epochs for the steps
+        cfg.epochs = math.ceil(steps / len(t.train_loader))
+        t = build_training(cfg)
+    step_fn, loader = t.step_fn, t.train_loader
+    if name == "floor":
+        step_fn = floor_step(t.model)
+        loader = [next(iter(t.train_loader)).to(t.device.torch)] * steps
+    if name == "tv_compiled":
+        # bounded: dynamo raises at its recompile limit instead of falling back to eager
+        options = {"recompile_limit": cfg.compiler.recompile_limit, "fail_on_limit": True}
+        backend = cfg.compiler.backend or t.device.compile_backend
+        step_fn = make_dynamic_step(t.model, t.device, cfg.amp, True, backend, options)
+    telemetry = Telemetry(out_dir / name, steps)
+    stopped = "steps"
+    reset_peak_rss()
+    try:
+        train_loop(
+            step_fn, t.optimizer, t.scheduler, loader, t.device, telemetry, cfg.epochs, steps,
+            count_graphs=compile,
+        )  # fmt: skip
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        stopped = "recompile limit"
+    finally:
+        telemetry.close()
+    step_ms, data_ms = telemetry.step_ms, telemetry.data_ms
+    warmup = detect_warmup(step_ms)
+    steady = steady_median(step_ms, warmup)
+    steady_steps = step_ms[warmup:] or step_ms
+    compiled = getattr(step_fn, "compiled", None)
+    return {
+        "steps": len(step_ms),
+        "stopped_by": stopped,
+        "graphs_compiled": compiled.graphs if compiled else None,
+        "recompiles": compiled.recompiles if compiled else 0,
+        "graphs_per_step": compiled.graphs_per_call if compiled else None,
+        "warmup_steps": warmup,
+        "first_step_ms": step_ms[0] if step_ms else None,
+        "steady_step_ms": steady,
+        "p90_over_median": _p90(steady_steps) / steady if steady else None,
+        "images_per_s": cfg.batch_size * 1000.0 / steady if steady else None,
+        "data_wait_pct": 100.0 * sum(data_ms[warmup:] or data_ms) / sum(steady_steps)
+        if steady_steps
+        else None,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _p90(values: list[float]) -> float:
+    return (
+        statistics.quantiles(values, n=10, method="inclusive")[-1] if len(values) > 1 else values[0]
+    )
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_avg_start": list(os.getloadavg()),
+    }
+
+
+def table(runs: dict) -> str:
+    cols = [
+        "graphs_compiled", "recompiles", "warmup_steps", "first_step_ms", "steady_step_ms",
+        "p90_over_median", "images_per_s", "data_wait_pct", "peak_rss_mb", "vs_tv_eager",
+        "vs_floor",
+    ]  # fmt: skip
+
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| run | steps | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for name, r in runs.items():
+        lines.append(
+            f"| {name} | {r['steps']} | " + " | ".join(cell(r.get(c)) for c in cols) + " |"
+        )
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.out_dir is None:
+        cfg.out_dir = HydraConfig.get().runtime.output_dir
+    out_dir = Path(cfg.out_dir)
+    info = machine()
+    runs = {}
+    try:
+        for name in VARIANTS:
+            print(f"bench: {name} ...", flush=True)
+            runs[name] = run_variant(name, cfg, out_dir)
+            print(json.dumps({name: runs[name]}), flush=True)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    info["load_avg_end"] = list(os.getloadavg())
+    for r in runs.values():
+        r["vs_tv_eager"] = r["steady_step_ms"] / runs["tv_eager"]["steady_step_ms"]
+        r["vs_floor"] = r["steady_step_ms"] / runs["floor"]["steady_step_ms"]
+    path = Path(cfg.bench.out or out_dir / "bench.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs, "machine": info}, indent=2))
+    print(table(runs))
+    print(f"\nbench.json: {path}")
+
+
+if __name__ == "__main__":
+    main()
