@@ -132,3 +132,13 @@ def test_cli_writes_the_json(tiny_coco, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "recommendation:" in proc.stdout
     assert json.loads(out.read_text())["images"] == 12
+
+
+def test_pngs_when_matplotlib_is_installed(tiny_coco, tmp_path):
+    pytest.importorskip("matplotlib")
+    from ssd_npu.data.report import save_pngs
+
+    ann = tiny_coco / "annotations" / "instances_train2017.json"
+    pngs = save_pngs(ann, data_report(ann, (128, 128), num_classes=6), tmp_path)
+    assert [p.name for p in pngs] == ["boxes_per_image.png", "aspect_ratio.png", "box_size.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
