@@ -19,6 +19,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from ssd_npu.distributed import shutdown
     from ssd_npu.train import run
 
     if cfg.out_dir is None:
@@ -28,6 +29,8 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    finally:
+        shutdown()  # leave torchrun's process group cleanly
 
 
 if __name__ == "__main__":

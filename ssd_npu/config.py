@@ -21,6 +21,7 @@ FITS = ("stretch", "letterbox", "pad")
 SHAPES = ("fixed", "dynamic")
 DATASETS = ("synthetic", "coco")
 ON_BAD_IMAGE = ("fail", "skip")
+AMP_DTYPES = ("bf16", "fp16")
 # The SSDLite backbone halves the resolution five times before its extra blocks; the canvas
 # must be divisible by 32 so every feature map (and so the anchor grid) has integer size.
 CANVAS_DIVISOR = 32
@@ -115,6 +116,9 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     amp: bool = False
+    amp_dtype: str | None = None  # bf16 | fp16; None: bf16 on cpu, fp16 on cuda/npu
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
+    profile_steps: int = 0  # >0: profiler trace of that many steps into <run>/profile
     augment: bool = True
     weights: str | None = None
     log_every: int = 1
@@ -210,6 +214,10 @@ def validate(cfg: Any) -> None:
         )
     if cfg.eval_only and not cfg.weights:
         raise ConfigError("eval_only=true needs weights=PATH, the checkpoint to evaluate.")
+    if cfg.amp_dtype is not None:
+        _one_of("amp_dtype", cfg.amp_dtype, AMP_DTYPES)
+    if cfg.profile_steps < 0:
+        raise ConfigError(f"profile_steps={cfg.profile_steps} is not valid; it must be >= 0.")
     if cfg.num_workers < 0:
         raise ConfigError(f"num_workers={cfg.num_workers} is not valid; it must be >= 0.")
     if not 0.0 <= cfg.pad_value <= 1.0:

@@ -57,6 +57,18 @@ def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
     return out
 
 
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: Device) -> bool:
+    """True if `flag` is True on any rank (a no-op in a world of one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    return bool(all_reduce(torch.tensor([float(flag)], device=device.torch), op="max").item())
+
+
 class CrossRankBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batch of every rank.
 

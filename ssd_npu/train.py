@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import random
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import OmegaConf
 
+from ssd_npu import distributed
+from ssd_npu.build import Training, build_training
 from ssd_npu.checkpoint import (
     checkpoint_path,
     find_resume,
@@ -23,90 +23,12 @@ from ssd_npu.checkpoint import (
     set_rng_state,
 )
 from ssd_npu.compiler import graphs_compiled
-from ssd_npu.config import validate
 from ssd_npu.data.buckets import BucketCounter, bucket_sizes
-from ssd_npu.data.coco import check_num_classes
-from ssd_npu.data.loader import build_loaders, resolve_data_root
-from ssd_npu.device import Device, resolve_device
-from ssd_npu.engine import NonFiniteLoss, Progress, make_dynamic_step, make_fixed_step, train_loop
+from ssd_npu.engine import NonFiniteLoss, Progress, train_loop
 from ssd_npu.errors import Interrupted
 from ssd_npu.evaluate import evaluate_dynamic, evaluate_fixed
 from ssd_npu.interrupt import StopOnSignal
-from ssd_npu.model import FixedSSD, build_detector, load_weights
-from ssd_npu.optim import build_optimizer, build_scheduler
 from ssd_npu.telemetry import Telemetry
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Training:
-    """Everything a training run needs, built from the config (see `build_training`)."""
-
-    device: Device
-    model: FixedSSD
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    step_fn: Any
-    train_loader: Any
-    val_loader: Any
-    train_set: Any
-    val_set: Any
-    data_root: Path
-    total_steps: int
-
-
-def build_training(cfg) -> Training:
-    """Validate the config and build device, data, model, optimizer and step function.
-
-    Shared by train.py, the shape audit and the benchmark, so they run exactly the same
-    pipeline for the same overrides.
-    """
-    validate(cfg)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device.name, cfg.device.index, cfg.device.jit_compile)
-    data_root = resolve_data_root(cfg)
-    train_loader, val_loader, train_set, val_set = build_loaders(cfg, data_root, cfg.shape)
-    check_num_classes(train_set, cfg.data.num_classes)
-
-    canvas = (int(cfg.canvas[0]), int(cfg.canvas[1]))
-    detector = build_detector(cfg.data.num_classes, canvas)
-    if cfg.weights:
-        load_weights(detector, cfg.weights)
-    model = FixedSSD(detector, canvas).to(device.torch)
-    model.train()
-
-    # The schedule spans the configured epochs; max_steps only stops early (a smoke run
-    # sees the start of the real schedule, and a resumed run the same learning rates).
-    schedule_steps = cfg.epochs * len(train_loader)
-    total_steps = min(schedule_steps, cfg.max_steps or schedule_steps)
-    optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.batch_size)
-    scheduler = build_scheduler(optimizer, cfg.optim, schedule_steps)
-    make_step = make_fixed_step if cfg.shape == "fixed" else make_dynamic_step
-    compiler = cfg.compiler
-    options = {
-        "fail_on_recompile": compiler.fail_on_recompile,
-        "recompile_limit": compiler.recompile_limit,
-    }
-    backend = compiler.backend or device.compile_backend
-    step_fn = make_step(model, device, cfg.amp, cfg.compile, backend, options)
-    return Training(
-        device,
-        model,
-        optimizer,
-        scheduler,
-        step_fn,
-        train_loader,
-        val_loader,
-        train_set,
-        val_set,
-        data_root,
-        total_steps,
-    )
 
 
 def evaluate(t: Training, cfg) -> dict[str, Any]:
@@ -122,7 +44,7 @@ def training_state(t: Training, cfg, progress: Progress) -> dict[str, Any]:
         "model": t.model.state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "scheduler": t.scheduler.state_dict(),
-        "scaler": None,  # no gradient scaler in fp32 / bf16 training
+        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
         "progress": asdict(progress),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "rng": rng_state(),
@@ -134,6 +56,8 @@ def restore(t: Training, state: dict[str, Any]) -> Progress:
     t.model.load_state_dict(state["model"])
     t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
+    if t.scaler is not None and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return Progress(**state["progress"])
 
@@ -141,36 +65,56 @@ def restore(t: Training, state: dict[str, Any]) -> Progress:
 def run(cfg) -> dict[str, Any]:
     """Train (or only evaluate) as configured; return the summary, also in summary.json."""
     t = build_training(cfg)
+    main = t.world.is_main  # only rank 0 writes logs, summaries and checkpoints
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
+    say = print if main else (lambda *a, **k: None)
     progress = Progress()
     if cfg.resume:
         path = find_resume(cfg.resume, ckpt_dir)
         progress = restore(t, load_checkpoint(path))
-        print(f"ssd-npu: resumed from {path} at step {progress.step} (epoch {progress.epoch})")
-    print(
-        f"ssd-npu: device={t.device.torch} shape={cfg.shape} canvas={list(cfg.canvas)} "
-        f"max_boxes={cfg.max_boxes} fit={cfg.fit} batch={cfg.batch_size} steps={t.total_steps} "
+        say(f"ssd-npu: resumed from {path} at step {progress.step} (epoch {progress.epoch})")
+    say(
+        f"ssd-npu: device={t.device.torch} ranks={t.world.size} shape={cfg.shape} "
+        f"canvas={list(cfg.canvas)} max_boxes={cfg.max_boxes} fit={cfg.fit} "
+        f"batch={cfg.batch_size}x{t.world.size} steps={t.total_steps} "
         f"anchors={t.model.anchors.shape[0]} data={t.data_root} out={out_dir}"
     )
-    telemetry = Telemetry(out_dir, 0 if cfg.eval_only else t.total_steps - progress.step)
+    telemetry = Telemetry(
+        out_dir, 0 if cfg.eval_only else t.total_steps - progress.step, enabled=main
+    )
     evals: list[dict[str, Any]] = []
     saved: list[Path] = []
 
     def save(p: Progress) -> None:
-        saved.append(
-            save_checkpoint(training_state(t, cfg, p), ckpt_dir, p.step, cfg.keep_checkpoints)
-        )
+        if main:
+            state = training_state(t, cfg, p)
+            saved.append(save_checkpoint(state, ckpt_dir, p.step, cfg.keep_checkpoints))
+        else:
+            saved.append(checkpoint_path(ckpt_dir, p.step))
 
     def log_eval(step: int) -> None:
-        result = evaluate(t, cfg)
-        evals.append({"step": step, "mAP": result["mAP"], "mAP50": result["mAP50"]})
-        telemetry.log_scalars(step, {"eval/mAP": result["mAP"], "eval/mAP50": result["mAP50"]})
+        # Rank 0 evaluates the whole val set while the others wait (see README, DDP).
+        if main:
+            result = evaluate(t, cfg)
+            evals.append({"step": step, "mAP": result["mAP"], "mAP50": result["mAP50"]})
+            telemetry.log_scalars(step, {"eval/mAP": result["mAP"], "eval/mAP50": result["mAP50"]})
+        distributed.barrier()
+
+    profiler = None
+    if cfg.profile_steps and main and not cfg.eval_only:
+        profiler = t.device.profiler(str(out_dir / "profile"), cfg.profile_steps)
 
     def on_step_end(p: Progress) -> None:
+        if profiler is not None:
+            profiler.step()
         if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
             save(p)
+
+    def stop_requested() -> bool:
+        # Every rank must stop after the same step, or one would wait forever in a collective.
+        return bool(distributed.any_rank(stop.requested(), t.device))
 
     def on_epoch_end(p: Progress) -> None:
         if cfg.eval and cfg.eval_every and p.epoch % cfg.eval_every == 0 and p.epoch < cfg.epochs:
@@ -183,7 +127,7 @@ def run(cfg) -> dict[str, Any]:
     stop = StopOnSignal()
     try:
         if not cfg.eval_only:
-            with stop:
+            with stop, profiler or contextlib.nullcontext():
                 progress = train_loop(
                     step_fn,
                     t.optimizer,
@@ -197,7 +141,9 @@ def run(cfg) -> dict[str, Any]:
                     progress=progress,
                     on_step_end=on_step_end,
                     on_epoch_end=on_epoch_end,
-                    stop_requested=stop.requested,
+                    stop_requested=stop_requested,
+                    world=t.world,
+                    scaler=t.scaler,
                 )
             if not saved or saved[-1] != checkpoint_path(ckpt_dir, progress.step):
                 save(progress)
@@ -238,7 +184,7 @@ def run(cfg) -> dict[str, Any]:
             f"hydra.run.dir={out_dir} resume=auto",
             stop.signum,
         )
-    print(
+    say(
         json.dumps(
             {k: v for k, v in summary.items() if k != "eval"} | {"eval": evals[-1:]}, indent=2
         )
