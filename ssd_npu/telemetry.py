@@ -16,23 +16,33 @@ from tqdm import tqdm
 
 # A step counts as warm-up when it is slower than this many times the steady reference.
 WARMUP_FACTOR = 2.0
+# Normal steps allowed between two warm-up steps (compile, normal step, compile of a new shape).
+WARMUP_MAX_GAP = 1
 
 
-def detect_warmup(step_ms: list[float], factor: float = WARMUP_FACTOR) -> int:
+def detect_warmup(
+    step_ms: list[float], factor: float = WARMUP_FACTOR, max_gap: int = WARMUP_MAX_GAP
+) -> int:
     """Number of leading warm-up (compile) steps in a step-time series (ms).
 
     Rule: the reference is the median of the second half of the run (compiles are over
-    by then). Warm-up ends after the last step in the *first* half that is slower than
-    `factor` x reference, so a compile, a normal step and a second compile (a new shape)
-    are all warm-up, while a late spike (a recompile, a hiccup) is not. A one-step run
-    is all warm-up; a run with no slow early step has none.
+    by then). A step in the first half slower than `factor` x reference is slow. Warm-up is
+    the leading chain of slow steps, each at most `max_gap` normal steps after the previous
+    one: a compile, a normal step and a second compile (a new shape) are all warm-up, while
+    a spike after a run of normal steps (a hiccup on a shared host, a late recompile) is not.
+    A one-step run is all warm-up; a run with no slow first step(s) has none.
     """
     n = len(step_ms)
     if n <= 1:
         return n
     reference = statistics.median(step_ms[n // 2 :])
-    slow = [i for i in range(n - n // 2) if step_ms[i] > factor * reference]
-    return slow[-1] + 1 if slow else 0
+    warmup = 0
+    for i in range(n - n // 2):
+        if step_ms[i] > factor * reference:
+            if i - warmup > max_gap:
+                break
+            warmup = i + 1
+    return warmup
 
 
 def steady_median(step_ms: list[float], warmup: int) -> float | None:

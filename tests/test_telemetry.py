@@ -18,6 +18,9 @@ STEADY = [100.0, 104.0, 98.0, 101.0, 99.0, 103.0, 97.0, 102.0, 100.0, 101.0]
         (STEADY, 0),  # noise only: no warm-up
         ([130.0, 180.0, *STEADY], 0),  # slower but under 2x: not a compile
         ([*STEADY, 5_000.0], 0),  # a late spike (second half) is not warm-up
+        ([60_000.0, 100.0, 99.0, 5_000.0, *STEADY], 1),  # a hiccup after normal steps is not
+        ([100.0, 30_000.0, *STEADY], 2),  # the compile came one step late (a lazy backward)
+        ([100.0, 99.0, 30_000.0, *STEADY], 0),  # a spike after two normal steps: a hiccup
         ([250.0], 1),  # one step: all warm-up
         ([], 0),
     ],
