@@ -1,0 +1,185 @@
+"""The NPU seam, on a machine without an NPU.
+
+No Ascend hardware or CANN exists here, so the thinnest seam is faked: a `torch_npu`
+package on the path that does what the real one does at import (rename the privateuse1
+backend to "npu", register `torch.npu` with the functions our code calls) and records the
+calls. Everything above it (ssd_npu.device, distributed, engine) is the real code.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd_npu.device import import_torch_npu
+from ssd_npu.errors import DeviceError
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_TORCH_NPU = """
+import torch
+
+CALLS = []
+__version__ = torch.__version__.split("+")[0]
+
+
+class _Npu:
+    def is_available(self):
+        return True
+
+    def set_device(self, device):
+        CALLS.append(["set_device", str(device)])
+
+    def set_compile_mode(self, jit_compile):
+        CALLS.append(["set_compile_mode", jit_compile])
+
+    def synchronize(self, device=None):
+        CALLS.append(["synchronize"])
+
+    def get_amp_supported_dtype(self):
+        return [torch.float16, torch.bfloat16]
+
+    def is_autocast_enabled(self):
+        return True
+
+    def get_autocast_dtype(self):
+        return torch.float16
+
+
+class _Amp:
+    class GradScaler:
+        def __init__(self):
+            CALLS.append(["GradScaler"])
+
+
+class npu:  # torch_npu.npu
+    amp = _Amp
+
+
+torch.utils.rename_privateuse1_backend("npu")
+torch._register_device_module("npu", _Npu())
+"""
+
+SEAM_SCRIPT = """
+import json, os, sys
+import ssd_npu  # sets TORCH_DEVICE_BACKEND_AUTOLOAD=0 before torch
+import torch
+import torch.distributed as dist
+from ssd_npu import distributed
+from ssd_npu.device import resolve_device
+
+os.environ.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
+dev = resolve_device("npu", None, jit_compile=JIT)
+import torch_npu
+
+seen = {}
+dist.init_process_group = lambda backend, **kw: seen.setdefault("backend", backend)
+dist.is_initialized = lambda: "backend" in seen
+dist.get_rank = lambda group=None: 1
+dist.get_world_size = lambda group=None: 2
+world = distributed.init(dev)
+with dev.autocast(True):
+    autocast_device = torch.get_autocast_dtype("npu")
+dev.grad_scaler(True)
+dev.synchronize()
+print(json.dumps({
+    "calls": torch_npu.CALLS, "backend": seen["backend"], "world": [world.rank, world.size],
+    "device": str(dev.torch), "compile_backend": dev.compile_backend,
+    "autocast_dtype": str(autocast_device), "amp_dtype": str(dev.amp_dtype()),
+}))
+"""
+
+
+def fake_site(tmp_path: Path, init_source: str, entry_point: bool = False) -> Path:
+    site = tmp_path / "site"
+    (site / "torch_npu").mkdir(parents=True)
+    (site / "torch_npu" / "__init__.py").write_text(init_source)
+    if entry_point:  # what a pip-installed torch_npu registers: torch autoloads it
+        info = site / "torch_npu-2.14.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.14.1\n")
+        (info / "entry_points.txt").write_text(
+            "[torch.backends]\ndevice_backend = torch_npu:_autoload\n"
+        )
+    return site
+
+
+def run_python(site: Path, code: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{REPO}"
+    return subprocess.run(
+        [sys.executable, *(["-c", code] if code else []), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_npu_device_uses_torch_npu_as_documented(tmp_path, jit):
+    site = fake_site(tmp_path, FAKE_TORCH_NPU)
+    proc = run_python(site, SEAM_SCRIPT.replace("JIT", str(jit)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["calls"][:2] == [["set_device", "npu:1"], ["set_compile_mode", jit]]
+    assert ["GradScaler"] in seen["calls"] and ["synchronize"] in seen["calls"]
+    assert seen["backend"] == "hccl" and seen["world"] == [1, 2]
+    assert seen["device"] == "npu:1" and seen["compile_backend"] == "npu"
+    assert seen["autocast_dtype"] == "torch.float16" == seen["amp_dtype"]
+
+
+def test_installed_torch_npu_without_cann_does_not_break_cpu(tmp_path):
+    """torch autoloads an installed torch_npu on import; ssd_npu switches that off first."""
+    broken = 'raise ImportError("libhccl.so: cannot open shared object file: No such file")\n'
+    site = fake_site(tmp_path, broken, entry_point=True)
+    bare = run_python(site, "import torch")
+    assert bare.returncode != 0 and "libhccl.so" in bare.stderr  # the trap is real
+    ours = run_python(
+        site, "import ssd_npu; import torch; from ssd_npu.device import resolve_device; "
+        "print(resolve_device('cpu').torch)"
+    )  # fmt: skip
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert ours.stdout.strip() == "cpu"
+    cli = run_python(site, "", "train.py", "device=npu", f"hydra.run.dir={tmp_path / 'run'}")
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert "source /usr/local/Ascend/ascend-toolkit/set_env.sh" in cli.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "needles"),
+    [
+        (
+            'raise ImportError("libascendcl.so: cannot open shared object file")',
+            ["CANN", "set_env.sh"],
+        ),
+        ('__version__ = "2.9.0"', ["torch_npu 2.9.0 needs torch 2.9.0", "requirements-npu.txt"]),
+        (
+            'raise ImportError("undefined symbol: _ZN3c104cuda9SetDevice")',
+            ["CUDA build of torch", "CPU build", "requirements-npu.txt"],
+        ),
+    ],
+)
+def test_import_failures_say_what_to_do(tmp_path, monkeypatch, source, needles):
+    site = fake_site(tmp_path, textwrap.dedent(source) + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    if "CUDA" in needles[0]:
+        monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(DeviceError) as err:
+        import_torch_npu()
+    for needle in needles:
+        assert needle in str(err.value)
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+
+
+def test_missing_torch_npu_names_the_requirements_file(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import raises ModuleNotFoundError
+    with pytest.raises(DeviceError, match="requirements-npu.txt"):
+        import_torch_npu()
