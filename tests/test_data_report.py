@@ -142,3 +142,13 @@ def test_pngs_when_matplotlib_is_installed(tiny_coco, tmp_path):
     pngs = save_pngs(ann, data_report(ann, (128, 128), num_classes=6), tmp_path)
     assert [p.name for p in pngs] == ["boxes_per_image.png", "aspect_ratio.png", "box_size.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
+def test_buckets_too_small_for_two_batches_are_merged():
+    from ssd_npu.data.report import merge_small_buckets
+
+    counts = np.array([1] * 30 + [12] * 5 + [20] * 3)
+    # bucket 16 (5 images) and 20 (3) cannot fill 2 batches of 4: 16's bound goes, 20 takes them
+    assert merge_small_buckets(counts, [8, 16, 20], 8) == [8, 20]
+    assert merge_small_buckets(counts, [8, 16, 20], 3) == [8, 16, 20]
+    assert merge_small_buckets(counts, [8, 20], 100) == [20]

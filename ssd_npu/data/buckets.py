@@ -21,6 +21,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from ssd_npu.compiler import graphs_compiled
+from ssd_npu.data.report import bucket_of as bucket_index  # one rule for report and sampler
 
 
 def bucket_sizes(max_boxes: Any) -> tuple[int, ...]:
@@ -28,11 +29,6 @@ def bucket_sizes(max_boxes: Any) -> tuple[int, ...]:
     if isinstance(max_boxes, int):
         return (int(max_boxes),)
     return tuple(int(v) for v in max_boxes)
-
-
-def bucket_index(counts: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """Index of the smallest bucket >= each count; counts above the largest go to the largest."""
-    return np.minimum(np.searchsorted(np.asarray(sizes), counts), len(sizes) - 1)
 
 
 class BucketBatchSampler(Sampler):

@@ -26,6 +26,7 @@ from ssd_npu.errors import DataError
 PERCENTILES = (50, 90, 99, 99.9)
 MAX_BOXES_CANDIDATES = (8, 16, 20, 32, 50, 64, 100, 128)
 DROP_BUDGET_PCT = 0.1  # recommended max_boxes drops at most this share of boxes
+MIN_BATCHES_PER_BUCKET = 2  # a recommended bucket holds at least this many full batches
 MAX_DISTORTION = 1.5  # stretch is fine while p90 of max(sx/sy, sy/sx) stays below this
 MAX_PAD_SHARE_PCT = 25.0  # fit=pad is fine while padding stays below this share of the canvas
 
@@ -118,7 +119,7 @@ def truncation(counts: np.ndarray, max_boxes: int) -> dict[str, float]:
 def bucket_padding(counts: np.ndarray, buckets: list[int]) -> float:
     """Padding rows (percent) when each image is padded to the smallest bucket holding it."""
     sizes = np.asarray(buckets)
-    idx = np.minimum(np.searchsorted(sizes, counts), len(sizes) - 1)
+    idx = bucket_of(counts, buckets)
     rows = sizes[idx].sum()
     return round(100.0 * (1.0 - float(np.minimum(counts, sizes[idx]).sum()) / max(rows, 1)), 2)
 
@@ -187,7 +188,31 @@ def _round_up(v: float, step: int = 8) -> int:
     return int(max(step, -(-int(np.ceil(v)) // step) * step))
 
 
-def recommend(t: BoxTable, rows: list[dict[str, Any]], canvas: tuple[int, int]) -> dict[str, Any]:
+def merge_small_buckets(counts: np.ndarray, buckets: list[int], min_images: int) -> list[int]:
+    """Drop bucket bounds until every bucket holds >= min_images images (or one is left).
+
+    The bucket sampler drops each bucket's last partial batch, so a bucket with fewer images
+    than a batch never trains them at all. A bucket that is too small takes in the images of
+    the next smaller bucket (whose bound is removed); the smallest one moves up instead.
+    """
+    sizes = list(buckets)
+    while len(sizes) > 1:
+        per = np.bincount(bucket_of(counts, sizes), minlength=len(sizes))
+        small = [i for i in range(len(sizes)) if per[i] < min_images]
+        if not small:
+            break
+        del sizes[max(small[-1] - 1, 0)]
+    return sizes
+
+
+def bucket_of(counts: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Index of the smallest bucket >= each count (the largest for counts above it)."""
+    return np.minimum(np.searchsorted(np.asarray(sizes), counts), len(sizes) - 1)
+
+
+def recommend(
+    t: BoxTable, rows: list[dict[str, Any]], canvas: tuple[int, int], batch_size: int = 8
+) -> dict[str, Any]:
     """max_boxes (smallest within the drop budget), buckets, canvas and fit, with the reasons."""
     counts = t.counts
     top = int(counts.max()) if len(counts) else 1
@@ -201,6 +226,7 @@ def recommend(t: BoxTable, rows: list[dict[str, Any]], canvas: tuple[int, int]) 
     cost = truncation(counts, max_boxes)
     p50, p90 = (float(np.percentile(counts, q)) if len(counts) else 1.0 for q in (50, 90))
     buckets = sorted({b for b in (_round_up(p50), _round_up(p90)) if b < max_boxes} | {max_boxes})
+    buckets = merge_small_buckets(counts, buckets, MIN_BATCHES_PER_BUCKET * batch_size)
     by = {(tuple(r["canvas"]), r["fit"]): r for r in rows}
     pad, stretch = by[(canvas, "pad")], by[(canvas, "stretch")]
     if pad["images_downscaled_pct"] == 0 and pad["padding_pct"] < MAX_PAD_SHARE_PCT:
@@ -228,9 +254,9 @@ def recommend(t: BoxTable, rows: list[dict[str, Any]], canvas: tuple[int, int]) 
             (
                 f"stretch would distort 10% of images by more than {MAX_DISTORTION}x "
                 f"(p90 {stretch['distortion_p90']}x); letterbox keeps aspect ratios, and canvas "
-                f"{letter['canvas']} wastes the least padding ({letter['padding_pct']}%) of "
-                f"{[r['canvas'] for r in rows if r['fit'] == 'letterbox']} (the configured canvas "
-                "and one of the same area with W/H at the data's median)"
+                f"{letter['canvas']} wastes the least padding ({letter['padding_pct']}%) of the "
+                "configured canvas and one of the same area with W/H at the data's median"
+                + (" (the same canvas here)" if len(rows) == 3 else "")
             ),
         )
     return {
@@ -242,7 +268,8 @@ def recommend(t: BoxTable, rows: list[dict[str, Any]], canvas: tuple[int, int]) 
         ),
         "buckets": buckets,
         "buckets_reason": (
-            f"buckets at the box-count p50/p90 (rounded up to 8) and max_boxes: padding rows "
+            f"buckets at the box-count p50/p90 (rounded up to 8) and max_boxes, each holding "
+            f">= {MIN_BATCHES_PER_BUCKET} batches of {batch_size}: padding rows "
             f"fall from {cost['padding_rows_pct']}% to {bucket_padding(counts, buckets)}% with "
             f"at most {len(buckets)} device shapes"
         ),
@@ -272,10 +299,10 @@ def data_report(
         anchor_px = smallest_anchor(c, num_classes)
         rows += [fit_row(t, c, fit, anchor_px) for fit in ("stretch", "letterbox", "pad")]
     candidates = sorted({*MAX_BOXES_CANDIDATES, int(t.counts.max()) if len(t.counts) else 1})
-    rec = recommend(t, rows, canvas)
-    sizes = np.asarray(rec["buckets"])
-    bucket_of = sizes[np.minimum(np.searchsorted(sizes, t.counts), len(sizes) - 1)]
-    per_bucket = {int(b): int((bucket_of == b).sum()) for b in sizes}
+    rec = recommend(t, rows, canvas, batch_size)
+    sizes = rec["buckets"]
+    per = np.bincount(bucket_of(t.counts, sizes), minlength=len(sizes))
+    per_bucket = {int(b): int(n) for b, n in zip(sizes, per, strict=True)}
     return {
         "ann_file": str(ann_file),
         "images": len(t.image_ids),
