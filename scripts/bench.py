@@ -188,7 +188,11 @@ def main(cfg: DictConfig) -> None:
     if cfg.out_dir is None:
         cfg.out_dir = HydraConfig.get().runtime.output_dir
     out_dir = Path(cfg.out_dir)
+    # inductor keeps compiled kernels on disk; a fresh cache makes first_step_ms a cold compile
+    # (as on a new machine) unless the caller chose a cache with TORCHINDUCTOR_CACHE_DIR
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(out_dir / "inductor_cache"))
     info = machine()
+    info["inductor_cache"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     runs = {}
     try:
         for name in VARIANTS:
