@@ -142,3 +142,21 @@ def test_fixed_step_shapes_never_change(tiny_coco, tmp_path):
     assert recorded[0] == recorded[1] == recorded[2]
     ops = {op for op, _, _ in recorded[0]}
     assert not any("nonzero" in op or "_local_scalar_dense" in op for op in ops)
+
+
+def test_amp_bf16_on_cpu_trains_and_the_loss_falls(tiny_coco, tmp_path):
+    cfg = tiny_cfg(
+        tiny_coco, tmp_path, "canvas=[128,128]", "max_boxes=8", "amp=true", "eval=false",
+        "augment=false", "max_steps=18", "optim.lr=0.01", "optim.warmup_steps=0",
+    )  # fmt: skip
+    t = build_training(cfg)
+    assert t.scaler is None  # bf16 needs no gradient scaler
+    with t.device.autocast(True):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    summary = run(cfg)
+    losses = [e.value for e in read_scalars(tmp_path)["loss/total"]]
+    assert len(losses) == 18 and torch.isfinite(torch.tensor(losses)).all()
+    # Mean loss per epoch (6 batches of the same 12 images): it falls epoch after epoch.
+    epochs = [sum(losses[i : i + 6]) / 6 for i in (0, 6, 12)]
+    assert epochs[0] > epochs[1] > epochs[2] and epochs[2] < 0.9 * epochs[0]
+    assert summary["final_loss"] == pytest.approx(losses[-1])
