@@ -24,25 +24,30 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ssd_npu.telemetry import detect_warmup, steady_median  # noqa: E402
 
 TAG = "time/step_ms"
+GRAPHS = "compile/graphs"  # cumulative graphs compiled, where a compiler ran
 
 
-def read_step_ms(run_dir: Path) -> tuple[list[int], list[float]]:
-    """(steps, step_ms) from the run's TensorBoard events, sorted by step."""
+def read_step_ms(run_dir: Path) -> tuple[list[int], list[float], int | None]:
+    """(steps, step_ms, graphs compiled or None) from the run's TensorBoard events."""
     tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every event
     acc.Reload()
-    if TAG not in acc.Tags()["scalars"]:
+    tags = acc.Tags()["scalars"]
+    if TAG not in tags:
         sys.exit(f"error: {tb} has no {TAG!r} scalars; give a train.py output folder.")
     events = sorted(acc.Scalars(TAG), key=lambda e: e.step)
-    return [e.step for e in events], [e.value for e in events]
+    graphs = int(max(e.value for e in acc.Scalars(GRAPHS))) if GRAPHS in tags else None
+    return [e.step for e in events], [e.value for e in events], graphs
 
 
-def plot(runs: list[tuple[str, list[int], list[float]]], out: Path) -> None:
+def plot(runs: list[tuple[str, list[int], list[float], int | None]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    for label, steps, ms in runs:
+    for k, (label, steps, ms, graphs) in enumerate(runs):
         warmup = detect_warmup(ms)
         steady = steady_median(ms, warmup)
-        (line,) = ax.plot(steps, ms, marker=".", linewidth=1, label=f"{label} (warm-up {warmup})")
+        extra = f", {graphs} graphs" if graphs is not None else ""
+        label = f"{label} (warm-up {warmup} steps{extra})"
+        (line,) = ax.plot(steps, ms, marker=".", linewidth=1, label=label)
         color = line.get_color()
         if warmup:
             ax.scatter(steps[:warmup], ms[:warmup], s=90, facecolors="none", edgecolors=color)
@@ -52,7 +57,7 @@ def plot(runs: list[tuple[str, list[int], list[float]]], out: Path) -> None:
                 f"steady median {steady:.0f} ms",
                 (steps[-1], steady),
                 textcoords="offset points",
-                xytext=(-4, 4),
+                xytext=(-4, 4 + 11 * k),  # staggered: medians of runs can lie close
                 ha="right",
                 color=color,
                 fontsize=8,
