@@ -26,6 +26,11 @@ from ssd_npu.telemetry import Telemetry
 StepFn = Callable[[object], dict[str, Tensor]]
 
 
+# Per-batch data counters (degenerate / clipped boxes, skipped images, images scaled down
+# by fit=pad) summed into summary.json's `data_counts`.
+DATA_COUNTS = ("degenerate", "clipped", "skipped", "downscaled")
+
+
 class NonFiniteLoss(UserError):
     """Training produced a NaN or infinite loss; the message names the step and the terms."""
 
@@ -207,6 +212,7 @@ def train_loop(
                 lr=lr,
                 boxes_dropped=getattr(batch, "boxes_dropped", 0),
                 graphs=graphs_compiled() if count_graphs else None,
+                data_counts={k: getattr(batch, k, 0) for k in DATA_COUNTS},
             )
             if on_step_end is not None:
                 on_step_end(progress)

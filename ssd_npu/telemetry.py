@@ -61,6 +61,7 @@ class Telemetry:
         self.data_ms: list[float] = []
         self.batch_sizes: list[int] = []
         self.boxes_dropped = 0
+        self.data_counts: dict[str, int] = {}  # degenerate / clipped boxes, skipped images, ...
         self.last_losses: dict[str, float] = {}
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if enabled else None
         self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=not enabled)
@@ -75,12 +76,15 @@ class Telemetry:
         lr: float,
         boxes_dropped: int,
         graphs: int | None = None,
+        data_counts: dict[str, int] | None = None,
     ) -> None:
         """One optimizer step. Times in ms; `losses` has total, bbox_regression, classification."""
         self.step_ms.append(step_ms)
         self.data_ms.append(data_ms)
         self.batch_sizes.append(batch_size)
         self.boxes_dropped += boxes_dropped
+        for key, value in (data_counts or {}).items():
+            self.data_counts[key] = self.data_counts.get(key, 0) + int(value)
         self.last_losses = dict(losses)
         if self.writer is not None:
             scalars = {
@@ -116,6 +120,7 @@ class Telemetry:
             "first_step_ms": self.step_ms[0] if self.step_ms else None,
             "steady_data_ms": steady_median(self.data_ms, warmup),
             "boxes_dropped": self.boxes_dropped,
+            "data_counts": dict(self.data_counts),
             "final_loss": self.last_losses.get("total"),
             **fields,
         }

@@ -84,6 +84,7 @@ def test_targets_clipped_crowd_excluded_degenerate_counted(modes_set):
         torch.tensor([[10.0, 5.0, 30.0, 15.0], [50.0, 40.0, 64.0, 48.0]]),
     )
     assert t["labels"].tolist() == [1, 3] and t["degenerate"] == 2 and t["image_id"] == 1
+    assert t["clipped"] == 1  # the box reaching past 64x48 is kept, clipped and counted
     _, t = ds[1]  # only a crowd annotation: kept, no boxes
     assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,) and t["degenerate"] == 0
     assert ds.category_ids == [1, 3] and ds.max_category_id == 3

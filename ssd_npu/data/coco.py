@@ -126,10 +126,12 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     def _target(self, img_id: int, h: int, w: int) -> dict[str, Any]:
         anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        raw = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        boxes = raw.clone()
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        clipped = (boxes != raw).any(dim=1) & keep
         labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
         return {
             "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w)),
@@ -137,6 +139,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             "image_id": int(img_id),
             "orig_size": (h, w),
             "degenerate": int((~keep).sum()),
+            "clipped": int(clipped.sum()),  # kept, but reached outside the image
         }
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:

@@ -170,6 +170,7 @@ class FixSample:
             "scale": info.scale,
             "boxes_dropped": dropped,
             "degenerate": int(target.get("degenerate", 0)),
+            "clipped": int(target.get("clipped", 0)),
             "downscaled": int(info.downscaled),
             "skipped": int(target.get("skipped", 0)),
         }
@@ -202,6 +203,7 @@ class FixedBatch:
     scales: Tensor  # [B, 2] float32 (sx, sy): canvas = orig * scale
     boxes_dropped: int = 0
     degenerate: int = 0
+    clipped: int = 0
     downscaled: int = 0
     skipped: int = 0
 
@@ -243,6 +245,7 @@ def collate_fixed(samples: list[dict[str, Any]], buckets: Any = None) -> FixedBa
         scales=torch.tensor([s["scale"] for s in samples], dtype=torch.float32),
         boxes_dropped=sum(s["boxes_dropped"] for s in samples),
         degenerate=sum(s["degenerate"] for s in samples),
+        clipped=sum(s["clipped"] for s in samples),
         downscaled=sum(s["downscaled"] for s in samples),
         skipped=sum(s["skipped"] for s in samples),
     )
@@ -257,6 +260,7 @@ def to_dynamic_sample(image: Tensor, target: dict[str, Any], epoch: int = 0) -> 
         "image_id": int(target["image_id"]),
         "orig_size": tuple(int(v) for v in image.shape[-2:]),
         "degenerate": int(target.get("degenerate", 0)),
+        "clipped": int(target.get("clipped", 0)),
         "skipped": int(target.get("skipped", 0)),
     }
 
@@ -270,6 +274,7 @@ class DynamicBatch:
     image_ids: Tensor  # [B] int64
     orig_sizes: Tensor  # [B, 2] int64 (h, w)
     degenerate: int = 0
+    clipped: int = 0
     skipped: int = 0
 
     def to(self, device: Any, non_blocking: bool = True) -> DynamicBatch:
@@ -285,5 +290,6 @@ def collate_dynamic(samples: list[dict[str, Any]]) -> DynamicBatch:
         image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
         orig_sizes=torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
         degenerate=sum(s["degenerate"] for s in samples),
+        clipped=sum(s["clipped"] for s in samples),
         skipped=sum(s["skipped"] for s in samples),
     )

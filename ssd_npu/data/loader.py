@@ -112,7 +112,7 @@ class SampleDataset(Dataset):
         sample = self.finish(image, target, key.epoch)
         if key.pad:
             sample["image_id"] = -1
-            for k in ("boxes_dropped", "degenerate", "downscaled", "skipped"):
+            for k in ("boxes_dropped", "degenerate", "clipped", "downscaled", "skipped"):
                 sample[k] = 0  # counters must not count a repeated image twice
         return sample
 
