@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,9 +58,13 @@ def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
     return out
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` (picklable) as a list on rank 0, None elsewhere; [obj] alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
 
 
 def any_rank(flag: bool, device: Device) -> bool:

@@ -26,16 +26,27 @@ from ssd_npu.compiler import graphs_compiled
 from ssd_npu.data.buckets import BucketCounter, bucket_sizes
 from ssd_npu.engine import NonFiniteLoss, Progress, train_loop
 from ssd_npu.errors import Interrupted
-from ssd_npu.evaluate import evaluate_dynamic, evaluate_fixed
+from ssd_npu.evaluate import coco_map, dynamic_detections, fixed_detections
 from ssd_npu.interrupt import StopOnSignal
 from ssd_npu.telemetry import Telemetry
 
 
-def evaluate(t: Training, cfg) -> dict[str, Any]:
-    """COCO mAP on the val set: the fixed path, or torchvision's own for shape=dynamic."""
+def evaluate(t: Training, cfg) -> dict[str, Any] | None:
+    """COCO mAP on the val set: the fixed path, or torchvision's own for shape=dynamic.
+
+    Each rank runs its share of the val set; rank 0 gathers every rank's detections and
+    runs COCOeval (returns None on the other ranks).
+    """
     if cfg.shape == "fixed":
-        return evaluate_fixed(t.model, t.val_loader, t.val_set, t.device, amp=cfg.amp)
-    return evaluate_dynamic(t.model.detector, t.val_loader, t.val_set, t.device)
+        records, image_ids = fixed_detections(t.model, t.val_loader, t.device, amp=cfg.amp)
+    else:
+        records, image_ids = dynamic_detections(t.model.detector, t.val_loader, t.device)
+    gathered = distributed.gather_to_main((records, image_ids))
+    if gathered is None:
+        return None
+    all_records = [r for part, _ in gathered for r in part]
+    all_ids = sorted({i for _, ids in gathered for i in ids})
+    return coco_map(t.val_set.coco, all_records, all_ids)
 
 
 def training_state(t: Training, cfg, progress: Progress) -> dict[str, Any]:
@@ -95,12 +106,11 @@ def run(cfg) -> dict[str, Any]:
             saved.append(checkpoint_path(ckpt_dir, p.step))
 
     def log_eval(step: int) -> None:
-        # Rank 0 evaluates the whole val set while the others wait (see README, DDP).
-        if main:
-            result = evaluate(t, cfg)
-            evals.append({"step": step, "mAP": result["mAP"], "mAP50": result["mAP50"]})
+        result = evaluate(t, cfg)
+        if result is not None:
+            keys = ("mAP", "mAP50", "num_images", "num_detections")
+            evals.append({"step": step, **{k: result[k] for k in keys}})
             telemetry.log_scalars(step, {"eval/mAP": result["mAP"], "eval/mAP50": result["mAP50"]})
-        distributed.barrier()
 
     profiler = None
     if cfg.profile_steps and main and not cfg.eval_only:

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from ssd_npu.build import build_training
 from ssd_npu.engine import train_loop
 from ssd_npu.telemetry import Telemetry
+from ssd_npu.train import run
 from tests.test_train import tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def test_torchrun_writes_one_summary_and_one_event_file(tiny_coco, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={free_port()}", "train.py", "device=cpu", "data=coco",
         f"data.root={tiny_coco}", "data.num_classes=6", "batch_size=2", "num_workers=0",
-        *COMMON, "max_steps=2", f"hydra.run.dir={tmp_path}",
+        *[c for c in COMMON if c != "eval=false"], "max_steps=2", f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -116,3 +117,15 @@ def test_torchrun_writes_one_summary_and_one_event_file(tiny_coco, tmp_path):
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000002.pt"]
     assert proc.stdout.count("ssd-npu: device=cpu ranks=2") == 1  # rank 0 alone prints
+
+    # Evaluation was sharded over the ranks and gathered: one process evaluating the same
+    # checkpoint on the whole val set gets the same numbers.
+    single = run(
+        tiny_cfg(tiny_coco, tmp_path / "single", "canvas=[128,128]", "max_boxes=8",
+                 "eval_only=true", f"weights={tmp_path / 'checkpoints' / 'step_0000002.pt'}")
+    )  # fmt: skip
+    ranks, one = summary["eval"]["history"][-1], single["eval"]["history"][-1]
+    assert ranks["num_images"] == one["num_images"] == 6  # every val image once
+    assert ranks["num_detections"] == one["num_detections"] > 0
+    assert summary["eval"]["mAP"] == pytest.approx(single["eval"]["mAP"], abs=1e-9)
+    assert summary["eval"]["mAP50"] == pytest.approx(single["eval"]["mAP50"], abs=1e-9)

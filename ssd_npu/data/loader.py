@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ssd_npu.data.buckets import BucketBatchSampler, bucket_sizes
@@ -68,17 +69,20 @@ class EpochSampler(Sampler):
 
 
 class PaddedSequentialSampler(Sampler):
-    """0..n-1 in order, then repeats marked `pad` up to a multiple of batch_size."""
+    """This rank's share of 0..n-1 (every `world`-th index from `rank`), in order, then
+    repeats marked `pad` up to a multiple of batch_size (every batch has the static shape)."""
 
-    def __init__(self, n: int, batch_size: int) -> None:
-        self.n, self.total = n, -(-n // batch_size) * batch_size
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.share = list(range(rank, n, world)) or [0]
+        self.real = len(range(rank, n, world))
+        self.total = max(1, -(-self.real // batch_size)) * batch_size
 
     def __len__(self) -> int:
         return self.total
 
     def __iter__(self):
         for i in range(self.total):
-            yield SampleKey(i % self.n, 0, i >= self.n)
+            yield SampleKey(self.share[i % len(self.share)], 0, i >= self.real)
 
 
 class SampleDataset(Dataset):
@@ -229,9 +233,11 @@ def build_loaders(
             generator=gen,
             **common,
         )
+    # Evaluation is sharded over ranks (every rank's detections are gathered before COCOeval).
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if shape == "fixed":
-        val_sampler: Sampler = PaddedSequentialSampler(len(val_set), bs)
+        val_sampler: Sampler = PaddedSequentialSampler(len(val_set), bs, rank, world)
     else:
-        val_sampler = [SampleKey(i) for i in range(len(val_set))]
+        val_sampler = [SampleKey(i) for i in range(rank, len(val_set), world)]
     val_loader = DataLoader(val_set, batch_size=bs, sampler=val_sampler, drop_last=False, **common)
     return train_loader, val_loader, train_ds, val_ds
