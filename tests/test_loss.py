@@ -8,6 +8,7 @@ from torchvision.ops import box_iou
 
 from ssd_npu.loss import fixed_ssd_loss, match_anchors
 from ssd_npu.model import canvas_anchors
+from tests.test_train import DeviceShapes
 
 NUM_CLASSES = 4
 CANVAS = (320, 320)
@@ -152,21 +153,6 @@ def test_many_boxes_make_negatives_overlap_positives(reference):
 
 def test_loss_ops_have_no_data_dependent_shapes(reference):
     """Every intermediate shape depends only on B, A, C, M, whatever the boxes are."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Shapes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            self.seen.append(
-                (str(func), tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)))
-            )
-            return out
-
     _, anchors = reference
     records = []
     for seed, counts in enumerate([(0, 3), (5, 1), (6, 6)]):
@@ -179,11 +165,11 @@ def test_loss_ops_have_no_data_dependent_shapes(reference):
         )
         logits = torch.randn(2, anchors.shape[0], NUM_CLASSES, requires_grad=True)
         deltas = torch.randn(2, anchors.shape[0], 4, requires_grad=True)
-        with Shapes() as rec:
+        with DeviceShapes() as rec:
             out = fixed_ssd_loss(
                 logits, deltas, anchors, boxes, labels, valid, BoxCoder((10, 10, 5, 5))
             )
             sum(out.values()).backward()
-        records.append(rec.seen)
-        assert not any("nonzero" in op or "_local_scalar_dense" in op for op, _ in rec.seen)
+        records.append(rec.ops)
+        assert not any("nonzero" in op or "_local_scalar_dense" in op for op, _, _ in rec.ops)
     assert records[0] == records[1] == records[2]
