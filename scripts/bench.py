@@ -131,6 +131,8 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
         "graphs_compiled": compiled.graphs if compiled else None,
         "recompiles": compiled.recompiles if compiled else 0,
         "graphs_per_step": compiled.graphs_per_call if compiled else None,
+        "recompiles_per_step": compiled.recompiles_per_call if compiled else None,
+        "recompile_reasons": compiled.recompile_reasons[:5] if compiled else [],
         "warmup_steps": warmup,
         "first_step_ms": step_ms[0] if step_ms else None,
         "steady_step_ms": steady,

@@ -44,7 +44,10 @@ def reset() -> None:
 class CompiledStep:
     """`fn` under `torch.compile(dynamic=False)`, counting graphs compiled per call.
 
-    `graphs_per_call[i]`: graphs compiled during call i (0-based). `recompile_limit`: dynamo's
+    `graphs_per_call[i]`: graphs compiled during call i (0-based). `recompiles_per_call[i]`:
+    dynamo's own recompiles during call i (a function compiled again because a guard, mostly
+    a tensor shape, failed; torchvision's per-image code recompiles within the first step
+    already), with their reasons in `recompile_reasons`. `recompile_limit`: dynamo's
     per-function limit while this step runs (None: torch's default, 8); past it dynamo runs
     the function eagerly, or raises `FailOnRecompileLimitHit` with `fail_on_limit`.
     """
@@ -62,6 +65,8 @@ class CompiledStep:
         self.recompile_limit = recompile_limit
         self.fail_on_limit = fail_on_limit
         self.graphs_per_call: list[int] = []
+        self.recompiles_per_call: list[int] = []
+        self.recompile_reasons: list[str] = []
 
     @property
     def graphs(self) -> int:
@@ -69,8 +74,7 @@ class CompiledStep:
 
     @property
     def recompiles(self) -> int:
-        """Graphs compiled after the first call (the first call's graph breaks are not recompiles)."""
-        return sum(self.graphs_per_call[1:])
+        return sum(self.recompiles_per_call)
 
     def _options(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -86,7 +90,12 @@ class CompiledStep:
         return stack
 
     def __call__(self, *args: Any) -> Any:
+        from torch._dynamo.utils import get_compilation_metrics
+
         before = graphs_compiled()
+        # dynamo keeps its last 64 compile records; holding this list keeps their ids unique
+        records = get_compilation_metrics()
+        seen = {id(m) for m in records}
         try:
             with self._options():
                 return self.compiled(*args)
@@ -104,6 +113,10 @@ class CompiledStep:
             ) from err
         finally:
             self.graphs_per_call.append(graphs_compiled() - before)
+            new = [m for m in get_compilation_metrics() if id(m) not in seen]
+            reasons = [m.recompile_reason for m in new if m.recompile_reason]
+            self.recompiles_per_call.append(len(reasons))
+            self.recompile_reasons.extend(reasons)
 
 
 def compile_fn(

@@ -170,7 +170,7 @@ def run(cfg) -> dict[str, Any]:
     graphs = graphs_compiled() - graphs_before if cfg.compile else None
     summary = telemetry.summary(
         graphs_compiled=graphs,
-        # graphs compiled after the first step (the first step's graph breaks are not recompiles)
+        # dynamo's own recompiles: a function compiled again because a guard (a shape) failed
         recompiles=t.step_fn.compiled.recompiles if cfg.compile else 0,
         device=str(t.device.torch),
         shape=cfg.shape,

@@ -53,13 +53,15 @@ def test_fixed_step_compiles_once_and_fails_on_a_changed_shape(tiny_coco, tmp_pa
     assert any(f"tensor '{name}'" in text for name in ("boxes", "labels", "valid"))
 
 
-def test_recompiles_count_graphs_after_the_first_call():
-    """A toy function: the first call's graph is warm-up; each new shape after it counts."""
+def test_recompiles_are_counted_per_call_with_reasons():
+    """A toy function: the first compile is warm-up; each new shape after it is a recompile."""
     reset()
     step = compile_fn(lambda x: (x * 2).sum(), "eager")
     for n in (3, 3, 4, 5, 5):
         step(torch.ones(n))
-    assert step.graphs_per_call == [1, 0, 1, 1, 0] and step.recompiles == 2
+    assert step.graphs_per_call == [1, 0, 1, 1, 0] and step.recompiles_per_call == [0, 0, 1, 1, 0]
+    assert step.recompiles == 2
+    assert "tensor 'x' size mismatch at index 0. expected 3, actual 4" in step.recompile_reasons[0]
 
 
 def test_fail_on_recompile_names_the_tensor():
