@@ -172,6 +172,8 @@ def run(cfg) -> dict[str, Any]:
         graphs_compiled=graphs,
         # dynamo's own recompiles: a function compiled again because a guard (a shape) failed
         recompiles=t.step_fn.compiled.recompiles if cfg.compile else 0,
+        # dynamo's guard failures (which tensor changed), the first few, for the user to read
+        recompile_reasons=t.step_fn.compiled.recompile_reasons[:5] if cfg.compile else [],
         device=str(t.device.torch),
         shape=cfg.shape,
         canvas=list(cfg.canvas),
