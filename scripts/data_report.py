@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> None:
 
     from ssd_npu.config import validate
     from ssd_npu.data.loader import resolve_data_root
-    from ssd_npu.data.report import data_report, format_report, save_pngs, write_report
+    from ssd_npu.data.report import data_report
+    from ssd_npu.data.report_render import format_report, save_pngs, write_report
 
     out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
     try:

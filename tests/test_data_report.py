@@ -15,10 +15,10 @@ from ssd_npu.data.report import (
     box_table,
     data_report,
     fit_scales,
-    format_report,
     load_coco,
     truncation,
 )
+from ssd_npu.data.report_render import format_report
 from ssd_npu.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_cli_writes_the_json(tiny_coco, tmp_path):
 
 def test_pngs_when_matplotlib_is_installed(tiny_coco, tmp_path):
     pytest.importorskip("matplotlib")
-    from ssd_npu.data.report import save_pngs
+    from ssd_npu.data.report_render import save_pngs
 
     ann = tiny_coco / "annotations" / "instances_train2017.json"
     pngs = save_pngs(ann, data_report(ann, (128, 128), num_classes=6), tmp_path)
