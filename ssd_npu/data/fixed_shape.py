@@ -177,6 +177,7 @@ class FixSample:
 
 
 def _move(obj: Any, device: Any, non_blocking: bool) -> Any:
+    # shared by FixedBatch and dynamic.DynamicBatch (whose images and targets are lists)
     kw = {"non_blocking": non_blocking}
     for f in fields(obj):
         v = getattr(obj, f.name)
@@ -247,49 +248,5 @@ def collate_fixed(samples: list[dict[str, Any]], buckets: Any = None) -> FixedBa
         degenerate=sum(s["degenerate"] for s in samples),
         clipped=sum(s["clipped"] for s in samples),
         downscaled=sum(s["downscaled"] for s in samples),
-        skipped=sum(s["skipped"] for s in samples),
-    )
-
-
-def to_dynamic_sample(image: Tensor, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
-    """The baseline sample: float image [3, h, w] in [0, 1], unpadded boxes [N, 4] image px."""
-    return {
-        "image": to_dtype(image.as_subclass(Tensor), torch.float32, scale=True),
-        "boxes": target["boxes"].as_subclass(Tensor).to(torch.float32),
-        "labels": target["labels"].to(torch.int64),
-        "image_id": int(target["image_id"]),
-        "orig_size": tuple(int(v) for v in image.shape[-2:]),
-        "degenerate": int(target.get("degenerate", 0)),
-        "clipped": int(target.get("clipped", 0)),
-        "skipped": int(target.get("skipped", 0)),
-    }
-
-
-@dataclass
-class DynamicBatch:
-    """torchvision's own input: a list of images of any size and a list of target dicts."""
-
-    images: list[Tensor]  # [3, h_i, w_i] float32 in [0, 1]
-    targets: list[dict[str, Tensor]]  # boxes [N_i, 4] float32 xyxy image px, labels [N_i] int64
-    image_ids: Tensor  # [B] int64
-    orig_sizes: Tensor  # [B, 2] int64 (h, w)
-    degenerate: int = 0
-    clipped: int = 0
-    skipped: int = 0
-
-    def to(self, device: Any, non_blocking: bool = True) -> DynamicBatch:
-        """Move the tensors (in place) and return self."""
-        return _move(self, device, non_blocking)
-
-
-def collate_dynamic(samples: list[dict[str, Any]]) -> DynamicBatch:
-    """Collect `to_dynamic_sample` outputs into a DynamicBatch (no stacking)."""
-    return DynamicBatch(
-        images=[s["image"] for s in samples],
-        targets=[{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
-        image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
-        orig_sizes=torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
-        degenerate=sum(s["degenerate"] for s in samples),
-        clipped=sum(s["clipped"] for s in samples),
         skipped=sum(s["skipped"] for s in samples),
     )

@@ -20,13 +20,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ssd_npu.data.buckets import BucketBatchSampler, bucket_sizes
 from ssd_npu.data.coco import CocoDetectionDataset, check_num_classes
-from ssd_npu.data.fixed_shape import (
-    FixSample,
-    collate_dynamic,
-    collate_fixed,
-    sample_seed,
-    to_dynamic_sample,
-)
+from ssd_npu.data.dynamic import collate_dynamic, to_dynamic_sample
+from ssd_npu.data.fixed_shape import FixSample, collate_fixed, sample_seed
 from ssd_npu.data.report import box_table
 from ssd_npu.data.synthetic import ensure_synthetic_coco
 from ssd_npu.data.transforms import train_augmentation
