@@ -85,7 +85,7 @@ def floor_step(model):
 
 def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
     from ssd_npu.compiler import reset
-    from ssd_npu.engine import make_dynamic_step, train_loop
+    from ssd_npu.engine import StepOptions, make_dynamic_step, train_loop
     from ssd_npu.telemetry import Telemetry, detect_warmup, steady_median
     from ssd_npu.train import build_training
 
@@ -105,9 +105,16 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
         loader = [next(iter(t.train_loader)).to(t.device.torch)] * steps
     if name == "tv_compiled":
         # bounded: dynamo raises at its recompile limit instead of falling back to eager
-        options = {"recompile_limit": cfg.compiler.recompile_limit, "fail_on_limit": True}
-        backend = cfg.compiler.backend or t.device.compile_backend
-        step_fn = make_dynamic_step(t.model, t.device, cfg.amp, True, backend, options)
+        options = StepOptions(
+            amp=cfg.amp,
+            compile=True,
+            backend=cfg.compiler.backend or t.device.compile_backend,
+            compile_options={
+                "recompile_limit": cfg.compiler.recompile_limit,
+                "fail_on_limit": True,
+            },
+        )
+        step_fn = make_dynamic_step(t.model, t.device, options)
     telemetry = Telemetry(out_dir / name, steps)
     stopped = "steps"
     reset_peak_rss()

@@ -20,7 +20,7 @@ from ssd_npu.config import validate
 from ssd_npu.data.loader import build_loaders, resolve_data_root
 from ssd_npu.device import Device, resolve_device
 from ssd_npu.distributed import World
-from ssd_npu.engine import make_dynamic_step, make_fixed_step
+from ssd_npu.engine import StepOptions, make_dynamic_step, make_fixed_step
 from ssd_npu.model import FixedSSD, build_detector, load_weights
 from ssd_npu.optim import build_optimizer, build_scheduler
 
@@ -90,23 +90,19 @@ def build_training(cfg) -> Training:
     scheduler = build_scheduler(optimizer, cfg.optim, schedule_steps)
     scaler = device.grad_scaler(cfg.amp, cfg.amp_dtype)
     make_step = make_fixed_step if cfg.shape == "fixed" else make_dynamic_step
-    compiler = cfg.compiler
-    options = {
-        "fail_on_recompile": compiler.fail_on_recompile,
-        "recompile_limit": compiler.recompile_limit,
-    }
-    backend = compiler.backend or device.compile_backend
-    step_fn = make_step(
-        model,
-        device,
-        cfg.amp,
-        cfg.compile,
-        backend,
-        options,
+    options = StepOptions(
+        amp=cfg.amp,
+        amp_dtype=cfg.amp_dtype,
+        compile=cfg.compile,
+        backend=cfg.compiler.backend or device.compile_backend,
+        compile_options={
+            "fail_on_recompile": cfg.compiler.fail_on_recompile,
+            "recompile_limit": cfg.compiler.recompile_limit,
+        },
         network=network,
         world=world,
-        amp_dtype=cfg.amp_dtype,
     )
+    step_fn = make_step(model, device, options)
     return Training(
         device=device,
         world=world,

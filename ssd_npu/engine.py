@@ -35,33 +35,42 @@ class NonFiniteLoss(UserError):
     """Training produced a NaN or infinite loss; the message names the step and the terms."""
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How a step function runs: mixed precision, compilation, data parallel."""
+
+    amp: bool = False
+    amp_dtype: str | None = None  # bf16 | fp16; None: the device's default
+    compile: bool = False
+    backend: str = "inductor"
+    # ssd_npu.compiler.CompiledStep options: fail_on_recompile, recompile_limit, fail_on_limit
+    compile_options: dict | None = None
+    network: Callable | None = None  # what to call instead of the model (a DDP wrapper)
+    world: World | None = None
+
+    def maybe_compile(self, fn: Callable) -> Callable:
+        return compile_fn(fn, self.backend, **(self.compile_options or {})) if self.compile else fn
+
+
 def make_fixed_step(
-    model: FixedSSD,
-    device: Device,
-    amp: bool = False,
-    compile: bool = False,
-    backend: str = "inductor",
-    compile_options: dict | None = None,
-    network: Callable | None = None,
-    world: World | None = None,
-    amp_dtype: str | None = None,
+    model: FixedSSD, device: Device, options: StepOptions = StepOptions()
 ) -> StepFn:
     """Loss of one FixedBatch: network (optionally autocast) + fixed_ssd_loss in fp32.
 
-    `network` is the module to call (DistributedDataParallel-wrapped under torchrun; default
-    `model`). In a world of several ranks the loss is divided by the foreground count of the
-    global batch (all-reduced), as one process would divide on the whole batch.
+    `options.network` is the module to call (DistributedDataParallel-wrapped under torchrun;
+    default `model`). In a world of several ranks the loss is divided by the foreground count
+    of the global batch (all-reduced), as one process would divide on the whole batch.
 
     With `compile`, the forward and loss become one graph (`dynamic=False`: one compile per
     input shape, exactly like an NPU's online operator compile); backward follows it.
     """
     box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
-    network = network or model
-    distributed = world is not None and world.distributed
+    network = options.network or model
+    distributed = options.world is not None and options.world.distributed
 
     def losses(images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor) -> dict[str, Tensor]:
-        with device.autocast(amp, amp_dtype):
+        with device.autocast(options.amp, options.amp_dtype):
             cls_logits, bbox_regression = network(images)
         # The loss runs in the anchors' precision (fp32) whatever autocast gave the network.
         dtype = model.anchors.dtype
@@ -78,40 +87,30 @@ def make_fixed_step(
         bbox_sum, cls_sum, num_foreground = ssd_loss_sums(*args, box_coder)
         return normalise(bbox_sum, cls_sum, all_reduce(num_foreground))
 
-    # compile_options: fail_on_recompile, recompile_limit (ssd_npu.compiler.CompiledStep)
-    fn = compile_fn(losses, backend, **(compile_options or {})) if compile else losses
+    fn = options.maybe_compile(losses)
 
     def step(batch) -> dict[str, Tensor]:
         return fn(batch.images, batch.boxes, batch.labels, batch.valid)
 
-    step.compiled = fn if compile else None  # graphs_per_call / recompiles for the summary
+    step.compiled = fn if options.compile else None  # graphs / recompiles for the summary
     return step
 
 
 def make_dynamic_step(
-    model: FixedSSD,
-    device: Device,
-    amp: bool = False,
-    compile: bool = False,
-    backend: str = "inductor",
-    compile_options: dict | None = None,
-    network: Callable | None = None,
-    world: World | None = None,
-    amp_dtype: str | None = None,
+    model: FixedSSD, device: Device, options: StepOptions = StepOptions()
 ) -> StepFn:
     """torchvision's unmodified path: `detector(list_of_images, targets)` -> its loss dict.
 
-    `network`: the detector to call (DDP-wrapped under torchrun). Its loss is normalised by
-    each rank's own positives, as torchvision's reference does.
+    `options.network`: the detector to call (DDP-wrapped under torchrun). Its loss is
+    normalised by each rank's own positives, as torchvision's reference does.
     """
-    detector = network or model.detector
-    fn = compile_fn(detector, backend, **(compile_options or {})) if compile else detector
+    fn = options.maybe_compile(options.network or model.detector)
 
     def step(batch) -> dict[str, Tensor]:
-        with device.autocast(amp, amp_dtype):
+        with device.autocast(options.amp, options.amp_dtype):
             return fn(batch.images, batch.targets)
 
-    step.compiled = fn if compile else None
+    step.compiled = fn if options.compile else None
     return step
 
 
