@@ -135,6 +135,7 @@ def run(cfg) -> dict[str, Any]:
     buckets = BucketCounter(t.step_fn, bucket_sizes(cfg.max_boxes), cfg.compile)
     step_fn = buckets if cfg.shape == "fixed" else t.step_fn
     stop = StopOnSignal()
+    failure: NonFiniteLoss | None = None
     try:
         if not cfg.eval_only:
             with stop, profiler or contextlib.nullcontext():
@@ -160,10 +161,11 @@ def run(cfg) -> dict[str, Any]:
         if (cfg.eval or cfg.eval_only) and not stop.requested():
             log_eval(progress.step)
     except NonFiniteLoss as err:
+        # Still write summary.json (timings so far, the error) before stopping.
         last = list_checkpoints(ckpt_dir)
-        raise NonFiniteLoss(
+        failure = NonFiniteLoss(
             f"{err} The last good checkpoint is {last[-1] if last else 'not written yet'}."
-        ) from None
+        )
     finally:
         telemetry.close()
 
@@ -183,12 +185,15 @@ def run(cfg) -> dict[str, Any]:
         global_step=progress.step,
         checkpoint=str(saved[-1]) if saved else None,
         interrupted=stop.requested(),
+        error=str(failure) if failure else None,
     )
     if cfg.shape == "fixed":
         summary["buckets"] = buckets.summary()
     if evals:
         summary["eval"] = {"mAP": evals[-1]["mAP"], "mAP50": evals[-1]["mAP50"], "history": evals}
     telemetry.write_summary(summary)
+    if failure is not None:
+        raise failure
     if stop.requested():
         raise Interrupted(
             f"stopped by {signal.Signals(stop.signum).name} at step {progress.step}; checkpoint "

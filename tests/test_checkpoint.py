@@ -152,6 +152,9 @@ def test_non_finite_loss_stops_and_names_the_step(tiny_coco, tmp_path):
     assert step >= 2 and kept and kept[-1].name == f"step_{step - 1:07d}.pt"
     assert str(kept[-1]) in message
     assert all(torch.isfinite(v).all() for v in load_checkpoint(kept[-1])["model"].values())
+    summary = json.loads((tmp_path / "summary.json").read_text())  # written even so
+    assert summary["error"] == message and summary["global_step"] == step
+    assert summary["steps"] == step - 1  # the failed step is not logged as a step
 
 
 def test_same_seed_same_losses_with_workers(tiny_coco, tmp_path):
