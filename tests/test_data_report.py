@@ -11,12 +11,12 @@ import torch
 
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import fit_to_canvas
+from ssd_npu.data.recommend import truncation
 from ssd_npu.data.report import (
     box_table,
     data_report,
     fit_scales,
     load_coco,
-    truncation,
 )
 from ssd_npu.data.report_render import format_report
 from ssd_npu.errors import DataError
@@ -145,7 +145,7 @@ def test_pngs_when_matplotlib_is_installed(tiny_coco, tmp_path):
 
 
 def test_buckets_too_small_for_two_batches_are_merged():
-    from ssd_npu.data.report import merge_small_buckets
+    from ssd_npu.data.recommend import merge_small_buckets
 
     counts = np.array([1] * 30 + [12] * 5 + [20] * 3)
     # bucket 16 (5 images) and 20 (3) cannot fill 2 batches of 4: 16's bound goes, 20 takes them

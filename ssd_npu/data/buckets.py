@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from ssd_npu.compiler import graphs_compiled
-from ssd_npu.data.report import bucket_of as bucket_index  # one rule for report and sampler
+from ssd_npu.data.recommend import bucket_of as bucket_index  # one rule for report and sampler
 
 
 def bucket_sizes(max_boxes: Any) -> tuple[int, ...]:

@@ -1,7 +1,8 @@
 """Output of the data report: console text, the JSON file and the PNG histograms.
 
-The statistics and the recommendation are computed in `ssd_npu.data.report`; this module only
-renders a finished report dict (and, for the histograms, re-reads the annotation file).
+The statistics are computed in `ssd_npu.data.report` and the recommendation in
+`ssd_npu.data.recommend`; this module only renders a finished report dict (and, for the
+histograms, re-reads the annotation file).
 """
 
 from __future__ import annotations
