@@ -121,7 +121,6 @@ class TrainConfig:
     profile_steps: int = 0  # >0: profiler trace of that many steps into <run>/profile
     augment: bool = True
     weights: str | None = None
-    log_every: int = 1
     eval: bool = True  # COCO evaluation at the end of training (and every eval_every epochs)
     eval_every: int = 0  # epochs between evaluations; 0: only at the end
     eval_only: bool = False  # evaluate `weights` without training
@@ -194,7 +193,6 @@ def validate(cfg: Any) -> None:
         "batch_size": cfg.batch_size,
         "epochs": cfg.epochs,
         "data.num_classes": cfg.data.num_classes - 1,
-        "log_every": cfg.log_every,
     }
     for key, value in positive.items():
         if value < 1:
