@@ -28,7 +28,7 @@ from torchvision.models.detection.ssd import SSD
 
 from ssd_npu.data.fixed_shape import FixedBatch, unfit_boxes
 from ssd_npu.device import Device
-from ssd_npu.model import FixedSSD
+from ssd_npu.model import FixedSSD, eval_mode
 
 # torchvision's ssdlite320 evaluation recipe (its builder's defaults)
 EVAL_RECIPE = {
@@ -117,11 +117,9 @@ def fixed_detections(
     check_eval_recipe(model.detector)
     anchors = model.anchors.detach().cpu()  # [A, 4] xyxy canvas px
     canvas = (int(model.canvas[0]), int(model.canvas[1]))
-    was_training = model.training
-    model.eval()
     records: list[dict] = []
     image_ids: list[int] = []
-    try:
+    with eval_mode(model):
         for batch in loader:
             images = batch.images.to(dev.torch, non_blocking=True)
             with dev.autocast(amp):
@@ -135,8 +133,6 @@ def fixed_detections(
             detections = model.detector.postprocess_detections(head, [anchors] * n, [canvas] * n)
             records += fixed_batch_records(batch, detections)
             image_ids += [i for i in batch.image_ids.tolist() if i >= 0]
-    finally:
-        model.train(was_training)
     return records, image_ids
 
 
@@ -148,18 +144,14 @@ def dynamic_detections(
     dev = _as_device(device)
     detector = detector.detector if isinstance(detector, FixedSSD) else detector
     check_eval_recipe(detector)
-    was_training = detector.training
-    detector.eval()
     records: list[dict] = []
     image_ids: list[int] = []
-    try:
+    with eval_mode(detector):
         for batch in loader:
             outputs = detector([img.to(dev.torch) for img in batch.images])
             for image_id, det in zip(batch.image_ids.tolist(), outputs, strict=True):
                 records += coco_records(image_id, det["boxes"], det["scores"], det["labels"])
                 image_ids.append(image_id)
-    finally:
-        detector.train(was_training)
     return records, image_ids
 
 

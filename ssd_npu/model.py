@@ -8,6 +8,8 @@ only on the canvas, so they are computed once and kept as a buffer.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +33,17 @@ def build_detector(num_classes: int, canvas: tuple[int, int] = (320, 320)) -> SS
     return detector
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode for the block, then back in the mode it had (train or eval)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def canvas_anchors(detector: SSD, canvas: tuple[int, int]) -> Tensor:
     """Default boxes for a canvas: [A, 4] xyxy, canvas pixels (A = 3234 at 320x320).
@@ -39,15 +52,10 @@ def canvas_anchors(detector: SSD, canvas: tuple[int, int]) -> Tensor:
     BatchNorm running statistics are not touched.
     """
     height, width = canvas
-    was_training = detector.training
-    detector.eval()
-    try:
+    with eval_mode(detector):
         zeros = torch.zeros(1, 3, height, width)
         features = list(detector.backbone(zeros).values())
-        anchors = detector.anchor_generator(ImageList(zeros, [(height, width)]), features)[0]
-    finally:
-        detector.train(was_training)
-    return anchors
+        return detector.anchor_generator(ImageList(zeros, [(height, width)]), features)[0]
 
 
 class FixedSSD(nn.Module):
