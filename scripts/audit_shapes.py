@@ -4,6 +4,7 @@ Usage:
     python scripts/audit_shapes.py [shape=fixed|dynamic] [audit.steps=6] [audit.out=PATH]
         [audit.fail_on_dynamic=true] [any train.py override: canvas=[H,W] batch_size=4 ...]
 
+A thin user of `ssd_npu.find_dynamic_shapes` (which audits any step function: see the README).
 Runs `audit.steps` steps of the pipeline exactly as `python train.py` with the same overrides
 would (forward, loss, backward, optimizer step), prints the ops whose shapes change between
 steps and the ops that force a device-to-host sync, each with its source line, and writes
@@ -20,17 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ssd_npu.config import register_configs  # noqa: E402
+from ssd_npu.config import config_dir, register_configs  # noqa: E402
 from ssd_npu.errors import UserError  # noqa: E402
 
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from ssd_npu.audit import format_report, run_audit, write_report
+    from ssd_npu.tools.audit import run_audit
 
     if cfg.out_dir is None:
         cfg.out_dir = HydraConfig.get().runtime.output_dir
@@ -39,10 +40,10 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    path = write_report(report, cfg.audit.out or Path(cfg.out_dir) / "dynamic_shapes.json")
-    print(format_report(report))
+    path = report.save(cfg.audit.out or Path(cfg.out_dir) / "dynamic_shapes.json")
+    print(report)
     print(f"\nreport: {path}")
-    if cfg.audit.fail_on_dynamic and (report["dynamic_ops"] or report["host_syncs"]):
+    if cfg.audit.fail_on_dynamic and (report.dynamic_ops or report.host_syncs):
         sys.exit(1)
 
 

@@ -6,7 +6,7 @@ Usage:
 
 One invocation runs five variants one after another in this process, each on the same data,
 batch size and seed (each builds its pipeline afresh with `build_training`, so each sees the
-same batches in the same order), each driven by `train_loop` for `bench.steps` steps:
+same batches in the same order), each driven by `TrainLoop` for `bench.steps` steps:
 
     tv_eager        shape=dynamic compile=false: torchvision's model(images, targets)
     fixed_eager     shape=fixed   compile=false
@@ -40,7 +40,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from ssd_npu.config import register_configs  # noqa: E402
+from ssd_npu.config import config_dir, register_configs  # noqa: E402
 from ssd_npu.errors import UserError  # noqa: E402
 
 register_configs()
@@ -75,19 +75,22 @@ def floor_step(model):
     A mean, not a sum: a sum's gradients are large enough that SGD drives the weights towards
     huge or denormal values within a few steps, and denormal arithmetic is slow on a CPU.
     """
+    from ssd_npu.step import TrainStep
 
-    def step(batch):
-        cls_logits, bbox_regression = model(batch.images)
-        return {"floor": cls_logits.mean() + bbox_regression.mean()}
+    class FloorStep(TrainStep):
+        def __call__(self, batch):
+            cls_logits, bbox_regression = model(batch.images)
+            return {"floor": cls_logits.mean() + bbox_regression.mean()}
 
-    return step
+    return FloorStep()
 
 
 def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
+    from ssd_npu.build import build_training
     from ssd_npu.compiler import reset
-    from ssd_npu.engine import StepOptions, make_dynamic_step, train_loop
+    from ssd_npu.engine import TrainLoop
+    from ssd_npu.step import CompileOptions, DynamicStep, StepOptions
     from ssd_npu.telemetry import Telemetry, detect_warmup, steady_median
-    from ssd_npu.train import build_training
 
     shape, compile = VARIANTS[name]
     steps = int(base.bench.steps)
@@ -96,33 +99,27 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
         cfg.shape, cfg.compile, cfg.max_steps, cfg.eval = shape, compile, steps, False
     reset()
     t = build_training(cfg)
-    if cfg.epochs * len(t.train_loader) < steps:  # a small data set: enough epochs for the steps
-        cfg.epochs = math.ceil(steps / len(t.train_loader))
+    if cfg.epochs * len(t.data.train) < steps:  # a small data set: enough epochs for the steps
+        cfg.epochs = math.ceil(steps / len(t.data.train))
         t = build_training(cfg)
-    step_fn, loader = t.step_fn, t.train_loader
+    step, loader, sampler = t.step, t.data.train, t.data.train_sampler
     if name == "floor":
-        step_fn = floor_step(t.model)
-        loader = [next(iter(t.train_loader)).to(t.device.torch)] * steps
+        step = floor_step(t.model)
+        loader, sampler = [next(iter(t.data.train)).to(t.device.torch)] * steps, None
     if name == "tv_compiled":
         # bounded: dynamo raises at its recompile limit instead of falling back to eager
-        options = StepOptions(
-            amp=cfg.amp,
-            compile=True,
+        compile_options = CompileOptions(
             backend=cfg.compiler.backend or t.device.compile_backend,
-            compile_options={
-                "recompile_limit": cfg.compiler.recompile_limit,
-                "fail_on_limit": True,
-            },
+            recompile_limit=cfg.compiler.recompile_limit,
+            fail_on_limit=True,
         )
-        step_fn = make_dynamic_step(t.model, t.device, options)
+        step = DynamicStep(t.model, t.device, StepOptions(amp=cfg.amp, compile=compile_options))
     telemetry = Telemetry(out_dir / name, steps)
     stopped = "steps"
     reset_peak_rss()
+    loop = TrainLoop(step, t.optimizer, t.scheduler, loader, sampler, t.device, telemetry)
     try:
-        train_loop(
-            step_fn, t.optimizer, t.scheduler, loader, t.device, telemetry, cfg.epochs, steps,
-            count_graphs=compile,
-        )  # fmt: skip
+        loop.run(cfg.epochs, steps)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         stopped = "recompile limit"
     finally:
@@ -131,7 +128,7 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
     warmup = detect_warmup(step_ms)
     steady = steady_median(step_ms, warmup)
     steady_steps = step_ms[warmup:] or step_ms
-    compiled = getattr(step_fn, "compiled", None)
+    compiled = step.compiled
     return {
         "steps": len(step_ms),
         "stopped_by": stopped,
@@ -190,7 +187,7 @@ def table(runs: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

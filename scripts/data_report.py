@@ -21,20 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ssd_npu.config import register_configs  # noqa: E402
+from ssd_npu.config import config_dir, register_configs  # noqa: E402
 from ssd_npu.errors import UserError  # noqa: E402
 
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from ssd_npu.build import resolve_data_root
     from ssd_npu.config import validate
-    from ssd_npu.data.loader import resolve_data_root
-    from ssd_npu.data.report import data_report
-    from ssd_npu.data.report_render import format_report, save_pngs, write_report
+    from ssd_npu.tools.data_report import data_report
+    from ssd_npu.tools.report_render import format_report, save_pngs, write_report
 
     out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
     try:

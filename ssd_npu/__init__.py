@@ -1,8 +1,79 @@
-"""ssd-npu: fixed-shape ssdlite320 training for shape-compiling devices."""
+"""ssd-npu: fixed-shape detector training for shape-compiling devices (Ascend NPU, torch.compile).
 
+The public API, for your own training loop (see the README, "Use the pieces in your own
+training loop"):
+
+    fixed_ssd_loss      the SSD loss with no data-dependent shape (= torchvision's values)
+    FixedSSD            a torchvision SSD run on one fixed [B, 3, H, W] canvas
+    build_detector      torchvision's ssdlite320, random init, sized to a canvas
+    fit_to_canvas       one image + boxes onto the canvas (stretch | letterbox | pad)
+    unfit_boxes         canvas boxes back to the original image
+    pad_targets         boxes/labels to exactly M rows + a validity mask
+    FixSample           the per-sample transform (fit + pad) for a Dataset
+    FixedBatch          a batch of static shapes; collate_fixed stacks FixSample outputs
+    find_dynamic_shapes record any step function and report the ops whose shapes change
+
+Names are imported on first use, so that `import ssd_npu.data...` stays light (the training
+input path never loads the model, the compiler or the tools).
+"""
+
+import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
 # torch >= 2.5 auto-imports an installed torch_npu during `import torch`, which fails on a
 # host without CANN even for device=cpu. Importing ssd_npu before torch stops that;
 # ssd_npu.device imports torch_npu itself when device=npu asks for it.
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
+_API = {
+    "fixed_ssd_loss": "ssd_npu.loss",
+    "FixedSSD": "ssd_npu.model",
+    "build_detector": "ssd_npu.model",
+    "fit_to_canvas": "ssd_npu.data.fixed_shape",
+    "unfit_boxes": "ssd_npu.data.fixed_shape",
+    "pad_targets": "ssd_npu.data.fixed_shape",
+    "FixSample": "ssd_npu.data.fixed_shape",
+    "FixedBatch": "ssd_npu.data.fixed_shape",
+    "collate_fixed": "ssd_npu.data.fixed_shape",
+    "find_dynamic_shapes": "ssd_npu.tools.shapes",
+}
+
+__all__ = [
+    "FixSample",
+    "FixedBatch",
+    "FixedSSD",
+    "build_detector",
+    "collate_fixed",
+    "find_dynamic_shapes",
+    "fit_to_canvas",
+    "fixed_ssd_loss",
+    "pad_targets",
+    "unfit_boxes",
+]
+
+if TYPE_CHECKING:
+    from ssd_npu.data.fixed_shape import (
+        FixedBatch,
+        FixSample,
+        collate_fixed,
+        fit_to_canvas,
+        pad_targets,
+        unfit_boxes,
+    )
+    from ssd_npu.loss import fixed_ssd_loss
+    from ssd_npu.model import FixedSSD, build_detector
+    from ssd_npu.tools.shapes import find_dynamic_shapes
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ssd_npu' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

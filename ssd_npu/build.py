@@ -1,7 +1,8 @@
 """Build a training run from the config: device, process group, data, model, optimizer, step.
 
-Shared by train.py, the shape audit and the benchmark, so they all run exactly the same
-pipeline for the same overrides.
+The config object stops here: everything below takes explicit arguments. Shared by train.py,
+the shape audit and the benchmark, so they all run exactly the same pipeline for the same
+overrides.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssd_npu import distributed
 from ssd_npu.config import validate
-from ssd_npu.data.loader import build_loaders, resolve_data_root
+from ssd_npu.data.buckets import bucket_sizes
+from ssd_npu.data.loader import Loaders, LoaderSpec, build_loaders
+from ssd_npu.data.synthetic import ensure_synthetic_coco
 from ssd_npu.device import Device, resolve_device
 from ssd_npu.distributed import World
-from ssd_npu.engine import StepOptions, make_dynamic_step, make_fixed_step
+from ssd_npu.errors import DataError
 from ssd_npu.model import FixedSSD, build_detector, load_weights
 from ssd_npu.optim import build_optimizer, build_scheduler
+from ssd_npu.step import CompileOptions, DynamicStep, FixedStep, StepOptions, TrainStep
 
 
 def seed_everything(seed: int) -> None:
@@ -37,21 +41,66 @@ class Training:
 
     device: Device
     world: World
-    model: FixedSSD  # the plain module (checkpoints, evaluation); `network` may wrap it
-    network: Any  # what the step calls: the model, or its DistributedDataParallel wrapper
+    model: FixedSSD  # the plain module (checkpoints, evaluation); the step may call a DDP wrapper
     optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: Any  # GradScaler for fp16 autocast, else None
-    step_fn: Any
-    train_loader: Any
-    val_loader: Any
-    train_set: Any
-    val_set: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None  # for fp16 autocast, else None
+    step: TrainStep
+    data: Loaders
     data_root: Path
-    total_steps: int
+    total_steps: int  # optimizer steps this run trains (epochs x batches, or max_steps)
 
 
-def build_training(cfg) -> Training:
+def resolve_data_root(cfg: Any) -> Path:
+    """The data set folder: the synthetic cache (generated on first use) or data.root for coco."""
+    if cfg.data.name == "synthetic":
+        root = Path(cfg.data.root) if cfg.data.root else None
+        if root is not None and (root / "annotations").is_dir():
+            return root  # a set made by scripts/make_synthetic_coco.py: use it as it is
+        return ensure_synthetic_coco(root, cfg.data.synthetic)
+    root = Path(str(cfg.data.root)).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data.root={root} does not exist; give a COCO folder with annotations/ and "
+            f"{cfg.data.train_split}/, {cfg.data.val_split}/ inside."
+        )
+    return root
+
+
+def loader_spec(cfg: Any, world: World) -> LoaderSpec:
+    return LoaderSpec(
+        shape=cfg.shape,
+        canvas=(int(cfg.canvas[0]), int(cfg.canvas[1])),
+        max_boxes=bucket_sizes(cfg.max_boxes),
+        fit=cfg.fit,
+        batch_size=int(cfg.batch_size),
+        num_classes=int(cfg.data.num_classes),
+        train_split=cfg.data.train_split,
+        val_split=cfg.data.val_split,
+        on_bad_image=cfg.data.on_bad_image,
+        pad_value=float(cfg.pad_value),
+        augment=bool(cfg.augment),
+        num_workers=int(cfg.num_workers),
+        seed=int(cfg.seed),
+        rank=world.rank,
+        world_size=world.size,
+    )
+
+
+def step_options(cfg: Any, device: Device, world: World, network: Any) -> StepOptions:
+    compile_options = None
+    if cfg.compile:
+        compile_options = CompileOptions(
+            backend=cfg.compiler.backend or device.compile_backend,
+            fail_on_recompile=cfg.compiler.fail_on_recompile,
+            recompile_limit=cfg.compiler.recompile_limit,
+        )
+    return StepOptions(
+        amp=cfg.amp, amp_dtype=cfg.amp_dtype, compile=compile_options, network=network, world=world
+    )
+
+
+def build_training(cfg: Any) -> Training:
     """Validate the config and build everything; under torchrun, join the process group.
 
     Data parallel: each rank takes `batch_size` images of a DistributedSampler's share, so
@@ -63,9 +112,7 @@ def build_training(cfg) -> Training:
     # Rank 0's initial weights reach every rank through DDP; other randomness differs per rank.
     seed_everything(cfg.seed + world.rank)
     data_root = resolve_data_root(cfg)
-    train_loader, val_loader, train_set, val_set = build_loaders(
-        cfg, data_root, cfg.shape, distributed=world.distributed
-    )
+    data = build_loaders(loader_spec(cfg, world), data_root)
 
     canvas = (int(cfg.canvas[0]), int(cfg.canvas[1]))
     detector = build_detector(cfg.data.num_classes, canvas)
@@ -75,7 +122,7 @@ def build_training(cfg) -> Training:
         distributed.convert_sync_batchnorm(detector, device)
     model = FixedSSD(detector, canvas).to(device.torch)
     model.train()
-    network: Any = None
+    network = None
     if world.distributed:
         wrapped = model if cfg.shape == "fixed" else model.detector
         network = DistributedDataParallel(
@@ -84,38 +131,21 @@ def build_training(cfg) -> Training:
 
     # The schedule spans the configured epochs; max_steps only stops early (a smoke run
     # sees the start of the real schedule, and a resumed run the same learning rates).
-    schedule_steps = cfg.epochs * len(train_loader)
+    schedule_steps = cfg.epochs * len(data.train)
     total_steps = min(schedule_steps, cfg.max_steps or schedule_steps)
     optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.batch_size * world.size)
     scheduler = build_scheduler(optimizer, cfg.optim, schedule_steps)
-    scaler = device.grad_scaler(cfg.amp, cfg.amp_dtype)
-    make_step = make_fixed_step if cfg.shape == "fixed" else make_dynamic_step
-    options = StepOptions(
-        amp=cfg.amp,
-        amp_dtype=cfg.amp_dtype,
-        compile=cfg.compile,
-        backend=cfg.compiler.backend or device.compile_backend,
-        compile_options={
-            "fail_on_recompile": cfg.compiler.fail_on_recompile,
-            "recompile_limit": cfg.compiler.recompile_limit,
-        },
-        network=network,
-        world=world,
-    )
-    step_fn = make_step(model, device, options)
+    step_type = FixedStep if cfg.shape == "fixed" else DynamicStep
+    step = step_type(model, device, step_options(cfg, device, world, network))
     return Training(
         device=device,
         world=world,
         model=model,
-        network=network or model,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=scaler,
-        step_fn=step_fn,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        train_set=train_set,
-        val_set=val_set,
+        scaler=device.grad_scaler(cfg.amp, cfg.amp_dtype),
+        step=step,
+        data=data,
         data_root=data_root,
         total_steps=total_steps,
     )

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ssd_npu.engine import Progress
 from ssd_npu.errors import UserError
 
 
@@ -98,3 +101,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds, so `resume` continues exactly: weights, optimizer, schedule,
+    scaler, RNG states, the position (`Progress`) and the resolved config (for the reader)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    config: dict[str, Any]
+
+    def to_dict(self, progress: Progress) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "progress": asdict(progress),
+            "config": self.config,
+            "rng": rng_state(),
+        }
+
+    def load(self, state: dict[str, Any]) -> Progress:
+        """Load a `to_dict` into the built objects; return where to continue."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        return Progress(**state["progress"])

@@ -1,8 +1,8 @@
 """torch.compile as a stand-in for a shape-compiling device: one graph per input shape.
 
-`compile_fn` wraps a step function with `torch.compile(dynamic=False)`, so every new input
+`CompiledStep` wraps a step function with `torch.compile(dynamic=False)`, so every new input
 shape compiles a new graph, as an Ascend NPU compiles operators online for every new shape.
-The wrapper (`CompiledStep`) counts the graphs each call compiled (dynamo's own
+It counts the graphs each call compiled (dynamo's own
 `unique_graphs` counter): graphs of the first call are the warm-up, every graph after it is
 a recompile. With `fail_on_recompile`, calls after the first run under
 `torch.compiler.set_stance("fail_on_recompile")` and a recompile raises `RecompileError`
@@ -117,14 +117,3 @@ class CompiledStep:
             reasons = [m.recompile_reason for m in new if m.recompile_reason]
             self.recompiles_per_call.append(len(reasons))
             self.recompile_reasons.extend(reasons)
-
-
-def compile_fn(
-    fn: Callable,
-    backend: str,
-    fail_on_recompile: bool = False,
-    recompile_limit: int | None = None,
-    fail_on_limit: bool = False,
-) -> CompiledStep:
-    """`fn` compiled once per input shape (`dynamic=False`) with the device's backend."""
-    return CompiledStep(fn, backend, fail_on_recompile, recompile_limit, fail_on_limit)

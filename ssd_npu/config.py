@@ -9,6 +9,7 @@ that message and exits with status 2 instead of a traceback.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -132,6 +133,16 @@ class TrainConfig:
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def config_dir() -> str:
+    """The Hydra config folder: the checkout's `configs/`, or `ssd_npu/configs` once installed
+    (pyproject ships configs/ inside the package)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parent / "configs"):
+        if (folder / "train.yaml").is_file():
+            return str(folder)
+    raise FileNotFoundError(f"ssd_npu: no Hydra configs (train.yaml) in {here} or beside it.")
 
 
 def register_configs() -> None:

@@ -12,8 +12,10 @@ import contextlib
 import importlib
 import os
 from dataclasses import dataclass
+from time import perf_counter
 
 import torch
+from torch import Tensor
 
 from ssd_npu.errors import DeviceError
 
@@ -22,6 +24,44 @@ _NPU_REQUIREMENTS = (
     "pip install -r requirements-npu.txt (torch==2.14.0 CPU build, torch-npu==2.14.0, "
     "torchvision==0.29.0)"
 )
+
+
+class Mark:
+    """A point in the device's queue, for timing without waiting: a timing event recorded on
+    the current stream (cuda / npu), or a wall-clock stamp on the cpu, where ops run at once.
+    """
+
+    def __init__(self, device_type: str) -> None:
+        self.event = None
+        self.time = perf_counter()
+        if device_type in ("cuda", "npu"):
+            self.event = getattr(torch, device_type).Event(enable_timing=True)
+            self.event.record()
+
+    def wait(self) -> None:
+        """Block the host until the device has passed this mark."""
+        if self.event is not None:
+            self.event.synchronize()
+
+    def ms_since(self, start: Mark) -> float:
+        """Device time from `start` to this mark in ms (waits for this mark)."""
+        self.wait()
+        if self.event is not None and start.event is not None:
+            return float(start.event.elapsed_time(self.event))
+        return (self.time - start.time) * 1000.0
+
+
+class HostCopy:
+    """A device tensor copied to the host without waiting; `values()` waits for that copy only
+    (the device may already run later work), then returns the numbers."""
+
+    def __init__(self, tensor: Tensor, device_type: str) -> None:
+        self.tensor = tensor.detach().to("cpu", non_blocking=device_type != "cpu")
+        self.ready = Mark(device_type)
+
+    def values(self) -> list[float]:
+        self.ready.wait()
+        return self.tensor.tolist()
 
 
 @dataclass(frozen=True)
@@ -41,6 +81,19 @@ class Device:
             torch.cuda.synchronize(self.torch)
         elif self.type == "npu":
             torch.npu.synchronize()
+
+    def mark(self) -> Mark:
+        """A timing mark at this point of the device's queue (see `Mark`)."""
+        return Mark(self.type)
+
+    def to_host(self, tensor: Tensor) -> HostCopy:
+        """Start copying `tensor` to the host; read it later with `.values()`."""
+        return HostCopy(tensor, self.type)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether host batches should be pinned (page-locked) for asynchronous copies."""
+        return self.type in ("cuda", "npu")
 
     def amp_dtype(self, name: str | None = None) -> torch.dtype:
         """Autocast dtype: `name` (bf16 | fp16), or the device's default (cpu bf16, else fp16)."""

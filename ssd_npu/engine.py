@@ -1,30 +1,35 @@
-"""The training loop and its two step functions: fixed shapes, and torchvision's dynamic path.
+"""The training loop: built objects in (step, optimizer, loader, telemetry), hooks at its seams.
 
-The loop takes built objects (model step, optimizer, loader, device, telemetry), not the
-config, as torchvision's references/detection engine does.
+As torchvision's references/detection engine, the loop takes built objects, not the config;
+as detectron2's trainer, everything around the step (checkpoints, evaluation, the profiler,
+bucket counting, stop signals) is a `Hook` in a list.
+
+The host never waits for the device inside the steady loop: a step's losses and its device
+time are copied/timed with marks and read one step late, after the next step has been queued
+(`Device.mark`, `Device.to_host`). Steps a hook must see exactly (a checkpoint, the end of an
+epoch, the last step) are read at once instead (`Hook.sync_after`). A non-finite loss stops
+training when it is read, at most one step later, naming the step it came from.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from time import perf_counter
 
 import torch
-from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder
 
-from ssd_npu.compiler import compile_fn, graphs_compiled
-from ssd_npu.device import Device
+from ssd_npu.data.dynamic import DynamicBatch
+from ssd_npu.data.fixed_shape import FixedBatch
+from ssd_npu.data.samplers import ResumableSampler
+from ssd_npu.device import Device, HostCopy, Mark
 from ssd_npu.distributed import World, all_reduce
 from ssd_npu.errors import UserError
-from ssd_npu.loss import fixed_ssd_loss, normalise, ssd_loss_sums
-from ssd_npu.model import FixedSSD
+from ssd_npu.step import TrainStep
 from ssd_npu.telemetry import Telemetry
 
-StepFn = Callable[[object], dict[str, Tensor]]
-
+Batch = FixedBatch | DynamicBatch
 
 # Per-batch data counters (degenerate / clipped boxes, skipped images, images scaled down
 # by fit=pad) summed into summary.json's `data_counts`.
@@ -33,85 +38,6 @@ DATA_COUNTS = ("degenerate", "clipped", "skipped", "downscaled")
 
 class NonFiniteLoss(UserError):
     """Training produced a NaN or infinite loss; the message names the step and the terms."""
-
-
-@dataclass(frozen=True)
-class StepOptions:
-    """How a step function runs: mixed precision, compilation, data parallel."""
-
-    amp: bool = False
-    amp_dtype: str | None = None  # bf16 | fp16; None: the device's default
-    compile: bool = False
-    backend: str = "inductor"
-    # ssd_npu.compiler.CompiledStep options: fail_on_recompile, recompile_limit, fail_on_limit
-    compile_options: dict | None = None
-    network: Callable | None = None  # what to call instead of the model (a DDP wrapper)
-    world: World | None = None
-
-    def maybe_compile(self, fn: Callable) -> Callable:
-        return compile_fn(fn, self.backend, **(self.compile_options or {})) if self.compile else fn
-
-
-def make_fixed_step(
-    model: FixedSSD, device: Device, options: StepOptions = StepOptions()
-) -> StepFn:
-    """Loss of one FixedBatch: network (optionally autocast) + fixed_ssd_loss in fp32.
-
-    `options.network` is the module to call (DistributedDataParallel-wrapped under torchrun;
-    default `model`). In a world of several ranks the loss is divided by the foreground count
-    of the global batch (all-reduced), as one process would divide on the whole batch.
-
-    With `compile`, the forward and loss become one graph (`dynamic=False`: one compile per
-    input shape, exactly like an NPU's online operator compile); backward follows it.
-    """
-    box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
-
-    network = options.network or model
-    distributed = options.world is not None and options.world.distributed
-
-    def losses(images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor) -> dict[str, Tensor]:
-        with device.autocast(options.amp, options.amp_dtype):
-            cls_logits, bbox_regression = network(images)
-        # The loss runs in the anchors' precision (fp32) whatever autocast gave the network.
-        dtype = model.anchors.dtype
-        args = (
-            cls_logits.to(dtype),
-            bbox_regression.to(dtype),
-            model.anchors,
-            boxes,
-            labels,
-            valid,
-        )
-        if not distributed:
-            return fixed_ssd_loss(*args, box_coder)
-        bbox_sum, cls_sum, num_foreground = ssd_loss_sums(*args, box_coder)
-        return normalise(bbox_sum, cls_sum, all_reduce(num_foreground))
-
-    fn = options.maybe_compile(losses)
-
-    def step(batch) -> dict[str, Tensor]:
-        return fn(batch.images, batch.boxes, batch.labels, batch.valid)
-
-    step.compiled = fn if options.compile else None  # graphs / recompiles for the summary
-    return step
-
-
-def make_dynamic_step(
-    model: FixedSSD, device: Device, options: StepOptions = StepOptions()
-) -> StepFn:
-    """torchvision's unmodified path: `detector(list_of_images, targets)` -> its loss dict.
-
-    `options.network`: the detector to call (DDP-wrapped under torchrun). Its loss is
-    normalised by each rank's own positives, as torchvision's reference does.
-    """
-    fn = options.maybe_compile(options.network or model.detector)
-
-    def step(batch) -> dict[str, Tensor]:
-        with device.autocast(options.amp, options.amp_dtype):
-            return fn(batch.images, batch.targets)
-
-    step.compiled = fn if options.compile else None
-    return step
 
 
 @dataclass
@@ -123,105 +49,199 @@ class Progress:
     step: int = 0
 
 
-def train_loop(
-    step_fn: StepFn,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    loader: Iterable,
-    device: Device,
-    telemetry: Telemetry,
-    epochs: int,
-    max_steps: int | None = None,
-    count_graphs: bool = False,
-    progress: Progress | None = None,
-    on_step_end: Callable[[Progress], None] | None = None,
-    on_epoch_end: Callable[[Progress], None] | None = None,
-    stop_requested: Callable[[], bool] | None = None,
-    world: World | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> Progress:
-    """Train until `epochs` are done, `max_steps` optimizer steps, or `stop_requested()`.
+@dataclass
+class StepRecord:
+    """One queued step, until its results are read: what the hooks and telemetry get."""
 
-    `progress` resumes mid-epoch: the loader's sampler skips the batches already trained on
-    (`skip_next`), so a resumed run sees exactly the batches an uninterrupted one would.
-    Timing: `data_ms` is the wait for the next batch (host pipeline + copy to the device);
-    `step_ms` runs from the batch being on the device to the optimizer step having finished
-    on it (the device is synchronised before the clock is read).
-    Under DDP (`world` of several ranks) gradients are averaged over ranks, so the backward
-    uses world-size x the loss (each rank's loss is already divided by the global positives);
-    logged losses are summed over ranks and times are the slowest rank's. `scaler`: a
-    GradScaler for fp16 autocast.
+    step: int  # 1-based optimizer step
+    epoch: int
+    batch: Batch
+    data_ms: float  # host wait for this batch
+    lr: float
+    start: Mark
+    end: Mark
+    losses: HostCopy  # total, then each term, as queued on the device
+    names: list[str]
+    graphs: int  # graphs the step compiled when it was queued (0 when eager)
+    step_ms: float = 0.0  # filled when read: device time of the step
+    values: dict[str, float] = field(default_factory=dict)  # filled when read
+
+
+class Hook:
+    """A seam of the loop; override what you need (all no-ops here). Called in list order.
+
+    before_train(progress)      once, before the first batch (also when resuming)
+    before_step(progress)       the batch is on the device; the step is about to be queued
+    after_update(progress)      the step (forward, loss, backward, optimizer) is queued and
+                                nothing of it read yet: work after this is not the step's
+    sync_after(progress) -> bool  True: read this step's results at once (the model then is
+                                exactly as after it), e.g. to checkpoint it; else one step late
+    after_step(record, progress)  a step's results were read and logged (record.step may be
+                                progress.step - 1: the model is then one step further)
+    after_epoch(progress)       all of an epoch's steps read
+    should_stop() -> bool       asked once per queued step; True: read it, end training
+    after_train(progress, failed)  always; `failed`: training raised (a non-finite loss...)
     """
-    progress = progress or Progress()
-    world = world or World()
-    # a bucketed loader (max_boxes=[...]) keeps the epoch and skip state in its batch sampler
-    sampler = getattr(loader, "batch_sampler", None)
-    if not hasattr(sampler, "skip_next"):
-        sampler = getattr(loader, "sampler", None)
-    batch_size = getattr(loader, "batch_size", None) or getattr(sampler, "batch_size", None)
-    while progress.epoch < epochs:
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(progress.epoch)
-        if progress.batch and hasattr(sampler, "skip_next"):
-            sampler.skip_next(progress.batch * batch_size)
-        data_start = perf_counter()
-        for batch in loader:
-            batch = batch.to(device.torch)
-            device.synchronize()
-            step_start = perf_counter()
-            losses = step_fn(batch)
-            total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            backward = total * world.size if world.distributed else total
-            if scaler is not None:
-                scaler.scale(backward).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                backward.backward()
-                optimizer.step()
-            device.synchronize()
-            step_end = perf_counter()
 
-            # Reading the losses is a device-to-host sync, made on purpose, after the clock.
-            names = ["total", *losses]
-            reduced = all_reduce(torch.stack([total.detach(), *losses.values()]).float())
-            values = {name: reduced[i].item() for i, name in enumerate(names)}
-            step_ms, data_ms = (step_end - step_start) * 1000.0, (step_start - data_start) * 1000.0
-            if world.distributed:  # the slowest rank sets the pace
-                times = torch.tensor([step_ms, data_ms], device=device.torch)
-                step_ms, data_ms = all_reduce(times, op="max").tolist()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            progress.step += 1
-            progress.batch += 1
-            if not all(math.isfinite(v) for v in values.values()):
-                terms = ", ".join(f"{k}={v}" for k, v in values.items())
-                raise NonFiniteLoss(
-                    f"training stopped at step {progress.step} (epoch {progress.epoch}): the loss "
-                    f"is not finite ({terms}). Lower the learning rate (optim.lr) or check the "
-                    "data of this batch."
-                )
-            telemetry.log_step(
-                progress.step,
-                step_ms,
-                data_ms,
-                batch_size=len(batch.image_ids) * world.size,
-                losses=values,
-                lr=lr,
-                boxes_dropped=getattr(batch, "boxes_dropped", 0),
-                graphs=graphs_compiled() if count_graphs else None,
-                data_counts={k: getattr(batch, k, 0) for k in DATA_COUNTS},
-            )
-            if on_step_end is not None:
-                on_step_end(progress)
-            if max_steps is not None and progress.step >= max_steps:
-                return progress
-            if stop_requested is not None and stop_requested():
-                return progress
+    def before_train(self, progress: Progress) -> None: ...
+
+    def before_step(self, progress: Progress) -> None: ...
+
+    def after_update(self, progress: Progress) -> None: ...
+
+    def sync_after(self, progress: Progress) -> bool:
+        return False
+
+    def after_step(self, record: StepRecord, progress: Progress) -> None: ...
+
+    def after_epoch(self, progress: Progress) -> None: ...
+
+    def should_stop(self) -> bool:
+        return False
+
+    def after_train(self, progress: Progress, failed: bool) -> None: ...
+
+
+class TrainLoop:
+    """Trains `step` with `optimizer` on `loader` until `epochs` or `max_steps`, or a hook stops.
+
+    `sampler` is the loader's training sampler: the loop positions it on (epoch, batch) to
+    resume exactly (`ResumableSampler`). `scaler`: a GradScaler for fp16 autocast. Under DDP
+    (`world` of several ranks) gradients are averaged over ranks, so the backward uses
+    world-size x the loss (each rank's loss is already divided by the global positives);
+    logged losses are summed over ranks and step times are the slowest rank's.
+    Timing: `data_ms` is the host's wait for the next batch; `step_ms` the device time from
+    the step being queued to its optimizer step having run (events; wall clock on the cpu).
+    """
+
+    def __init__(
+        self,
+        step: TrainStep,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loader: Iterable[Batch],
+        sampler: ResumableSampler | None,
+        device: Device,
+        telemetry: Telemetry,
+        hooks: Iterable[Hook] = (),
+        scaler: torch.amp.GradScaler | None = None,
+        world: World | None = None,
+    ) -> None:
+        self.step, self.optimizer, self.scheduler = step, optimizer, scheduler
+        self.loader, self.sampler, self.device = loader, sampler, device
+        self.telemetry, self.hooks, self.scaler = telemetry, list(hooks), scaler
+        self.world = world or World()
+
+    def run(
+        self, epochs: int, max_steps: int | None = None, progress: Progress | None = None
+    ) -> Progress:
+        """Train from `progress` (a resumed run's position); return where training stopped."""
+        progress = progress or Progress()
+        failed = True
+        for hook in self.hooks:
+            hook.before_train(progress)
+        try:
+            self._epochs(progress, epochs, max_steps)
+            failed = False
+        finally:
+            for hook in self.hooks:
+                hook.after_train(progress, failed)
+        return progress
+
+    def _epochs(self, progress: Progress, epochs: int, max_steps: int | None) -> None:
+        pending: StepRecord | None = None
+        while progress.epoch < epochs and (max_steps is None or progress.step < max_steps):
+            if self.sampler is not None:
+                self.sampler.set_epoch(progress.epoch)
+                if progress.batch:
+                    self.sampler.skip(progress.batch)
             data_start = perf_counter()
-        progress.epoch += 1
-        progress.batch = 0
-        if on_epoch_end is not None:
-            on_epoch_end(progress)
-    return progress
+            for batch in self.loader:
+                record = self.run_step(batch, progress, (perf_counter() - data_start) * 1000.0)
+                if pending is not None:  # read the previous step while this one runs
+                    self.finish(pending, progress)
+                pending = record
+                last = max_steps is not None and progress.step >= max_steps
+                if last or any(hook.sync_after(progress) for hook in self.hooks):
+                    self.finish(pending, progress)
+                    pending = None
+                if last or any(hook.should_stop() for hook in self.hooks):
+                    if pending is not None:
+                        self.finish(pending, progress)
+                    return
+                data_start = perf_counter()
+            if pending is not None:
+                self.finish(pending, progress)
+                pending = None
+            progress.epoch += 1
+            progress.batch = 0
+            for hook in self.hooks:
+                hook.after_epoch(progress)
+
+    def run_step(self, batch: Batch, progress: Progress, data_ms: float = 0.0) -> StepRecord:
+        """Queue one optimizer step on `batch` (moved to the device); nothing is read back."""
+        batch = batch.to(self.device.torch)
+        for hook in self.hooks:
+            hook.before_step(progress)
+        start = self.device.mark()
+        losses = self.step(batch)
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        backward = total * self.world.size if self.world.distributed else total
+        if self.scaler is not None:
+            self.scaler.scale(backward).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            backward.backward()
+            self.optimizer.step()
+        end = self.device.mark()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        progress.step += 1
+        progress.batch += 1
+        for hook in self.hooks:
+            hook.after_update(progress)
+        stacked = torch.stack([total.detach(), *(v.detach() for v in losses.values())]).float()
+        return StepRecord(
+            step=progress.step,
+            epoch=progress.epoch,
+            batch=batch,
+            data_ms=data_ms,
+            lr=lr,
+            start=start,
+            end=end,
+            losses=self.device.to_host(all_reduce(stacked)),
+            names=["total", *losses],
+            graphs=self.step.graphs_last_call,
+        )
+
+    def finish(self, record: StepRecord, progress: Progress) -> None:
+        """Read a queued step's losses and time, stop on a non-finite loss, log, call hooks."""
+        record.values = dict(zip(record.names, record.losses.values(), strict=True))
+        record.step_ms = record.end.ms_since(record.start)
+        data_ms = record.data_ms
+        if self.world.distributed:  # the slowest rank sets the pace
+            times = torch.tensor([record.step_ms, data_ms], device=self.device.torch)
+            record.step_ms, data_ms = all_reduce(times, op="max").tolist()
+        if not all(math.isfinite(v) for v in record.values.values()):
+            terms = ", ".join(f"{k}={v}" for k, v in record.values.items())
+            raise NonFiniteLoss(
+                f"training stopped: the loss of step {record.step} (epoch {record.epoch}) is not "
+                f"finite ({terms}). Lower the learning rate (optim.lr) or check the data of "
+                "this batch."
+            )
+        batch = record.batch
+        self.telemetry.log_step(
+            record.step,
+            record.step_ms,
+            data_ms,
+            batch_size=len(batch.image_ids) * self.world.size,
+            losses=record.values,
+            lr=record.lr,
+            boxes_dropped=getattr(batch, "boxes_dropped", 0),
+            graphs=self.step.graphs,
+            data_counts={k: getattr(batch, k, 0) for k in DATA_COUNTS},
+        )
+        for hook in self.hooks:
+            hook.after_step(record, progress)

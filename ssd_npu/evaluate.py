@@ -26,6 +26,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torchvision.models.detection.ssd import SSD
 
+from ssd_npu import distributed
 from ssd_npu.data.fixed_shape import FixedBatch, unfit_boxes
 from ssd_npu.device import Device
 from ssd_npu.model import FixedSSD, eval_mode
@@ -155,15 +156,35 @@ def dynamic_detections(
     return records, image_ids
 
 
-def evaluate_fixed(
-    model: FixedSSD, loader: Iterable[FixedBatch], dataset, device, amp: bool = False
-) -> dict[str, Any]:
-    """COCO mAP of the fixed path on a val loader of FixedBatch; `dataset.coco` is the GT."""
-    records, image_ids = fixed_detections(model, loader, device, amp)
-    return coco_map(dataset.coco, records, image_ids)
+class Evaluator:
+    """COCO mAP on a val loader: the fixed path, or torchvision's own for shape="dynamic".
 
+    Each rank runs its share of the val set; rank 0 gathers every rank's detections and runs
+    COCOeval (`run` returns None on the other ranks; in one process it always returns).
+    """
 
-def evaluate_dynamic(detector: SSD | FixedSSD, loader: Iterable, dataset, device) -> dict[str, Any]:
-    """COCO mAP of torchvision's dynamic inference on a val loader of DynamicBatch."""
-    records, image_ids = dynamic_detections(detector, loader, device)
-    return coco_map(dataset.coco, records, image_ids)
+    def __init__(
+        self,
+        model: FixedSSD,
+        loader: Iterable,
+        coco: COCO,
+        device: Device | torch.device | str,
+        shape: str = "fixed",
+        amp: bool = False,
+    ) -> None:
+        self.model, self.loader, self.coco = model, loader, coco
+        self.device, self.shape, self.amp = _as_device(device), shape, amp
+
+    def detections(self) -> tuple[list[dict], list[int]]:
+        """This rank's COCO records and evaluated image ids."""
+        if self.shape == "fixed":
+            return fixed_detections(self.model, self.loader, self.device, amp=self.amp)
+        return dynamic_detections(self.model.detector, self.loader, self.device)
+
+    def run(self) -> dict[str, Any] | None:
+        gathered = distributed.gather_to_main(self.detections())
+        if gathered is None:
+            return None
+        records = [r for part, _ in gathered for r in part]
+        image_ids = sorted({i for _, ids in gathered for i in ids})
+        return coco_map(self.coco, records, image_ids)

@@ -20,6 +20,11 @@ from torchvision.ops import box_iou
 _PADDING_IOU = -1.0
 
 
+def ssd_box_coder() -> BoxCoder:
+    """torchvision's SSD box coding: weights (10, 10, 5, 5) for (x, y, w, h)."""
+    return BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+
+
 def match_anchors(
     anchors: Tensor, boxes: Tensor, valid: Tensor, iou_threshold: float = 0.5
 ) -> Tensor:
@@ -62,7 +67,8 @@ def fixed_ssd_loss(
     boxes: Tensor,
     labels: Tensor,
     valid: Tensor,
-    box_coder: BoxCoder,
+    *,
+    box_coder: BoxCoder | None = None,
     iou_threshold: float = 0.5,
     neg_to_pos_ratio: int = 3,
 ) -> dict[str, Tensor]:
@@ -75,14 +81,15 @@ def fixed_ssd_loss(
         boxes: [B, M, 4] xyxy, canvas pixels; padding rows may hold anything (even NaN).
         labels: [B, M] int64, 1..C-1 for real boxes.
         valid: [B, M] bool, False for padding rows.
-        box_coder: torchvision's BoxCoder, weights (10, 10, 5, 5).
+        box_coder: how boxes are encoded; None: torchvision's SSD BoxCoder, weights (10, 10, 5, 5).
+        iou_threshold: SSDMatcher's foreground IoU; neg_to_pos_ratio: hard negatives per positive.
     Returns:
         {"bbox_regression": scalar, "classification": scalar}, each divided by
         max(1, foreground anchors in the batch), as torchvision's `SSD.compute_loss`.
     """
     bbox_sum, cls_sum, num_foreground = ssd_loss_sums(
-        cls_logits, bbox_regression, anchors, boxes, labels, valid, box_coder,
-        iou_threshold, neg_to_pos_ratio,
+        cls_logits, bbox_regression, anchors, boxes, labels, valid,
+        box_coder=box_coder, iou_threshold=iou_threshold, neg_to_pos_ratio=neg_to_pos_ratio,
     )  # fmt: skip
     return normalise(bbox_sum, cls_sum, num_foreground)
 
@@ -100,7 +107,8 @@ def ssd_loss_sums(
     boxes: Tensor,
     labels: Tensor,
     valid: Tensor,
-    box_coder: BoxCoder,
+    *,
+    box_coder: BoxCoder | None = None,
     iou_threshold: float = 0.5,
     neg_to_pos_ratio: int = 3,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -109,6 +117,7 @@ def ssd_loss_sums(
     Same arguments as `fixed_ssd_loss`. Split out so that data-parallel training can divide
     by the foreground count of the *global* batch, as one process would.
     """
+    box_coder = box_coder or ssd_box_coder()
     # Padding rows are arbitrary: replace them before they reach any arithmetic, so a NaN
     # there cannot leak into a max, a sum or a gradient.
     boxes = torch.where(valid[:, :, None], boxes, anchors.new_zeros(()))

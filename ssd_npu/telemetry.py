@@ -64,7 +64,9 @@ class Telemetry:
         self.data_counts: dict[str, int] = {}  # degenerate / clipped boxes, skipped images, ...
         self.last_losses: dict[str, float] = {}
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if enabled else None
-        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=not enabled)
+        # no bar at all when nothing will be trained (eval_only, a finished run)
+        disable = not enabled or total_steps <= 0
+        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=disable)
 
     def log_step(
         self,

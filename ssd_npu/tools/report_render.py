@@ -1,7 +1,7 @@
 """Output of the data report: console text, the JSON file and the PNG histograms.
 
-The statistics are computed in `ssd_npu.data.report` and the recommendation in
-`ssd_npu.data.recommend`; this module only renders a finished report dict (and, for the
+The statistics are computed in `ssd_npu.tools.data_report` and the recommendation in
+`ssd_npu.tools.recommend`; this module only renders a finished report dict (and, for the
 histograms, re-reads the annotation file).
 """
 
@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ssd_npu.data.report import box_table, fit_scales, load_coco
+from ssd_npu.data.box_table import box_table, load_coco
+from ssd_npu.tools.data_report import fit_scales
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -1,9 +1,9 @@
 """Recommendation: choose max_boxes, buckets, canvas and fit from the report's statistics.
 
-`recommend` turns the box counts and the per-(canvas, fit) rows of `ssd_npu.data.report` into
+`recommend` turns the box counts and the per-(canvas, fit) rows of `ssd_npu.tools.data_report` into
 the overrides to use, each with its reason; `truncation` and `bucket_padding` are what a
-max_boxes or a bucket list costs, and `bucket_of` is the one bucket rule shared with the
-bucket sampler (`ssd_npu.data.buckets`).
+max_boxes or a bucket list costs. The bucket rule itself (`bucket_of`) is the bucket
+sampler's (`ssd_npu.data.buckets`), so the report and training agree.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ssd_npu.data.buckets import bucket_of
+
 if TYPE_CHECKING:
-    from ssd_npu.data.report import BoxTable
+    from ssd_npu.data.box_table import BoxTable
 
 MAX_BOXES_CANDIDATES = (8, 16, 20, 32, 50, 64, 100, 128)
 DROP_BUDGET_PCT = 0.1  # recommended max_boxes drops at most this share of boxes
@@ -61,11 +63,6 @@ def merge_small_buckets(counts: np.ndarray, buckets: list[int], min_images: int)
             break
         del sizes[max(small[-1] - 1, 0)]
     return sizes
-
-
-def bucket_of(counts: np.ndarray, sizes: list[int]) -> np.ndarray:
-    """Index of the smallest bucket >= each count (the largest for counts above it)."""
-    return np.minimum(np.searchsorted(np.asarray(sizes), counts), len(sizes) - 1)
 
 
 def recommend(

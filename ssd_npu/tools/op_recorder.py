@@ -2,7 +2,7 @@
 
 `OpRecorder` is a `TorchDispatchMode`. For each op (while `phase` is set) it keeps the aten
 name, the input and output shapes and the *site*: the first Python frame outside torch, the
-stdlib and this file, shortened to start at the package dir
+stdlib and ssd_npu/tools/, shortened to start at the package dir
 (`torchvision/models/detection/ssd.py:277`, `ssd_npu/loss.py:41`). Frames are walked with
 `sys._getframe` and every decision is cached per code object / line, so recording a training
 step costs little more than running it.
@@ -47,11 +47,16 @@ SYNC_OPS = {
 }
 INDEX_OPS = ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TOOLS_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # the recorder's own callers
 _STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
 
 
-def sync_reason(name: str, args: tuple, out: Any) -> str | None:
-    """Why op `name` forces a device-to-host sync, or None."""
+def sync_reason(name: str, args: tuple, out: Any, kwargs: dict | None = None) -> str | None:
+    """Why op `name` forces a device-to-host sync, or None.
+
+    A non-blocking copy to the host (into pinned memory, read later) does not make the host
+    wait, so it is not a sync; a blocking one is.
+    """
     if name in SYNC_OPS:
         return SYNC_OPS[name]
     if name in INDEX_OPS and len(args) > 1:
@@ -60,7 +65,11 @@ def sync_reason(name: str, args: tuple, out: Any) -> str | None:
             return "boolean-mask indexing: output size = number of True"
     if name in ("aten::_to_copy", "aten::copy_") and isinstance(out, torch.Tensor):
         src = args[1] if name == "aten::copy_" else args[0]
-        if out.device.type == "cpu" and src.device.type != "cpu":
+        if name == "aten::copy_":
+            non_blocking = bool(args[2]) if len(args) > 2 else False
+        else:
+            non_blocking = bool((kwargs or {}).get("non_blocking", False))
+        if out.device.type == "cpu" and src.device.type != "cpu" and not non_blocking:
             return "copy from the device to the host"
     return None
 
@@ -78,7 +87,7 @@ class SiteFinder:
         if skip is None:
             name = code.co_filename
             stdlib = name.startswith(_STDLIB) and "site-packages" not in name
-            skip = name.startswith(_TORCH_DIR) or name == __file__ or stdlib or name[0] == "<"
+            skip = name.startswith((_TORCH_DIR, _TOOLS_DIR)) or stdlib or name[0] == "<"
             self._skip[code] = skip
         return skip
 
@@ -178,7 +187,7 @@ class OpRecorder(TorchDispatchMode):
         else:
             kind = "fwd"
             site, caller = self.sites.find(sys._getframe(2))
-        reason = sync_reason(name, args, out)
+        reason = sync_reason(name, args, out, kwargs)
         if self.phase == "logging":
             if reason:
                 self.logging[(site, name)] += 1

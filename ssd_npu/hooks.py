@@ -1,0 +1,154 @@
+"""The loop's hooks: checkpoints, evaluation, the profiler, bucket counting, stop signals.
+
+Each is a `ssd_npu.engine.Hook` built from explicit objects; `ssd_npu.train.run` puts them in
+a list. Only rank 0 writes (checkpoints, TensorBoard), but every rank runs every hook, so
+collectives (evaluation's gather, the stop vote) stay in step across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from ssd_npu import distributed
+from ssd_npu.checkpoint import TrainState, checkpoint_path, save_checkpoint
+from ssd_npu.device import Device
+from ssd_npu.engine import Hook, Progress, StepRecord
+from ssd_npu.evaluate import Evaluator
+from ssd_npu.interrupt import StopOnSignal
+from ssd_npu.telemetry import Telemetry
+
+
+class StopSignalHook(Hook):
+    """SIGINT / SIGTERM stop training after the current step; every rank stops at the same one."""
+
+    def __init__(self, device: Device) -> None:
+        self.device, self.signal = device, StopOnSignal()
+
+    @property
+    def requested(self) -> bool:
+        return self.signal.requested()
+
+    def before_train(self, progress: Progress) -> None:
+        self.signal.__enter__()
+
+    def should_stop(self) -> bool:
+        # Every rank must stop after the same step, or one would wait forever in a collective.
+        return distributed.any_rank(self.signal.requested(), self.device)
+
+    def after_train(self, progress: Progress, failed: bool) -> None:
+        self.signal.__exit__(None, None, None)
+
+
+class CheckpointHook(Hook):
+    """A checkpoint every `every` steps (0: none on the way) and one when training ends."""
+
+    def __init__(self, state: TrainState, folder: Path, every: int, keep: int, main: bool):
+        self.state, self.folder, self.every, self.keep, self.main = state, folder, every, keep, main
+        self.saved: list[Path] = []
+
+    def _due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def sync_after(self, progress: Progress) -> bool:
+        return self._due(progress.step)  # the checkpoint must hold the weights of that step
+
+    def after_step(self, record: StepRecord, progress: Progress) -> None:
+        if self._due(record.step):
+            self.save(progress)
+
+    def save(self, progress: Progress) -> None:
+        if self.main:
+            state = self.state.to_dict(progress)
+            self.saved.append(save_checkpoint(state, self.folder, progress.step, self.keep))
+        else:
+            self.saved.append(checkpoint_path(self.folder, progress.step))
+
+    def after_train(self, progress: Progress, failed: bool) -> None:
+        # after a failure (a non-finite loss) the last checkpoint written is the last good one
+        if not failed and (
+            not self.saved or self.saved[-1] != checkpoint_path(self.folder, progress.step)
+        ):
+            self.save(progress)
+
+    @property
+    def last(self) -> Path | None:
+        return self.saved[-1] if self.saved else None
+
+
+class EvalHook(Hook):
+    """COCO mAP every `every_epochs` epochs (0: none on the way) and when training ends
+    (`final`, unless training failed or a stop signal ended it); logged as eval/mAP(50)."""
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        telemetry: Telemetry,
+        every_epochs: int,
+        epochs: int,
+        final: bool = True,
+        stop: StopSignalHook | None = None,
+    ) -> None:
+        self.evaluator, self.telemetry = evaluator, telemetry
+        self.every, self.epochs, self.final, self.stop = every_epochs, epochs, final, stop
+        self.history: list[dict[str, Any]] = []
+
+    def sync_after(self, progress: Progress) -> bool:
+        return False  # the loop reads every step of an epoch before `after_epoch`
+
+    def after_epoch(self, progress: Progress) -> None:
+        if self.every and progress.epoch % self.every == 0 and progress.epoch < self.epochs:
+            self.evaluate(progress.step)
+
+    def after_train(self, progress: Progress, failed: bool) -> None:
+        if self.final and not failed and not (self.stop and self.stop.requested):
+            self.evaluate(progress.step)
+
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        result = self.evaluator.run()
+        if result is not None:  # rank 0 only
+            keys = ("mAP", "mAP50", "num_images", "num_detections")
+            self.history.append({"step": step, **{k: result[k] for k in keys}})
+            scalars = {"eval/mAP": result["mAP"], "eval/mAP50": result["mAP50"]}
+            self.telemetry.log_scalars(step, scalars)
+        return result
+
+
+class ProfilerHook(Hook):
+    """A profiler trace of `steps` steps (after 1 wait + 1 warm-up step) into `out_dir`."""
+
+    def __init__(self, device: Device, out_dir: Path, steps: int) -> None:
+        self.profiler = device.profiler(str(out_dir), steps)
+        self.context = contextlib.ExitStack()
+
+    def before_train(self, progress: Progress) -> None:
+        self.context.enter_context(self.profiler)
+
+    def after_update(self, progress: Progress) -> None:
+        self.profiler.step()
+
+    def after_train(self, progress: Progress, failed: bool) -> None:
+        self.context.close()
+
+
+class BucketCountHook(Hook):
+    """Batches and graphs compiled per box-count bucket (boxes [B, M, 4]: M), for summary.json."""
+
+    def __init__(self, sizes: tuple[int, ...], count_graphs: bool) -> None:
+        self.sizes, self.count_graphs = sizes, count_graphs
+        self.batches = {m: 0 for m in sizes}
+        self.graphs = {m: 0 for m in sizes}
+
+    def after_step(self, record: StepRecord, progress: Progress) -> None:
+        m = int(record.batch.boxes.shape[1])
+        self.batches[m] = self.batches.get(m, 0) + 1
+        self.graphs[m] = self.graphs.get(m, 0) + record.graphs
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json's `buckets`: sizes, batches per bucket, graphs per bucket (or None)."""
+        return {
+            "sizes": list(self.sizes),
+            "batches": {str(m): n for m, n in self.batches.items()},
+            "graphs": {str(m): n for m, n in self.graphs.items()} if self.count_graphs else None,
+        }

@@ -1,0 +1,101 @@
+"""The app's shape audit: `find_dynamic_shapes` on the real training step of a config.
+
+`run_audit(cfg)` builds the pipeline exactly as train.py does (`build_training`, same
+overrides) and records `audit.steps` real steps of the loop (`TrainLoop.run_step`: forward,
+loss, backward, optimizer step) with `ssd_npu.tools.shapes.find_dynamic_shapes`; the loop's
+own reads of the losses (`TrainLoop.finish`, made one step late and outside the step) are
+recorded apart as logging syncs. Data loading and the copy to the device run unrecorded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from ssd_npu.build import build_training
+from ssd_npu.config import ConfigError
+from ssd_npu.data.loader import Loaders
+from ssd_npu.device import Device
+from ssd_npu.engine import Progress, StepRecord, TrainLoop
+from ssd_npu.telemetry import Telemetry
+from ssd_npu.tools.shapes import ShapeReport, find_dynamic_shapes
+
+
+class _DataProbe:
+    """Iterates the train loader over epochs, batches already on the device; notes per batch
+    the shapes the device would see unfixed."""
+
+    def __init__(self, data: Loaders, device: Device) -> None:
+        self.data, self.device, self.batches = data, device, []
+
+    def __iter__(self) -> Iterator[Any]:
+        for epoch in itertools.count():
+            self.data.train_sampler.set_epoch(epoch)
+            for batch in self.data.train:
+                self.batches.append(self._shapes(batch))
+                yield batch.to(self.device.torch)
+
+    @staticmethod
+    def _shapes(batch: Any) -> dict[str, Any]:
+        if isinstance(batch.images, list):  # DynamicBatch: what torchvision gets
+            sizes = [list(image.shape) for image in batch.images]
+            boxes = [len(t["boxes"]) for t in batch.targets]
+            return {"image_shapes": sizes, "boxes": boxes, "device": None}
+        # FixedBatch: the image and box count before fitting and padding
+        return {
+            "image_shapes": [[3, *hw] for hw in batch.orig_sizes.tolist()],
+            "boxes": batch.valid.sum(1).tolist(),
+            "device": {"images": list(batch.images.shape), "boxes": list(batch.boxes.shape)},
+        }
+
+
+def summarise_data(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Distinct image shapes and box counts over the recorded batches (and device shapes)."""
+    shapes = sorted({tuple(s) for b in batches for s in b["image_shapes"]})
+    boxes = sorted({n for b in batches for n in b["boxes"]})
+    device = sorted({json.dumps(b["device"]) for b in batches if b["device"]})
+    return {
+        "images": sum(len(b["boxes"]) for b in batches),
+        "distinct_image_shapes": len(shapes),
+        "image_shapes": [list(s) for s in shapes[:10]],
+        "distinct_box_counts": len(boxes),
+        "box_counts": boxes,
+        "device_batch_shapes": [json.loads(d) for d in device],
+        "per_batch": batches,
+    }
+
+
+def run_audit(cfg: Any) -> ShapeReport:
+    """Record `cfg.audit.steps` training steps of the configured pipeline; return the report."""
+    steps = int(cfg.audit.steps)
+    if steps < 2:
+        raise ConfigError(f"audit.steps={steps} is not valid; give an integer >= 2 to compare.")
+    if cfg.compile:
+        print("audit: compile=true ignored; the audit records the eager ops a compiler would get")
+        cfg.compile = False
+    t = build_training(cfg)
+    telemetry = Telemetry(cfg.out_dir, 0, enabled=False)
+    loop = TrainLoop(
+        t.step, t.optimizer, t.scheduler, t.data.train, None, t.device, telemetry, world=t.world
+    )
+    progress = Progress()
+    probe = _DataProbe(t.data, t.device)
+
+    def read(record: StepRecord) -> None:
+        loop.finish(record, progress)
+
+    report = find_dynamic_shapes(
+        lambda batch: loop.run_step(batch, progress),
+        itertools.islice(probe, steps),
+        read=read,
+        info={
+            "shape": cfg.shape,
+            "device": str(t.device.torch),
+            "canvas": list(cfg.canvas),
+            "batch_size": int(cfg.batch_size),
+        },
+    )
+    report.info["data"] = summarise_data(probe.batches)
+    return report
