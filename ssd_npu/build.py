@@ -67,7 +67,7 @@ def resolve_data_root(cfg: Any) -> Path:
     return root
 
 
-def loader_spec(cfg: Any, world: World) -> LoaderSpec:
+def loader_spec(cfg: Any, world: World, device: Device) -> LoaderSpec:
     return LoaderSpec(
         shape=cfg.shape,
         canvas=(int(cfg.canvas[0]), int(cfg.canvas[1])),
@@ -84,6 +84,7 @@ def loader_spec(cfg: Any, world: World) -> LoaderSpec:
         seed=int(cfg.seed),
         rank=world.rank,
         world_size=world.size,
+        pin_memory=device.pin_memory,
     )
 
 
@@ -112,7 +113,7 @@ def build_training(cfg: Any) -> Training:
     # Rank 0's initial weights reach every rank through DDP; other randomness differs per rank.
     seed_everything(cfg.seed + world.rank)
     data_root = resolve_data_root(cfg)
-    data = build_loaders(loader_spec(cfg, world), data_root)
+    data = build_loaders(loader_spec(cfg, world, device), data_root)
 
     canvas = (int(cfg.canvas[0]), int(cfg.canvas[1]))
     detector = build_detector(cfg.data.num_classes, canvas)

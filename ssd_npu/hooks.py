@@ -11,10 +11,12 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ssd_npu import distributed
 from ssd_npu.checkpoint import TrainState, checkpoint_path, save_checkpoint
 from ssd_npu.device import Device
-from ssd_npu.engine import Hook, Progress, StepRecord
+from ssd_npu.engine import Hook, NonFiniteLoss, Progress, StepRecord
 from ssd_npu.evaluate import Evaluator
 from ssd_npu.interrupt import StopOnSignal
 from ssd_npu.telemetry import Telemetry
@@ -59,6 +61,14 @@ class CheckpointHook(Hook):
             self.save(progress)
 
     def save(self, progress: Progress) -> None:
+        # A finite loss at step s was computed before s's update: the update itself can still
+        # blow the weights up. Never write such weights over the last good checkpoint.
+        params = [p.detach() for p in self.state.model.parameters()]
+        if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+            raise NonFiniteLoss(
+                f"training stopped: the weights after step {progress.step} are not finite (the "
+                "update diverged). Lower the learning rate (optim.lr) or check the data."
+            )
         if self.main:
             state = self.state.to_dict(progress)
             self.saved.append(save_checkpoint(state, self.folder, progress.step, self.keep))

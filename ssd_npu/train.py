@@ -21,6 +21,7 @@ from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.errors import Interrupted
 from ssd_npu.evaluate import Evaluator
 from ssd_npu.hooks import BucketCountHook, CheckpointHook, EvalHook, ProfilerHook, StopSignalHook
+from ssd_npu.prefetch import DevicePrefetcher
 from ssd_npu.telemetry import Telemetry
 
 
@@ -69,7 +70,7 @@ def run(cfg: Any) -> dict[str, Any]:
                 t.step,
                 t.optimizer,
                 t.scheduler,
-                t.data.train,
+                DevicePrefetcher(t.data.train, t.device),  # the next batch copied during a step
                 t.data.train_sampler,
                 t.device,
                 telemetry,

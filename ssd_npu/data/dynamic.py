@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2.functional import to_dtype
 
-from ssd_npu.data.fixed_shape import _move
+from ssd_npu.data.fixed_shape import _move, map_tensors
 
 
 def to_dynamic_sample(image: Tensor, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
@@ -46,6 +46,10 @@ class DynamicBatch:
     def to(self, device: Any, non_blocking: bool = True) -> DynamicBatch:
         """Move the tensors (in place) and return self."""
         return _move(self, device, non_blocking)
+
+    def pin_memory(self) -> DynamicBatch:
+        """Page-locked host memory (DataLoader pin_memory=True): copies can run asynchronously."""
+        return map_tensors(self, Tensor.pin_memory)
 
 
 def collate_dynamic(samples: list[dict[str, Any]]) -> DynamicBatch:

@@ -13,6 +13,7 @@ Fits (canvas (H, W), padding only right and bottom so box coordinates stay valid
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
@@ -176,18 +177,24 @@ class FixSample:
         }
 
 
-def _move(obj: Any, device: Any, non_blocking: bool) -> Any:
-    # shared by FixedBatch and dynamic.DynamicBatch (whose images and targets are lists)
-    kw = {"non_blocking": non_blocking}
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply `fn` to every tensor of a batch dataclass, in place; return the batch.
+
+    Shared by FixedBatch and dynamic.DynamicBatch (whose images and targets are lists).
+    """
     for f in fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, Tensor):
-            setattr(obj, f.name, v.to(device, **kw))
+            setattr(obj, f.name, fn(v))
         elif f.name == "images" and isinstance(v, list):
-            setattr(obj, f.name, [t.to(device, **kw) for t in v])
+            setattr(obj, f.name, [fn(t) for t in v])
         elif f.name == "targets":
-            setattr(obj, f.name, [{k: t.to(device, **kw) for k, t in d.items()} for d in v])
+            setattr(obj, f.name, [{k: fn(t) for k, t in d.items()} for d in v])
     return obj
+
+
+def _move(obj: Any, device: Any, non_blocking: bool) -> Any:
+    return map_tensors(obj, lambda t: t.to(device, non_blocking=non_blocking))
 
 
 @dataclass
@@ -211,6 +218,10 @@ class FixedBatch:
     def to(self, device: Any, non_blocking: bool = True) -> FixedBatch:
         """Move the tensors (in place) and return self."""
         return _move(self, device, non_blocking)
+
+    def pin_memory(self) -> FixedBatch:
+        """Page-locked host memory (DataLoader pin_memory=True): copies can run asynchronously."""
+        return map_tensors(self, Tensor.pin_memory)
 
     def fit_info(self, i: int) -> FitInfo:
         """FitInfo of sample i, e.g. for `unfit_boxes` in evaluation."""

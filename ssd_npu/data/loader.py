@@ -104,6 +104,7 @@ class LoaderSpec:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    pin_memory: bool = False  # page-locked batches for asynchronous copies (cuda / npu)
 
 
 @dataclass
@@ -174,7 +175,7 @@ def build_loaders(spec: LoaderSpec, data_root: Path) -> Loaders:
     common: dict[str, Any] = {
         "num_workers": spec.num_workers,
         "persistent_workers": spec.num_workers > 0,
-        "pin_memory": False,
+        "pin_memory": spec.pin_memory,
         "worker_init_fn": _worker_init,
         "collate_fn": collate,
     }

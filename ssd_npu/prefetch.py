@@ -1,0 +1,56 @@
+"""Batches on their way to the device while the current step runs.
+
+`DevicePrefetcher` wraps a loader: when the loop asks for batch k, it takes batch k+1 from the
+loader and starts copying it to the device on a side stream (pinned host memory, non-blocking),
+then hands over batch k, whose copy started one step earlier. The copy of k+1 thus overlaps
+the device's work on step k. The step's stream waits for the copy stream before it uses a
+batch (`wait_stream`), and the batch's memory is tied to that stream (`record_stream`), so the
+caching allocator never reuses it early. On the cpu it is a plain pass-through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import torch
+
+from ssd_npu.data.fixed_shape import map_tensors
+from ssd_npu.device import Device
+
+B = TypeVar("B")
+
+
+class DevicePrefetcher(Iterable[B]):
+    """Iterate `loader`'s batches already on `device`, the next one copied one step ahead."""
+
+    def __init__(self, loader: Iterable[B], device: Device) -> None:
+        self.loader, self.device = loader, device
+        self.backend = getattr(torch, device.type) if device.type in ("cuda", "npu") else None
+        self.stream = self.backend.Stream(device.torch) if self.backend is not None else None
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def _start(self, batch: B) -> B:
+        with self.backend.stream(self.stream):
+            return batch.to(self.device.torch, non_blocking=True)
+
+    def _ready(self, batch: B) -> B:
+        current = self.backend.current_stream(self.device.torch)
+        current.wait_stream(self.stream)
+        return map_tensors(batch, lambda t: (t.record_stream(current), t)[1])
+
+    def __iter__(self) -> Iterator[B]:
+        if self.stream is None:
+            yield from self.loader
+            return
+        batches = iter(self.loader)
+        upcoming = next(batches, None)
+        if upcoming is None:
+            return
+        upcoming = self._start(upcoming)
+        for batch in batches:
+            ready, upcoming = upcoming, self._start(batch)
+            yield self._ready(ready)
+        yield self._ready(upcoming)
