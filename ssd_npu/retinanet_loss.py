@@ -1,0 +1,258 @@
+"""The RetinaNet loss with no data-dependent shape.
+
+torchvision's `RetinaNet.compute_loss` matches each image with an IoU matrix of one row per
+ground-truth box, then selects the foreground and the not-ignored anchors with `torch.where`
+and boolean indexing: every step has new shapes. Here the ground truth is padded to `M` rows
+with a `valid` mask and every operation keeps its full `[B, A, ...]` shape; masks and sums
+select what torchvision's indexing selects, so the values and gradients are the same (to
+float32 rounding: only the order of the summation differs).
+
+Normalisation, as torchvision does it (`RetinaNetClassificationHead.compute_loss`,
+`RetinaNetRegressionHead.compute_loss`): each image's focal-loss sum and box-loss sum are
+divided by max(1, that image's foreground anchors), and the per-image results are averaged
+over the images of the batch. Unlike SSD's, this normaliser needs no count from other images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder, Matcher
+from torchvision.ops import box_iou, sigmoid_focal_loss
+
+# torchvision's `_box_loss` accepts these; RetinaNet uses "l1" (v1, the default) and "giou" (v2).
+BOX_LOSS_TYPES = ("l1", "smooth_l1", "ciou", "diou", "giou")
+# `_box_loss` defaults when it is called without `cnf`, as RetinaNet calls it.
+_SMOOTH_L1_BETA = 1.0
+_IOU_LOSS_EPS = 1e-7
+# Below any real IoU (>= 0): padding rows never win a max, never pass a threshold.
+_PADDING_IOU = -1.0
+
+
+def retinanet_box_coder() -> BoxCoder:
+    """torchvision's RetinaNet box coding: weights (1, 1, 1, 1) for (x, y, w, h)."""
+    return BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+
+
+def match_anchors_retinanet(
+    anchors: Tensor,
+    boxes: Tensor,
+    valid: Tensor,
+    fg_iou_thresh: float = 0.5,
+    bg_iou_thresh: float = 0.4,
+    allow_low_quality_matches: bool = True,
+) -> Tensor:
+    """torchvision's `Matcher(fg, bg, allow_low_quality_matches)` on padded ground truth.
+
+    Args:
+        anchors: [A, 4] xyxy, canvas pixels.
+        boxes: [B, M, 4] xyxy, canvas pixels (M >= 1); rows where `valid` is False may hold
+            anything (even NaN/inf).
+        valid: [B, M] bool.
+    Returns:
+        matched: [B, A] int64: the index into M of each anchor's box, or -1 (best IoU below
+        `bg_iou_thresh`: background) or -2 (best IoU in [bg, fg): ignored by the loss). An
+        image with no valid box is all -1, as `RetinaNet.compute_loss` makes it.
+    """
+    batch, max_boxes = valid.shape
+    num_anchors = anchors.shape[0]
+    boxes = torch.where(valid[:, :, None], boxes, anchors.new_zeros(()))
+    # box_iou is [M, A] per image; flattening the batch keeps one call and one shape.
+    iou = box_iou(boxes.reshape(-1, 4), anchors).reshape(batch, max_boxes, num_anchors)
+    iou = torch.where(valid[:, :, None], iou, _PADDING_IOU)
+
+    # Best box per anchor (first index on ties, as torch.max), then the two thresholds.
+    best_iou, all_matches = iou.max(dim=1)  # [B, A]
+    matched = torch.where(best_iou < bg_iou_thresh, Matcher.BELOW_LOW_THRESHOLD, all_matches)
+    between = (best_iou >= bg_iou_thresh) & (best_iou < fg_iou_thresh)
+    matched = torch.where(between, Matcher.BETWEEN_THRESHOLDS, matched)
+    if allow_low_quality_matches:
+        # set_low_quality_matches_: every anchor that ties for some box's best IoU (even a
+        # low one) gets back its *own* best box (`all_matches`), not necessarily that box.
+        best_per_box = iou.amax(dim=2, keepdim=True)  # [B, M, 1]
+        is_best = ((iou == best_per_box) & valid[:, :, None]).any(dim=1)  # [B, A]
+        matched = torch.where(is_best, all_matches, matched)
+    return matched
+
+
+def fixed_retinanet_loss(
+    cls_logits: Tensor,
+    bbox_regression: Tensor,
+    anchors: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    *,
+    box_coder: BoxCoder | None = None,
+    bbox_reg_loss_type: str = "l1",
+    fg_iou_thresh: float = 0.5,
+    bg_iou_thresh: float = 0.4,
+    allow_low_quality_matches: bool = True,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+) -> dict[str, Tensor]:
+    """RetinaNet loss (sigmoid focal + box loss) in shapes fixed by B, A, C, M.
+
+    Args:
+        cls_logits: [B, A, C] raw logits.
+        bbox_regression: [B, A, 4] encoded deltas.
+        anchors: [A, 4] xyxy, canvas pixels.
+        boxes: [B, M, 4] xyxy, canvas pixels; padding rows may hold anything (even NaN/inf).
+        labels: [B, M] int64, column of `cls_logits` for real boxes (0..C-1).
+        valid: [B, M] bool, False for padding rows.
+        box_coder: None: torchvision's RetinaNet BoxCoder, weights (1, 1, 1, 1).
+        bbox_reg_loss_type: one of BOX_LOSS_TYPES; "l1" is torchvision's RetinaNet (v1)
+            default, retinanet_resnet50_fpn_v2 sets "giou".
+        fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches: the Matcher's.
+        focal_alpha, focal_gamma: `sigmoid_focal_loss`'s (torchvision calls it with defaults).
+    Returns:
+        {"classification": scalar, "bbox_regression": scalar}: per image, each sum divided by
+        max(1, that image's foreground anchors); then the mean over the B images, as
+        torchvision's `RetinaNet.compute_loss`.
+    """
+    bbox_sums, cls_sums, num_foreground = retinanet_loss_sums(
+        cls_logits, bbox_regression, anchors, boxes, labels, valid,
+        box_coder=box_coder, bbox_reg_loss_type=bbox_reg_loss_type,
+        fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
+        allow_low_quality_matches=allow_low_quality_matches,
+        focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+    )  # fmt: skip
+    return retinanet_normalise(bbox_sums, cls_sums, num_foreground)
+
+
+def retinanet_normalise(
+    bbox_sums: Tensor,
+    cls_sums: Tensor,
+    num_foreground: Tensor,
+    num_images: int | None = None,
+) -> dict[str, Tensor]:
+    """Per image: sum / max(1, foreground anchors); then summed and divided by `num_images`.
+
+    Args:
+        bbox_sums, cls_sums, num_foreground: [B] each, from `retinanet_loss_sums`.
+        num_images: what the per-image losses are averaged over; None: B, which is
+            torchvision's loss. Under DDP pass the *global* batch (B x world size): each
+            rank's loss is then its share of torchvision's loss on the global batch (the
+            shares sum to it, and world size x each share, gradient-averaged by DDP, gives its
+            gradient), the convention `fixed_ssd_loss`'s global-count `normalise` follows.
+            The per-image foreground counts stay local: torchvision's normaliser is per image.
+    """
+    normaliser = num_foreground.clamp(min=1).to(cls_sums.dtype)
+    count = bbox_sums.shape[0] if num_images is None else num_images
+    return {
+        "classification": (cls_sums / normaliser).sum() / count,
+        "bbox_regression": (bbox_sums / normaliser).sum() / count,
+    }
+
+
+def retinanet_loss_sums(
+    cls_logits: Tensor,
+    bbox_regression: Tensor,
+    anchors: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    *,
+    box_coder: BoxCoder | None = None,
+    bbox_reg_loss_type: str = "l1",
+    fg_iou_thresh: float = 0.5,
+    bg_iou_thresh: float = 0.4,
+    allow_low_quality_matches: bool = True,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The un-normalised loss per image: (box-loss sums [B], focal-loss sums [B], foreground
+    anchors [B] int64).
+
+    Same arguments as `fixed_retinanet_loss`. Split out so that data-parallel training can
+    choose what the per-image losses are averaged over (see `retinanet_normalise`).
+    """
+    if bbox_reg_loss_type not in BOX_LOSS_TYPES:
+        raise ValueError(f"bbox_reg_loss_type {bbox_reg_loss_type!r}: use one of {BOX_LOSS_TYPES}")
+    box_coder = box_coder or retinanet_box_coder()
+    # Padding rows are arbitrary: replace them before they reach any arithmetic, so a NaN
+    # there cannot leak into a max, a sum or a gradient.
+    boxes = torch.where(valid[:, :, None], boxes, anchors.new_zeros(()))
+    labels = torch.where(valid, labels, 0)
+    matched = match_anchors_retinanet(
+        anchors, boxes, valid, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches
+    )  # [B, A]
+    foreground, batch = matched >= 0, matched.shape[0]
+    num_foreground = foreground.sum(dim=1)
+    gather_index = matched.clamp(min=0)
+
+    # Classification: one-hot target of the matched box's label on foreground anchors, zeros
+    # on background; anchors between the thresholds (-2) are left out of the sum.
+    classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)
+    anchor_labels = torch.gather(labels, 1, gather_index)  # [B, A]
+    one_hot = (anchor_labels[:, :, None] == classes) & foreground[:, :, None]
+    focal = sigmoid_focal_loss(
+        cls_logits, one_hot.to(cls_logits.dtype), focal_alpha, focal_gamma, reduction="none"
+    )  # [B, A, C]
+    counted = matched != Matcher.BETWEEN_THRESHOLDS
+    cls_sums = torch.where(counted[:, :, None], focal, 0.0).sum(dim=(1, 2))
+
+    # Regression over every anchor; background anchors get the anchor itself as their box
+    # (a finite target, a non-degenerate IoU) and are masked out of the sum.
+    matched_boxes = torch.gather(boxes, 1, gather_index[:, :, None].expand(-1, -1, 4))
+    anchors_b = anchors.expand_as(matched_boxes)
+    matched_boxes = torch.where(foreground[:, :, None], matched_boxes, anchors_b)
+    flat = (anchors_b.reshape(-1, 4), matched_boxes.reshape(-1, 4), bbox_regression.reshape(-1, 4))
+    per_anchor = _box_loss_per_anchor(bbox_reg_loss_type, box_coder, *flat).reshape(batch, -1)
+    bbox_sums = torch.where(foreground, per_anchor, 0.0).sum(dim=1)
+    return bbox_sums, cls_sums, num_foreground
+
+
+def _box_loss_per_anchor(
+    loss_type: str, box_coder: BoxCoder, anchors: Tensor, matched_boxes: Tensor, deltas: Tensor
+) -> Tensor:
+    """torchvision's `_box_loss` with reduction "none": [N] loss per anchor, N = B x A.
+
+    anchors, matched_boxes: [N, 4] xyxy, canvas pixels; deltas: [N, 4] encoded regression.
+    """
+    if loss_type in ("l1", "smooth_l1"):
+        target = box_coder.encode_single(matched_boxes, anchors)
+        if loss_type == "l1":
+            loss = F.l1_loss(deltas, target, reduction="none")
+        else:
+            loss = F.smooth_l1_loss(deltas, target, reduction="none", beta=_SMOOTH_L1_BETA)
+        return loss.sum(dim=-1)
+    return _iou_loss(loss_type, box_coder.decode_single(deltas, anchors), matched_boxes)
+
+
+def _iou_loss(loss_type: str, boxes1: Tensor, boxes2: Tensor, eps: float = _IOU_LOSS_EPS) -> Tensor:
+    """torchvision.ops' generalized / distance / complete_box_iou_loss, reduction "none".
+
+    The same formulas, op for op, except the intersection: torchvision's `_loss_inter_union`
+    writes it through a boolean mask (`intsct[mask] = ...`, a data-dependent shape); here a
+    `torch.where`, which gives the same values and gradients.
+    boxes1, boxes2: [N, 4] xyxy float (predicted, target). Returns [N].
+    """
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    xkis1, ykis1 = torch.max(x1, x1g), torch.max(y1, y1g)
+    xkis2, ykis2 = torch.min(x2, x2g), torch.min(y2, y2g)
+    overlap = (ykis2 > ykis1) & (xkis2 > xkis1)
+    intsct = torch.where(overlap, (xkis2 - xkis1) * (ykis2 - ykis1), 0.0)
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intsct
+    iou = intsct / (union + eps)
+    # Smallest enclosing box.
+    xc1, yc1 = torch.min(x1, x1g), torch.min(y1, y1g)
+    xc2, yc2 = torch.max(x2, x2g), torch.max(y2, y2g)
+    if loss_type == "giou":
+        area_c = (xc2 - xc1) * (yc2 - yc1)
+        return 1 - (iou - ((area_c - union) / (area_c + eps)))
+    diagonal_distance_squared = ((xc2 - xc1) ** 2) + ((yc2 - yc1) ** 2) + eps
+    x_p, y_p = (x2 + x1) / 2, (y2 + y1) / 2
+    x_g, y_g = (x1g + x2g) / 2, (y1g + y2g) / 2
+    centers_distance_squared = ((x_p - x_g) ** 2) + ((y_p - y_g) ** 2)
+    diou = 1 - iou + (centers_distance_squared / diagonal_distance_squared)
+    if loss_type == "diou":
+        return diou
+    # ciou (torchvision computes its diou part with the default eps 1e-7, whatever eps is).
+    w_pred, h_pred, w_gt, h_gt = x2 - x1, y2 - y1, x2g - x1g, y2g - y1g
+    v = (4 / (torch.pi**2)) * torch.pow((torch.atan(w_gt / h_gt) - torch.atan(w_pred / h_pred)), 2)
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + eps)
+    return diou + alpha * v
