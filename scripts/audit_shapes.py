@@ -21,26 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ssd_npu.config import config_dir, register_configs  # noqa: E402
-from ssd_npu.errors import UserError  # noqa: E402
-
-register_configs()
+from ssd_npu.cli import run_folder, user_errors  # noqa: E402
+from ssd_npu.config import config_dir  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     from ssd_npu.tools.audit import run_audit
 
-    if cfg.out_dir is None:
-        cfg.out_dir = HydraConfig.get().runtime.output_dir
-    try:
+    out_dir = run_folder(cfg)
+    with user_errors():
         report = run_audit(cfg)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    path = report.save(cfg.audit.out or Path(cfg.out_dir) / "dynamic_shapes.json")
+    path = report.save(cfg.audit.out or out_dir / "dynamic_shapes.json")
     print(report)
     print(f"\nreport: {path}")
     if cfg.audit.fail_on_dynamic and (report.dynamic_ops or report.host_syncs):

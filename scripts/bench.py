@@ -40,10 +40,8 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from ssd_npu.config import config_dir, register_configs  # noqa: E402
-from ssd_npu.errors import UserError  # noqa: E402
-
-register_configs()
+from ssd_npu.cli import run_folder, user_errors  # noqa: E402
+from ssd_npu.config import config_dir  # noqa: E402
 
 VARIANTS = {  # name: (shape, compile)
     "tv_eager": ("dynamic", False),
@@ -189,25 +187,18 @@ def table(runs: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    if cfg.out_dir is None:
-        cfg.out_dir = HydraConfig.get().runtime.output_dir
-    out_dir = Path(cfg.out_dir)
+    out_dir = run_folder(cfg)
     # inductor keeps compiled kernels on disk; a fresh cache makes first_step_ms a cold compile
     # (as on a new machine) unless the caller chose a cache with TORCHINDUCTOR_CACHE_DIR
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(out_dir / "inductor_cache"))
     info = machine()
     info["inductor_cache"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     runs = {}
-    try:
+    with user_errors():
         for name in VARIANTS:
             print(f"bench: {name} ...", flush=True)
             runs[name] = run_variant(name, cfg, out_dir)
             print(json.dumps({name: runs[name]}), flush=True)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     info["load_avg_end"] = list(os.getloadavg())
     for r in runs.values():
         r["vs_tv_eager"] = r["steady_step_ms"] / runs["tv_eager"]["steady_step_ms"]

@@ -21,29 +21,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ssd_npu.config import config_dir, register_configs  # noqa: E402
-from ssd_npu.errors import UserError  # noqa: E402
-
-register_configs()
+from ssd_npu.cli import run_folder, user_errors  # noqa: E402
+from ssd_npu.config import config_dir  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     from ssd_npu.build import resolve_data_root
     from ssd_npu.config import validate
     from ssd_npu.tools.data_report import data_report
     from ssd_npu.tools.report_render import format_report, save_pngs, write_report
 
-    out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
-    try:
+    out_dir = run_folder(cfg)
+    with user_errors():
         validate(cfg)
         ann_file = resolve_data_root(cfg) / "annotations" / f"instances_{cfg.data.train_split}.json"
         report = data_report(ann_file, tuple(cfg.canvas), cfg.data.num_classes, cfg.batch_size)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     path = write_report(report, cfg.report.out or out_dir / "data_report.json")
     print(format_report(report))
     print(f"\nreport: {path}")
