@@ -25,7 +25,7 @@ from ssd_npu.device import Device, resolve_device
 from ssd_npu.distributed import World
 from ssd_npu.errors import DataError
 from ssd_npu.model import FixedSSD, build_detector, load_weights
-from ssd_npu.optim import build_optimizer, build_scheduler
+from ssd_npu.optim import build_optimizer, build_scheduler, scaled_lr
 from ssd_npu.step import CompileOptions, DynamicStep, FixedStep, StepOptions, TrainStep
 
 
@@ -134,8 +134,10 @@ def build_training(cfg: Any) -> Training:
     # sees the start of the real schedule, and a resumed run the same learning rates).
     schedule_steps = cfg.epochs * len(data.train)
     total_steps = min(schedule_steps, cfg.max_steps or schedule_steps)
-    optimizer = build_optimizer(model.parameters(), cfg.optim, cfg.batch_size * world.size)
-    scheduler = build_scheduler(optimizer, cfg.optim, schedule_steps)
+    o = cfg.optim
+    lr = scaled_lr(o.lr, o.base_lr, o.base_batch, cfg.batch_size * world.size)
+    optimizer = build_optimizer(model.parameters(), lr, o.momentum, o.weight_decay)
+    scheduler = build_scheduler(optimizer, o.warmup_steps, o.warmup_factor, schedule_steps)
     step_type = FixedStep if cfg.shape == "fixed" else DynamicStep
     step = step_type(model, device, step_options(cfg, device, world, network))
     return Training(
