@@ -108,18 +108,44 @@ def pad_targets(
     dropped = max(0, N - M). Real rows come first; padding rows are zeros / 0 / False.
     With N > M a random subset (torch.randperm with `generator`) is kept, in original order.
     """
-    n = int(boxes.shape[0])
+    fields = {
+        "boxes": boxes.as_subclass(Tensor).to(torch.float32).reshape(-1, 4),
+        "labels": labels.as_subclass(Tensor).to(torch.int64),
+    }
+    padded, valid, dropped = pad_fields(fields, max_boxes, generator)
+    return padded["boxes"], padded["labels"], valid, dropped
+
+
+def pad_fields(
+    fields: dict[str, Tensor], max_boxes: int, generator: torch.Generator
+) -> tuple[dict[str, Tensor], Tensor, int]:
+    """Every per-instance field of a target on exactly `max_boxes` (M) rows, one `valid` mask.
+
+    fields: tensors sharing their first dim N, e.g. boxes [N, 4], labels [N], area [N],
+    iscrowd [N], masks [N, H, W]. Returns ({name: [M, ...] same dtype, zero padding rows},
+    valid [M] bool, dropped = max(0, N - M)). Real rows come first; with N > M the same
+    random subset of rows (torch.randperm with `generator`, kept in original order) is taken
+    from every field, so row i of each field still describes the same instance.
+    """
+    if not fields:
+        raise ValueError("pad_fields: no fields given; pass at least boxes.")
+    tensors = {name: t.as_subclass(Tensor) for name, t in fields.items()}
+    sizes = {name: int(t.shape[0]) for name, t in tensors.items()}
+    n = next(iter(sizes.values()))
+    if any(size != n for size in sizes.values()):
+        raise ValueError(f"pad_fields: per-instance fields differ in their first dim: {sizes}")
     if n > max_boxes:
         keep = torch.randperm(n, generator=generator)[:max_boxes].sort().values
-        boxes, labels = boxes[keep], labels[keep]
+        tensors = {name: t[keep] for name, t in tensors.items()}
     k = min(n, max_boxes)
-    out_boxes = torch.zeros(max_boxes, 4, dtype=torch.float32)
-    out_labels = torch.zeros(max_boxes, dtype=torch.int64)
+    padded = {}
+    for name, t in tensors.items():
+        out = t.new_zeros((max_boxes, *t.shape[1:]))
+        out[:k] = t
+        padded[name] = out
     valid = torch.zeros(max_boxes, dtype=torch.bool)
-    out_boxes[:k] = boxes.as_subclass(Tensor).to(torch.float32)
-    out_labels[:k] = labels.to(torch.int64)
     valid[:k] = True
-    return out_boxes, out_labels, valid, n - k
+    return padded, valid, n - k
 
 
 def sample_seed(*keys: int) -> int:
