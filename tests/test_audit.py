@@ -11,44 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection import ssd, transform
 
-from ssd_npu.audit import analyse, format_report, run_audit
-from ssd_npu.config import register_configs
-from ssd_npu.op_recorder import OpRecorder, sync_reason
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _compose(root: Path, out: Path, *overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "data=coco",  # tiny_coco is a finished COCO-format folder: read it as is
-                f"data.root={root}",
-                "data.num_classes=6",
-                "device=cpu",
-                "canvas=[128,128]",
-                "batch_size=2",
-                "num_workers=0",
-                "audit.steps=3",
-                f"out_dir={out}",
-                *overrides,
-            ],
-        )
+from ssd_npu.tools.audit import run_audit
+from ssd_npu.tools.op_recorder import OpRecorder, sync_reason
+from ssd_npu.tools.shapes import ShapeReport, analyse, format_report
+from tests.helpers import REPO, tiny_cfg
 
 
 @pytest.fixture(scope="module")
-def reports(tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+def reports(tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ShapeReport]:
     out = tmp_path_factory.mktemp("audit")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: threads only add spin-waiting on shared cores
     try:
-        return {s: run_audit(_compose(tiny_coco, out, f"shape={s}")) for s in ("fixed", "dynamic")}
+        return {
+            s: run_audit(
+                tiny_cfg(tiny_coco, out, "canvas=[128,128]", "audit.steps=3", f"shape={s}")
+            )
+            for s in ("fixed", "dynamic")
+        }
     finally:
         torch.set_num_threads(threads)
 
@@ -67,22 +50,27 @@ def _find(entries: list[dict], op: str, site: str, kind: str = "fwd") -> dict:
 
 def test_fixed_pipeline_has_no_dynamic_op_and_no_sync(reports):
     report = reports["fixed"]
-    data = report["data"]
-    assert report["steps"] == 3
+    data = report.info["data"]
+    assert report.steps == 3 and report.info["shape"] == "fixed"
+    assert report.info["canvas"] == [128, 128] and report.info["batch_size"] == 2
     # the proof only means something if the unfixed inputs did vary
     assert data["distinct_image_shapes"] > 1 and data["distinct_box_counts"] > 1
     assert data["device_batch_shapes"] == [{"images": [2, 3, 128, 128], "boxes": [2, 32, 4]}]
-    assert report["dynamic_ops"] == []
-    assert report["host_syncs"] == []
-    # the loop's loss reads are found, but apart: total + 2 terms, once per step
-    assert {e["site"].split(":")[0] for e in report["logging_syncs"]} == {"ssd_npu/engine.py"}
-    assert sum(e["calls"] for e in report["logging_syncs"]) == 3 * 3
-    assert "dynamic ops: 0" in format_report(report)
+    assert report.dynamic_ops == []
+    assert report.host_syncs == []
+    # The loop reads each step's losses one step late, outside the step, through a copy that
+    # never blocks (Device.to_host): recorded in the logging phase, no read makes the host wait.
+    assert report.logging_syncs == []
+    layout = report.to_dict()
+    assert {"steps", "data", "shape", "dynamic_ops", "host_syncs", "logging_syncs"} <= set(layout)
+    assert layout["data"] == data and layout["shape"] == "fixed"
+    assert str(report) == format_report(layout)
+    assert "dynamic ops: 0" in str(report) and "host syncs inside the step: 0" in str(report)
 
 
 def test_dynamic_pipeline_finds_torchvision_sites(reports):
     report = reports["dynamic"]
-    dynamic, syncs = report["dynamic_ops"], report["host_syncs"]
+    dynamic, syncs = report.dynamic_ops, report.host_syncs
     ssd_py = "torchvision/models/detection/ssd.py"
     where = f"{ssd_py}:{_line(ssd, 'torch.where(matched_idxs_per_image >= 0)')}"
     assert _find(dynamic, "aten::nonzero", where)["distinct_shapes"] > 1
@@ -103,7 +91,9 @@ def test_dynamic_pipeline_finds_torchvision_sites(reports):
     # degenerate_boxes.any() in a Python `if`: a value read on the host
     any_line = f"{ssd_py}:{_line(ssd, 'if degenerate_boxes.any():')}"
     _find(syncs, "aten::_local_scalar_dense", any_line)
-    assert report["data"]["distinct_image_shapes"] > 1
+    assert report.info["data"]["distinct_image_shapes"] > 1
+    assert report.info["data"]["device_batch_shapes"] == []  # torchvision gets lists
+    assert f"dynamic ops: {len(dynamic)} at " in str(report)
 
 
 def test_analyse_compares_shape_sets_including_the_first_step():

@@ -5,32 +5,25 @@ import json
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torchvision.models.detection._utils import BoxCoder
 
+from ssd_npu.build import build_training
 from ssd_npu.compiler import reset
 from ssd_npu.config import ConfigError, validate
-from ssd_npu.data.buckets import BucketBatchSampler, bucket_index
+from ssd_npu.data.buckets import BucketBatchSampler, bucket_of
 from ssd_npu.loss import fixed_ssd_loss
 from ssd_npu.model import build_detector, canvas_anchors
-from ssd_npu.train import build_training, run
-from tests.test_checkpoint import losses
-from tests.test_loss import torchvision_loss
-from tests.test_train import REPO, tiny_cfg
+from ssd_npu.train import run
+from tests.helpers import compose_cfg, losses, tiny_cfg, torchvision_loss
 
 # The tiny set's box counts are [17 3 4 2 13 0 16 1 3 3 4 2]: 9 images in bucket 4, 3 in 32.
 BUCKETS = "max_boxes=[4,8,32]"
 FAST = ("canvas=[128,128]", BUCKETS, "eval=false")
 
 
-def make_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 def test_config_takes_an_int_or_sorted_buckets():
-    assert make_cfg("max_boxes=50").max_boxes == 50
-    cfg = make_cfg("max_boxes=[16,32,64]")
+    assert compose_cfg("max_boxes=50").max_boxes == 50
+    cfg = compose_cfg("max_boxes=[16,32,64]")
     validate(cfg)
     assert list(cfg.max_boxes) == [16, 32, 64]
     for bad in (
@@ -42,15 +35,15 @@ def test_config_takes_an_int_or_sorted_buckets():
         "max_boxes=[8,true]",
     ):
         with pytest.raises(ConfigError, match=r"^max_boxes=.* is not valid"):
-            validate(make_cfg(bad))
+            validate(compose_cfg(bad))
     with pytest.raises(ConfigError, match="compiler.fail_on_recompile"):
-        validate(make_cfg("max_boxes=[8,16]", "compiler.fail_on_recompile=true"))
+        validate(compose_cfg("max_boxes=[8,16]", "compiler.fail_on_recompile=true"))
 
 
 def test_sampler_batches_are_full_single_bucket_and_seeded():
     counts = np.array([0, 1, 5, 9, 30, 2, 6, 7, 100, 3, 4, 8, 40, 41, 1])
     sizes = (4, 8, 64)
-    bucket = bucket_index(counts, sizes)
+    bucket = bucket_of(counts, sizes)
     assert bucket.tolist() == [0, 0, 1, 2, 2, 0, 1, 1, 2, 0, 0, 1, 2, 2, 0]  # 100 -> largest
     s = BucketBatchSampler(counts, sizes, batch_size=2, seed=3)
     epoch0 = list(s)
@@ -63,7 +56,7 @@ def test_sampler_batches_are_full_single_bucket_and_seeded():
     again = BucketBatchSampler(counts, sizes, batch_size=2, seed=3)
     assert list(again) == epoch0  # a function of (seed, epoch) alone
     again.set_epoch(1)
-    again.skip_next(3 * 2)  # resume after 3 batches: the rest of the same epoch
+    again.skip(3)  # resume after 3 batches: the rest of the same epoch
     assert list(again) == epoch1[3:]
 
 
@@ -80,10 +73,11 @@ def test_ranks_share_the_bucket_of_each_step():
 
 def test_device_shapes_only_take_bucket_values(tiny_coco, tmp_path):
     t = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST))
-    assert t.train_loader.batch_sampler.batches_per_bucket == {4: 4, 8: 0, 32: 1}
+    assert t.data.train.batch_sampler is t.data.train_sampler  # what the loop resumes
+    assert t.data.train_sampler.batches_per_bucket == {4: 4, 8: 0, 32: 1}
     seen = set()
     for _ in range(2):  # two epochs
-        for batch in t.train_loader:
+        for batch in t.data.train:
             m = batch.boxes.shape[1]
             most = int(batch.valid.sum(1).max())
             assert m == min(b for b in (4, 8, 32) if b >= most)  # smallest bucket that holds it
@@ -92,7 +86,7 @@ def test_device_shapes_only_take_bucket_values(tiny_coco, tmp_path):
             assert not batch.labels[~batch.valid].any()  # the cut removed padding only
             seen.add(m)
     assert seen <= {4, 8, 32} and len(seen) >= 2
-    for batch in t.val_loader:
+    for batch in t.data.val:
         assert batch.boxes.shape[1] in (4, 8, 32)
 
 
@@ -102,7 +96,7 @@ def test_loss_equals_torchvision_for_each_bucket(tiny_coco, tmp_path):
     anchors = canvas_anchors(detector, (320, 320))
     g = torch.Generator().manual_seed(0)
     done = set()
-    for batch in t.train_loader:
+    for batch in t.data.train:
         m = batch.boxes.shape[1]
         cls_logits = torch.randn(2, anchors.shape[0], 6, generator=g) * 3
         bbox_regression = torch.randn(2, anchors.shape[0], 4, generator=g)
@@ -113,7 +107,7 @@ def test_loss_equals_torchvision_for_each_bucket(tiny_coco, tmp_path):
             batch.boxes,
             batch.labels,
             batch.valid,
-            BoxCoder((10.0, 10.0, 5.0, 5.0)),
+            box_coder=BoxCoder((10.0, 10.0, 5.0, 5.0)),
         )
         targets = [
             {"boxes": b[v], "labels": lab[v]}

@@ -14,14 +14,7 @@ import torch
 from ssd_npu.checkpoint import list_checkpoints, load_checkpoint, save_atomic, save_checkpoint
 from ssd_npu.engine import NonFiniteLoss
 from ssd_npu.train import run
-from tests.test_train import read_scalars, tiny_cfg
-
-REPO = Path(__file__).resolve().parents[1]
-FAST = ("canvas=[128,128]", "max_boxes=8", "eval=false")
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {e.step: e.value for e in read_scalars(out)["loss/total"]}
+from tests.helpers import FAST, REPO, losses, run_train, tiny_cfg, tiny_overrides
 
 
 def test_resume_continues_the_same_loss_curve(tiny_coco, tmp_path):
@@ -44,6 +37,37 @@ def test_resume_continues_the_same_loss_curve(tiny_coco, tmp_path):
         "model"
     ].items():
         torch.testing.assert_close(value, final[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_on_a_finished_run_trains_nothing_and_exits_0(tiny_coco, tmp_path, capsys):
+    overrides = (*FAST, "max_steps=2")
+    first = run(tiny_cfg(tiny_coco, tmp_path, *overrides))
+    assert first["global_step"] == 2
+    newest = tmp_path / "checkpoints" / "step_0000002.pt"
+    written = newest.stat().st_mtime_ns
+    capsys.readouterr()
+
+    again = run(tiny_cfg(tiny_coco, tmp_path, *overrides, "resume=auto"))
+    shown = capsys.readouterr()
+    assert "is complete (step 2); nothing to train" in shown.out
+    assert "step/s" not in shown.out + shown.err  # no progress bar: nothing started
+    assert again == json.loads(json.dumps(first))  # the finished run's summary, as it stands
+
+    def unchanged():
+        assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 2
+        assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [newest.name]
+        assert newest.stat().st_mtime_ns == written  # not even re-saved
+        assert sorted(losses(tmp_path)) == [1, 2]  # no step logged after the second
+
+    unchanged()
+    # the command line: a finished run is not an error (train.py exits 0)
+    proc = run_train(
+        *tiny_overrides(tiny_coco, *overrides, "resume=auto", f"hydra.run.dir={tmp_path}")
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"the run in {tmp_path} is complete (step 2)" in proc.stdout
+    unchanged()
 
 
 def test_checkpoint_holds_the_training_state(tiny_coco, tmp_path):
@@ -108,9 +132,8 @@ def test_crash_between_write_and_rename_keeps_the_previous_file(tmp_path, monkey
 
 def test_sigterm_stops_after_the_step_and_says_how_to_resume(tiny_coco, tmp_path):
     args = [
-        sys.executable, "train.py", "device=cpu", "data=coco", f"data.root={tiny_coco}",
-        "data.num_classes=6", "batch_size=2", "num_workers=0", *FAST, "epochs=50",
-        f"hydra.run.dir={tmp_path}",
+        sys.executable, "train.py",
+        *tiny_overrides(tiny_coco, *FAST, "epochs=50", f"hydra.run.dir={tmp_path}"),
     ]  # fmt: skip
     proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True)
     seen = ""
@@ -145,9 +168,10 @@ def test_non_finite_loss_stops_and_names_the_step(tiny_coco, tmp_path):
     with pytest.raises(NonFiniteLoss) as err:
         run(cfg)
     message = str(err.value)
-    assert "training stopped at step" in message
+    assert message.startswith("training stopped: the loss of step ")
     assert "bbox_regression=" in message and "classification=" in message
     step = int(message.split("step ")[1].split(" ")[0])
+    assert f"the loss of step {step} (epoch 0) is not finite" in message  # names its step
     kept = list_checkpoints(tmp_path / "checkpoints")
     assert step >= 2 and kept and kept[-1].name == f"step_{step - 1:07d}.pt"
     assert str(kept[-1]) in message

@@ -7,16 +7,9 @@ default run: it is the proof that the fixed path never recompiles.
 import pytest
 import torch
 
-from ssd_npu.compiler import RecompileError, compile_fn, graphs_compiled, reset
-from ssd_npu.train import build_training
-from tests.test_train import tiny_cfg
-
-
-def train_step(t, batch) -> None:
-    losses = t.step_fn(batch)
-    t.optimizer.zero_grad(set_to_none=True)
-    sum(losses.values()).backward()
-    t.optimizer.step()
+from ssd_npu.build import build_training
+from ssd_npu.compiler import CompiledStep, RecompileError, graphs_compiled, reset
+from tests.helpers import tiny_cfg, train_step
 
 
 @pytest.mark.slow
@@ -32,22 +25,26 @@ def test_fixed_step_compiles_once_and_fails_on_a_changed_shape(tiny_coco, tmp_pa
     )
     t = build_training(cfg)
     before, originals, counts = graphs_compiled(), set(), set()
-    for i, batch in enumerate(t.train_loader):
+    for i, batch in enumerate(t.data.train):
         if i == 4:
             break
         originals.update(tuple(s) for s in batch.orig_sizes.tolist())
         counts.update(batch.valid.sum(1).tolist())
         train_step(t, batch)  # fail_on_recompile is on: any recompile here would raise
     assert len(originals) >= 4 and len(counts) >= 3  # the inputs really differ
-    compiled = t.step_fn.compiled
+    compiled = t.step.compiled
+    assert isinstance(compiled, CompiledStep) and compiled.fail_on_recompile
     assert compiled.graphs_per_call == [1, 0, 0, 0]
     assert compiled.recompiles == 0 and graphs_compiled() - before == 1
+    # the step's own statistics (what summary.json reports) are the compiled step's
+    assert t.step.graphs == 1 and t.step.recompiles == 0 and t.step.recompile_reasons == []
+    assert t.step.graphs_last_call == 0
 
     # One more box row per image: the shape an unfixed target list would change every step.
     pad = lambda x: torch.cat([x, x[:, :1]], dim=1)  # noqa: E731
     batch.boxes, batch.labels, batch.valid = pad(batch.boxes), pad(batch.labels), pad(batch.valid)
     with pytest.raises(RecompileError, match=r"fail_on_recompile.*\n.*") as err:
-        t.step_fn(batch)
+        t.step(batch)
     text = str(err.value)
     assert "size mismatch at index 1. expected 8, actual 9" in text
     assert any(f"tensor '{name}'" in text for name in ("boxes", "labels", "valid"))
@@ -56,7 +53,7 @@ def test_fixed_step_compiles_once_and_fails_on_a_changed_shape(tiny_coco, tmp_pa
 def test_recompiles_are_counted_per_call_with_reasons():
     """A toy function: the first compile is warm-up; each new shape after it is a recompile."""
     reset()
-    step = compile_fn(lambda x: (x * 2).sum(), "eager")
+    step = CompiledStep(lambda x: (x * 2).sum(), "eager")
     for n in (3, 3, 4, 5, 5):
         step(torch.ones(n))
     assert step.graphs_per_call == [1, 0, 1, 1, 0] and step.recompiles_per_call == [0, 0, 1, 1, 0]
@@ -66,7 +63,7 @@ def test_recompiles_are_counted_per_call_with_reasons():
 
 def test_fail_on_recompile_names_the_tensor():
     reset()
-    step = compile_fn(lambda images, boxes: images.sum() + boxes.sum(), "eager", True)
+    step = CompiledStep(lambda images, boxes: images.sum() + boxes.sum(), "eager", True)
     step(torch.ones(2, 3), torch.ones(2, 4, 4))
     step(torch.zeros(2, 3), torch.ones(2, 4, 4))  # same shapes, new values: no recompile
     with pytest.raises(RecompileError, match="tensor 'boxes' size mismatch at index 1"):

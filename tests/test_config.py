@@ -1,26 +1,14 @@
 """The command-line contract: Hydra composition, schema strictness, value validation."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from ssd_npu.config import ConfigError, register_configs, validate
-
-REPO = Path(__file__).resolve().parents[1]
-register_configs()
-
-
-def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+from ssd_npu.config import ConfigError, validate
+from tests.helpers import compose_cfg, run_train
 
 
 def test_defaults_follow_the_contract():
-    cfg = make_cfg()
+    cfg = compose_cfg()
     validate(cfg)
     assert cfg.device.name == "auto"
     assert list(cfg.canvas) == [320, 320]
@@ -31,14 +19,14 @@ def test_defaults_follow_the_contract():
 
 
 def test_npu_override_parses():
-    cfg = make_cfg("device=npu", "canvas=[512,512]", "max_boxes=50")
+    cfg = compose_cfg("device=npu", "canvas=[512,512]", "max_boxes=50")
     validate(cfg)
     assert cfg.device.name == "npu" and cfg.device.jit_compile is False
     assert list(cfg.canvas) == [512, 512] and cfg.max_boxes == 50
 
 
 def test_coco_group_sets_91_classes():
-    cfg = make_cfg("data=coco", "data.root=/data/coco")
+    cfg = compose_cfg("data=coco", "data.root=/data/coco")
     validate(cfg)
     assert cfg.data.num_classes == 91 and cfg.data.root == "/data/coco"
 
@@ -59,7 +47,7 @@ def test_coco_group_sets_91_classes():
     ],
 )
 def test_bad_values_name_the_key(override, key, hint):
-    cfg = make_cfg(override)
+    cfg = compose_cfg(override)
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert str(err.value).startswith(f"{key}=")
@@ -68,19 +56,9 @@ def test_bad_values_name_the_key(override, key, hint):
 
 def test_unknown_key_and_device_fail_at_compose():
     with pytest.raises(ConfigCompositionException, match="max_boxs"):
-        make_cfg("max_boxs=3")
+        compose_cfg("max_boxs=3")
     with pytest.raises(Exception, match="(?s)tpu.*cpu"):
-        make_cfg("device=tpu")
-
-
-def run_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+        compose_cfg("device=tpu")
 
 
 @pytest.mark.parametrize(

@@ -3,25 +3,19 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ssd_npu.data.box_table import box_table, load_coco
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import fit_to_canvas
-from ssd_npu.data.recommend import truncation
-from ssd_npu.data.report import (
-    box_table,
-    data_report,
-    fit_scales,
-    load_coco,
-)
-from ssd_npu.data.report_render import format_report
 from ssd_npu.errors import DataError
-
-REPO = Path(__file__).resolve().parents[1]
+from ssd_npu.tools.data_report import data_report, fit_scales
+from ssd_npu.tools.recommend import truncation
+from ssd_npu.tools.report_render import format_report
+from tests.helpers import REPO
 
 
 def test_box_table_matches_the_loaders_targets(tiny_coco):
@@ -136,7 +130,7 @@ def test_cli_writes_the_json(tiny_coco, tmp_path):
 
 def test_pngs_when_matplotlib_is_installed(tiny_coco, tmp_path):
     pytest.importorskip("matplotlib")
-    from ssd_npu.data.report_render import save_pngs
+    from ssd_npu.tools.report_render import save_pngs
 
     ann = tiny_coco / "annotations" / "instances_train2017.json"
     pngs = save_pngs(ann, data_report(ann, (128, 128), num_classes=6), tmp_path)
@@ -145,7 +139,7 @@ def test_pngs_when_matplotlib_is_installed(tiny_coco, tmp_path):
 
 
 def test_buckets_too_small_for_two_batches_are_merged():
-    from ssd_npu.data.recommend import merge_small_buckets
+    from ssd_npu.tools.recommend import merge_small_buckets
 
     counts = np.array([1] * 30 + [12] * 5 + [20] * 3)
     # bucket 16 (5 images) and 20 (3) cannot fill 2 batches of 4: 16's bound goes, 20 takes them

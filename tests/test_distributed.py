@@ -4,7 +4,7 @@ The equivalence runs in float64 (`torch.set_default_dtype`): training-mode Batch
 random network turns float32 rounding differences (one sum over 4 images versus two sums
 over 2) into ~1e-3 relative gradient noise, which would hide the comparison. Everything
 else is the production path: build_training, DistributedSampler, DDP, the cross-rank
-BatchNorm, the global-positive loss normalisation and train_loop.
+BatchNorm, the global-positive loss normalisation and TrainLoop.
 """
 
 import json
@@ -19,12 +19,11 @@ import torch
 import torch.multiprocessing as mp
 
 from ssd_npu.build import build_training
-from ssd_npu.engine import train_loop
+from ssd_npu.engine import TrainLoop
 from ssd_npu.telemetry import Telemetry
 from ssd_npu.train import run
-from tests.test_train import tiny_cfg
+from tests.helpers import REPO, tiny_cfg, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 4
 COMMON = ("canvas=[128,128]", "max_boxes=8", "eval=false", "sync_bn=true", "augment=false")
 
@@ -53,11 +52,13 @@ def worker(rank: int, world: int, port: int, root: str, out: str, steps: int, dt
     )
     t = build_training(cfg)
     telemetry = Telemetry(out_dir / f"tb{rank}", steps, enabled=t.world.is_main)
-    train_loop(
-        t.step_fn, t.optimizer, t.scheduler, t.train_loader, t.device, telemetry,
-        epochs=1, max_steps=steps, world=t.world,
+    loop = TrainLoop(
+        t.step, t.optimizer, t.scheduler, t.data.train, t.data.train_sampler, t.device,
+        telemetry, scaler=t.scaler, world=t.world,
     )  # fmt: skip
+    progress = loop.run(epochs=1, max_steps=steps)
     telemetry.close()
+    assert progress.step == steps and progress.epoch == 0
     torch.save(
         {
             "losses": telemetry.last_losses,
@@ -102,9 +103,9 @@ def test_parameters_stay_identical_across_ranks(tiny_coco, tmp_path):
 def test_torchrun_writes_one_summary_and_one_event_file(tiny_coco, tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", "train.py", "device=cpu", "data=coco",
-        f"data.root={tiny_coco}", "data.num_classes=6", "batch_size=2", "num_workers=0",
-        *[c for c in COMMON if c != "eval=false"], "max_steps=2", f"hydra.run.dir={tmp_path}",
+        f"--master_port={free_port()}", "train.py",
+        *tiny_overrides(tiny_coco, *[c for c in COMMON if c != "eval=false"], "max_steps=2",
+                        f"hydra.run.dir={tmp_path}"),
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=300,

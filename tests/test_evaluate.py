@@ -1,28 +1,26 @@
 """Evaluation: the canvas -> original box mapping is exact (GT as predictions gives mAP 1.0),
 the fixed path runs end to end, and it agrees with torchvision's own dynamic inference."""
 
+import dataclasses
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from ssd_npu.config import register_configs
+from ssd_npu.build import build_training, loader_spec
+from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.loader import build_loaders
+from ssd_npu.device import Device
+from ssd_npu.distributed import World
 from ssd_npu.evaluate import (
+    Evaluator,
     coco_map,
     dynamic_detections,
-    evaluate_dynamic,
-    evaluate_fixed,
     fixed_batch_records,
     fixed_detections,
 )
-from ssd_npu.train import build_training
-
-REPO = Path(__file__).resolve().parents[1]
-register_configs()
+from tests.helpers import tiny_cfg
 
 
 def calibrate_batchnorm(model, loader) -> None:
@@ -43,35 +41,22 @@ def calibrate_batchnorm(model, loader) -> None:
         m.momentum = 0.03  # torchvision ssdlite's BatchNorm momentum
 
 
-def make_cfg(tiny_coco: Path, tmp_path: Path, *overrides: str):
-    # data=coco reads tiny_coco as is (data=synthetic would generate a set inside data.root)
-    base = [
-        "device=cpu",
-        "data=coco",
-        f"data.root={tiny_coco}",
-        "data.num_classes=6",
-        "num_workers=0",
-        f"out_dir={tmp_path}",
-    ]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=base + list(overrides))
-
-
 @pytest.mark.parametrize("fit", ["stretch", "letterbox", "pad"])
 @pytest.mark.parametrize("split", ["train2017", "val2017"])
 def test_ground_truth_as_predictions_gives_map_one(tiny_coco, tmp_path, fit, split):
     # canvas [H=320, W=448]: non-square; the tiny set has images smaller than it in both
     # sides (pad keeps them unscaled) and larger ones (every mode scales them)
     overrides = [f"fit={fit}", "canvas=[320,448]", "batch_size=4", "max_boxes=32"]
-    cfg = make_cfg(tiny_coco, tmp_path, *overrides, f"data.val_split={split}")
-    _, val_loader, _, val_set = build_loaders(cfg, tiny_coco, "fixed")
-    coco = val_set.coco
+    cfg = tiny_cfg(tiny_coco, tmp_path, *overrides, f"data.val_split={split}")
+    data = build_loaders(loader_spec(cfg, World(), Device("cpu", None)), tiny_coco)
+    assert data.val_set.split == split
+    coco = data.val_set.coco
     sizes = [(img["height"], img["width"]) for img in coco.imgs.values()]
     assert any(h <= 320 and w <= 448 for h, w in sizes)
     assert any(h > 320 or w > 448 for h, w in sizes)
 
     records, unmapped, ids = [], [], []
-    for batch in val_loader:
+    for batch in data.val:
         assert isinstance(batch, FixedBatch) and batch.boxes_dropped == 0
         # the fitted (canvas-pixel) ground truth, fed back as detections with score 1
         gt = [
@@ -99,30 +84,29 @@ def test_ground_truth_as_predictions_gives_map_one(tiny_coco, tmp_path, fit, spl
 
 
 def test_coco_map_without_detections(tiny_coco):
-    from ssd_npu.data.coco import CocoDetectionDataset
-
     coco = CocoDetectionDataset(tiny_coco, "val2017").coco
     result = coco_map(coco, [], list(coco.imgs))
     assert result["mAP"] == 0.0 and result["num_detections"] == 0 and "note" in result
 
 
 def test_evaluate_fixed_end_to_end(tiny_coco, tmp_path):
-    cfg = make_cfg(tiny_coco, tmp_path, "fit=letterbox", "canvas=[128,128]", "batch_size=4")
+    cfg = tiny_cfg(tiny_coco, tmp_path, "fit=letterbox", "canvas=[128,128]", "batch_size=4")
     t = build_training(cfg)
-    calibrate_batchnorm(t.model, t.val_loader)
+    val_set = t.data.val_set
+    calibrate_batchnorm(t.model, t.data.val)
     assert t.model.training
-    result = evaluate_fixed(t.model, t.val_loader, t.val_set, t.device)
+    result = Evaluator(t.model, t.data.val, val_set.coco, t.device).run()  # shape="fixed"
     assert t.model.training  # the previous mode is restored
     assert {"mAP", "mAP50", "stats", "num_images", "num_detections"} <= result.keys()
     assert isinstance(result["mAP"], float) and 0.0 <= result["mAP"] <= 1.0
     assert len(result["stats"]) == 12
-    assert result["num_images"] == len(t.val_set.coco.imgs) == 6  # 6 images, batch 4: padded
+    assert result["num_images"] == len(val_set.coco.imgs) == 6  # 6 images, batch 4: padded
     assert result["num_detections"] > 0
 
-    records, ids = fixed_detections(t.model, t.val_loader, t.device)
-    assert len(records) == result["num_detections"] and sorted(ids) == sorted(t.val_set.coco.imgs)
+    records, ids = fixed_detections(t.model, t.data.val, t.device)
+    assert len(records) == result["num_detections"] and sorted(ids) == sorted(val_set.coco.imgs)
     for r in records:  # letterbox padding lies outside the image: boxes must not
-        img = t.val_set.coco.imgs[r["image_id"]]
+        img = val_set.coco.imgs[r["image_id"]]
         x, y, w, h = r["bbox"]
         assert x >= 0 and y >= 0 and w >= 0 and h >= 0
         assert x + w <= img["width"] + 1e-3 and y + h <= img["height"] + 1e-3
@@ -137,18 +121,21 @@ def _per_image(records):
 
 
 def test_fixed_and_dynamic_agree_on_stretch(tiny_coco, tmp_path):
-    cfg = make_cfg(tiny_coco, tmp_path, "fit=stretch", "canvas=[128,128]", "batch_size=2")
+    cfg = tiny_cfg(tiny_coco, tmp_path, "fit=stretch", "canvas=[128,128]", "batch_size=2")
     t = build_training(cfg)
-    calibrate_batchnorm(t.model, t.val_loader)
-    _, dyn_loader, _, _ = build_loaders(cfg, t.data_root, "dynamic")
+    calibrate_batchnorm(t.model, t.data.val)
+    spec = dataclasses.replace(loader_spec(cfg, t.world, t.device), shape="dynamic")
+    dyn_loader = build_loaders(spec, t.data_root).val
+    coco = t.data.val_set.coco
 
-    fixed = evaluate_fixed(t.model, t.val_loader, t.val_set, t.device)
-    dynamic = evaluate_dynamic(t.model.detector, dyn_loader, t.val_set, t.device)
+    fixed = Evaluator(t.model, t.data.val, coco, t.device, shape="fixed").run()
+    dynamic = Evaluator(t.model, dyn_loader, coco, t.device, shape="dynamic").run()
+    assert t.model.training and t.model.detector.training  # the previous mode is restored
     assert fixed["num_images"] == dynamic["num_images"] == 6
     assert fixed["num_detections"] == dynamic["num_detections"] > 0
     assert fixed["stats"] == pytest.approx(dynamic["stats"], abs=1e-3)  # all 12 AP/AR numbers
 
-    fixed_recs, _ = fixed_detections(t.model, t.val_loader, t.device)
+    fixed_recs, _ = fixed_detections(t.model, t.data.val, t.device)
     dyn_recs, _ = dynamic_detections(t.model.detector, dyn_loader, t.device)
     f_img, d_img = _per_image(fixed_recs), _per_image(dyn_recs)
     assert f_img.keys() == d_img.keys()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from ssd_npu.build import loader_spec
 from ssd_npu.config import TrainConfig
 from ssd_npu.data.fixed_shape import (
     FixedBatch,
@@ -15,7 +17,10 @@ from ssd_npu.data.fixed_shape import (
     pad_targets,
     unfit_boxes,
 )
-from ssd_npu.data.loader import build_loaders
+from ssd_npu.data.loader import Loaders, build_loaders
+from ssd_npu.data.samplers import EpochSampler
+from ssd_npu.device import Device
+from ssd_npu.distributed import World
 
 
 def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -186,8 +191,14 @@ def _cfg(**kw) -> TrainConfig:
     return cfg
 
 
+def _loaders(root, **kw) -> Loaders:
+    return build_loaders(loader_spec(_cfg(**kw), World(), Device("cpu", None)), root)
+
+
 def test_fixed_loaders_static_shapes_and_padded_val(tiny_coco):
-    train, val, train_ds, val_ds = build_loaders(_cfg(num_workers=0), tiny_coco, "fixed")
+    data = _loaders(tiny_coco, num_workers=0, shape="fixed")
+    train, val, val_ds = data.train, data.val, data.val_set
+    assert isinstance(data.train_sampler, EpochSampler) and train.sampler is data.train_sampler
     batches = list(train)
     assert len(batches) == 3  # 12 images, batch 4, drop_last
     for b in batches + list(val):
@@ -203,7 +214,7 @@ def test_fixed_loaders_static_shapes_and_padded_val(tiny_coco):
 @pytest.mark.parametrize("shape", ["fixed", "dynamic"])
 def test_loaders_deterministic_across_workers(tiny_coco, shape):
     def run(workers):
-        train, *_ = build_loaders(_cfg(num_workers=workers), tiny_coco, shape)
+        train = _loaders(tiny_coco, num_workers=workers, shape=shape).train
         return [b for _ in range(2) for b in train]  # two epochs
 
     a, b = run(0), run(2)
@@ -223,3 +234,20 @@ def test_loaders_deterministic_across_workers(tiny_coco, shape):
                 for s, t in zip(x.targets, y.targets, strict=True)
             )
     assert not torch.equal(a[0].image_ids, a[3].image_ids)  # epochs reshuffle
+
+
+def test_epoch_sampler_resumes_with_set_epoch_and_skip():
+    def sampler():
+        inner = DistributedSampler(range(12), num_replicas=1, rank=0, seed=3, drop_last=True)
+        return EpochSampler(inner, batch_size=2)
+
+    s = sampler()
+    epoch0, epoch1 = list(s), list(s)
+    assert [k.epoch for k in epoch0] == [0] * 12 and [k.epoch for k in epoch1] == [1] * 12
+    assert [k.index for k in epoch1] != [k.index for k in epoch0]  # reshuffled per epoch
+    assert sorted(k.index for k in epoch0) == list(range(12))
+    again = sampler()
+    again.set_epoch(1)
+    again.skip(3)  # resume after 3 batches of 2: the rest of the same epoch
+    assert len(again) == 6 and list(again) == epoch1[6:]
+    assert len(again) == 12 and [k.epoch for k in again] == [2] * 12  # skips once only

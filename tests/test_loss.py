@@ -4,11 +4,10 @@ import pytest
 import torch
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou
 
 from ssd_npu.loss import fixed_ssd_loss, match_anchors
 from ssd_npu.model import canvas_anchors
-from tests.test_train import DeviceShapes
+from tests.helpers import DeviceShapes, torchvision_loss
 
 NUM_CLASSES = 4
 CANVAS = (320, 320)
@@ -21,18 +20,6 @@ def reference():
         weights=None, weights_backbone=None, num_classes=NUM_CLASSES
     )
     return model, canvas_anchors(model, CANVAS)
-
-
-def torchvision_loss(model, anchors, cls_logits, bbox_regression, targets):
-    """Exactly what SSD.forward does in training after the head: match, then compute_loss."""
-    matched_idxs = []
-    for target in targets:
-        if target["boxes"].numel() == 0:
-            matched_idxs.append(torch.full((anchors.shape[0],), -1, dtype=torch.int64))
-            continue
-        matched_idxs.append(model.proposal_matcher(box_iou(target["boxes"], anchors)))
-    head = {"cls_logits": cls_logits, "bbox_regression": bbox_regression}
-    return model.compute_loss(targets, head, [anchors] * len(targets), matched_idxs), matched_idxs
 
 
 def random_boxes(generator, n, canvas=CANVAS):
@@ -75,7 +62,9 @@ def compare(reference, boxes_list, labels_list, max_boxes, seed, garbage=True):
     sum(ref.values()).backward()
 
     ours_in = [t.clone().requires_grad_() for t in (cls_logits, bbox_regression)]
-    ours = fixed_ssd_loss(*ours_in, anchors, boxes, labels, valid, BoxCoder((10.0, 10.0, 5.0, 5.0)))
+    ours = fixed_ssd_loss(
+        *ours_in, anchors, boxes, labels, valid, box_coder=BoxCoder((10.0, 10.0, 5.0, 5.0))
+    )
     sum(ours.values()).backward()
 
     assert set(ours) == {"bbox_regression", "classification"}
@@ -167,9 +156,25 @@ def test_loss_ops_have_no_data_dependent_shapes(reference):
         deltas = torch.randn(2, anchors.shape[0], 4, requires_grad=True)
         with DeviceShapes() as rec:
             out = fixed_ssd_loss(
-                logits, deltas, anchors, boxes, labels, valid, BoxCoder((10, 10, 5, 5))
+                logits, deltas, anchors, boxes, labels, valid, box_coder=BoxCoder((10, 10, 5, 5))
             )
             sum(out.values()).backward()
         records.append(rec.ops)
         assert not any("nonzero" in op or "_local_scalar_dense" in op for op, _, _ in rec.ops)
     assert records[0] == records[1] == records[2]
+
+
+def test_box_coder_is_keyword_only_and_defaults_to_torchvisions(reference):
+    model, anchors = reference
+    g = torch.Generator().manual_seed(7)
+    boxes, labels, valid = pad([random_boxes(g, 3)], [torch.tensor([1, 2, 3])], 5, g)
+    logits = torch.randn(1, anchors.shape[0], NUM_CLASSES, generator=g)
+    deltas = torch.randn(1, anchors.shape[0], 4, generator=g)
+    default = fixed_ssd_loss(logits, deltas, anchors, boxes, labels, valid)
+    theirs = fixed_ssd_loss(
+        logits, deltas, anchors, boxes, labels, valid, box_coder=model.box_coder
+    )  # torchvision's SSD coder, (10, 10, 5, 5)
+    for key in theirs:
+        torch.testing.assert_close(default[key], theirs[key], rtol=0, atol=0)
+    with pytest.raises(TypeError):
+        fixed_ssd_loss(logits, deltas, anchors, boxes, labels, valid, model.box_coder)

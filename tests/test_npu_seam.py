@@ -18,8 +18,7 @@ import torch
 
 from ssd_npu.device import import_torch_npu
 from ssd_npu.errors import DeviceError
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 FAKE_TORCH_NPU = """
 import torch

@@ -18,8 +18,8 @@ import torch
 
 from ssd_npu.data.fixed_shape import fit_to_canvas, pad_targets
 from ssd_npu.device import Device
-from ssd_npu.engine import make_fixed_step
 from ssd_npu.model import FixedSSD, build_detector
+from ssd_npu.step import FixedStep
 
 CANVAS = (192, 160)  # non-square, small: fast, and anchors follow the canvas
 NUM_CLASSES = 5
@@ -69,7 +69,7 @@ def test_fixed_training_equals_torchvision_training():
     fixed.train()
     opt_ref = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
     opt_fix = torch.optim.SGD(fixed.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
-    step = make_fixed_step(fixed, Device("cpu", None))
+    step = FixedStep(fixed, Device("cpu", None))
 
     for i in range(3):
         images, targets = make_batch(i)

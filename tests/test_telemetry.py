@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssd_npu.telemetry import Telemetry, detect_warmup, steady_median
+from tests.helpers import read_scalars
 
 STEADY = [100.0, 104.0, 98.0, 101.0, 99.0, 103.0, 97.0, 102.0, 100.0, 101.0]
 
@@ -46,9 +46,7 @@ def test_telemetry_writes_events_and_summary(tmp_path):
     tel.write_summary(summary)
     tel.close()
 
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    scalars = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+    scalars = read_scalars(tmp_path)
     assert [e.step for e in scalars["time/step_ms"]] == [1, 2, 3, 4]
     assert [e.value for e in scalars["time/step_ms"]] == pytest.approx(step_ms)
     assert [e.value for e in scalars["compile/graphs"]] == [1, 1, 1, 1]
@@ -60,3 +58,10 @@ def test_telemetry_writes_events_and_summary(tmp_path):
     assert summary["warmup_steps"] == 1 and summary["steady_step_ms"] == 100.0
     assert summary["first_step_ms"] == 5_000.0 and summary["boxes_dropped"] == 4
     assert summary["steady_images_per_s"] == pytest.approx(40.0)
+
+
+def test_no_progress_bar_when_nothing_will_be_trained(tmp_path, capsys):
+    Telemetry(tmp_path / "none", total_steps=0).close()  # eval_only, a finished run
+    assert "step" not in capsys.readouterr().err
+    Telemetry(tmp_path / "some", total_steps=2).close()
+    assert "0/2" in capsys.readouterr().err  # control: a run with steps shows its bar

@@ -5,15 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssd_npu.config import register_configs
-from ssd_npu.train import build_training, run
-
-REPO = Path(__file__).resolve().parents[1]
-register_configs()
+from ssd_npu.build import build_training
+from ssd_npu.train import run
+from tests.helpers import FAST, DeviceShapes, read_scalars, tiny_cfg, train_step
 
 TAGS = {
     "time/step_ms",
@@ -43,30 +38,6 @@ SUMMARY_KEYS = {
     "max_boxes",
     "eval",
 }
-
-
-def tiny_cfg(root: Path, out: Path, *overrides: str):
-    """A tiny CPU config on the session's synthetic set (read as COCO, 6 classes)."""
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[
-                "device=cpu",
-                "data=coco",
-                f"data.root={root}",
-                "data.num_classes=6",
-                "batch_size=2",
-                "num_workers=0",
-                f"out_dir={out}",
-                *overrides,
-            ],
-        )
-
-
-def read_scalars(out: Path) -> dict[str, list]:
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
 
 
 def test_few_step_run_writes_events_and_summary(tiny_coco, tmp_path):
@@ -103,39 +74,18 @@ def test_anchors_follow_the_canvas(tiny_coco, tmp_path):
     assert wide.model.anchors[:, 2].max() > 300  # anchors reach across the wider canvas
 
 
-class DeviceShapes(TorchDispatchMode):
-    """Records (op, input shapes, output shapes) of every op dispatched."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-
-        def shapes(values):
-            flat = torch.utils._pytree.tree_leaves(values)
-            return tuple(tuple(v.shape) for v in flat if isinstance(v, torch.Tensor))
-
-        self.ops.append((str(func), shapes((args, kwargs)), shapes(out)))
-        return out
-
-
 def test_fixed_step_shapes_never_change(tiny_coco, tmp_path):
     """Batches of different original sizes and box counts: identical device-side shapes."""
     t = build_training(tiny_cfg(tiny_coco, tmp_path, "canvas=[128,128]", "max_boxes=8"))
     recorded, originals, counts = [], set(), set()
-    for i, batch in enumerate(t.train_loader):
+    for i, batch in enumerate(t.data.train):
         if i == 4:
             break
         originals.update(tuple(s) for s in batch.orig_sizes.tolist())
         counts.update(batch.valid.sum(1).tolist())
         # Step 0 is not recorded: SGD creates its momentum buffers on its first step only.
         with DeviceShapes() as rec:
-            losses = t.step_fn(batch)
-            t.optimizer.zero_grad()
-            sum(losses.values()).backward()
-            t.optimizer.step()
+            train_step(t, batch)
         if i:
             recorded.append(rec.ops)
     assert len(originals) >= 4 and len(counts) >= 3  # the inputs really differ
@@ -161,3 +111,20 @@ def test_amp_bf16_on_cpu_trains_and_the_loss_falls(tiny_coco, tmp_path):
     epochs = [sum(losses[i : i + 6]) / 6 for i in (0, 6, 12)]
     assert epochs[0] > epochs[1] > epochs[2] and epochs[2] < 0.9 * epochs[0]
     assert summary["final_loss"] == pytest.approx(losses[-1])
+
+
+def test_eval_only_shows_no_training_progress_bar(tiny_coco, tmp_path, capsys):
+    trained = tmp_path / "trained"
+    run(tiny_cfg(tiny_coco, trained, *FAST, "max_steps=1"))
+    shown = capsys.readouterr()
+    assert "step/s" in shown.err  # control: a training run's bar is captured here
+    weights = trained / "checkpoints" / "step_0000001.pt"
+    summary = run(
+        tiny_cfg(tiny_coco, tmp_path / "eval", "canvas=[128,128]", "max_boxes=8",
+                 "eval_only=true", f"weights={weights}")
+    )  # fmt: skip
+    shown = capsys.readouterr()
+    printed = shown.out + shown.err
+    assert "step/s" not in printed and "0step" not in printed
+    assert "Average Precision" in shown.out  # it did evaluate (COCOeval's table)
+    assert summary["global_step"] == 0 and 0.0 <= summary["eval"]["mAP"] <= 1.0
