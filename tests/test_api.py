@@ -120,7 +120,10 @@ def readme_block(heading: str, index: int = 0) -> str:
 
 def test_readme_own_loop_example_runs_as_written():
     namespace: dict = {}
-    exec(compile(readme_block("Use the pieces in your own training loop"), "README", "exec"), namespace)
+    exec(
+        compile(readme_block("Use the pieces in your own training loop"), "README", "exec"),
+        namespace,
+    )
     batch, losses = namespace["batch"], namespace["losses"]
     assert tuple(batch.images.shape) == (2, 3, 320, 320)
     assert tuple(batch.boxes.shape) == (2, 16, 4) and batch.valid.sum().item() == 4
