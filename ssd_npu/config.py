@@ -100,6 +100,15 @@ class ReportConfig:
 
 
 @dataclass
+class ShowConfig:
+    # eval/detections in TensorBoard and scripts/show_detections.py (ssd_npu/detections.py)
+    out: str | None = None  # PNG path of show_detections.py; None: <out_dir>/detections.png
+    images: int = 6  # the first N val images (by image id)
+    score: float = 0.3  # predictions drawn: score >= this
+    height: int = 256  # pixels per picture (aspect kept)
+
+
+@dataclass
 class TrainConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -133,6 +142,7 @@ class TrainConfig:
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    show: ShowConfig = field(default_factory=ShowConfig)
 
 
 def config_dir() -> str:
@@ -231,6 +241,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"num_workers={cfg.num_workers} is not valid; it must be >= 0.")
     if not 0.0 <= cfg.pad_value <= 1.0:
         raise ConfigError(f"pad_value={cfg.pad_value} is not valid; it must lie in [0, 1].")
+    if cfg.show.images < 1 or cfg.show.height < 16 or not 0.0 <= cfg.show.score <= 1.0:
+        raise ConfigError(
+            f"show.images={cfg.show.images} / show.height={cfg.show.height} / show.score="
+            f"{cfg.show.score} are not valid; give images >= 1, height >= 16, score in [0, 1]."
+        )
     if cfg.data.name == "coco" and not cfg.data.root:
         raise ConfigError(
             "data.root is not set; data=coco needs data.root=/path/to/coco with "

@@ -15,11 +15,14 @@ import torch
 
 from ssd_npu import distributed
 from ssd_npu.checkpoint import TrainState, checkpoint_path, save_checkpoint
+from ssd_npu.detections import DetectionSheet
 from ssd_npu.device import Device
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, StepRecord
 from ssd_npu.evaluate import Evaluator
 from ssd_npu.interrupt import StopOnSignal
 from ssd_npu.telemetry import Telemetry
+
+DETECTIONS_TAG = "eval/detections"  # TensorBoard image tag (a public contract, DESIGN.md)
 
 
 class StopSignalHook(Hook):
@@ -89,7 +92,8 @@ class CheckpointHook(Hook):
 
 class EvalHook(Hook):
     """COCO mAP every `every_epochs` epochs (0: none on the way) and when training ends
-    (`final`, unless training failed or a stop signal ended it); logged as eval/mAP(50)."""
+    (`final`, unless training failed or a stop signal ended it); logged as eval/mAP(50).
+    With a `sheet`, each evaluation also logs its picture as the image `eval/detections`."""
 
     def __init__(
         self,
@@ -99,8 +103,9 @@ class EvalHook(Hook):
         epochs: int,
         final: bool = True,
         stop: StopSignalHook | None = None,
+        sheet: DetectionSheet | None = None,
     ) -> None:
-        self.evaluator, self.telemetry = evaluator, telemetry
+        self.evaluator, self.telemetry, self.sheet = evaluator, telemetry, sheet
         self.every, self.epochs, self.final, self.stop = every_epochs, epochs, final, stop
         self.history: list[dict[str, Any]] = []
 
@@ -122,6 +127,8 @@ class EvalHook(Hook):
             self.history.append({"step": step, **{k: result[k] for k in keys}})
             scalars = {"eval/mAP": result["mAP"], "eval/mAP50": result["mAP50"]}
             self.telemetry.log_scalars(step, scalars)
+        if self.sheet is not None and self.telemetry.writer is not None:  # rank 0 only
+            self.telemetry.log_image(DETECTIONS_TAG, self.sheet.render(), step)
         return result
 
 

@@ -1,4 +1,4 @@
-"""Step timing, warm-up detection, TensorBoard scalars, the progress bar and summary.json.
+"""Step timing, warm-up detection, TensorBoard scalars and images, progress bar, summary.json.
 
 Tags and summary keys are public contracts (DESIGN.md): keep their names.
 """
@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -108,6 +109,11 @@ class Telemetry:
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
+
+    def log_image(self, tag: str, image: Tensor, step: int) -> None:
+        """A picture, uint8 [3, H, W] RGB, under `tag` at `step` (rank 0 only)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="CHW")
 
     def summary(self, **fields: Any) -> dict[str, Any]:
         """The summary.json fields from the timings, plus `fields` (device, shape, ...)."""

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from ssd_npu.build import Training, build_training
 from ssd_npu.checkpoint import TrainState, find_resume, list_checkpoints, load_checkpoint
 from ssd_npu.data.buckets import bucket_sizes
+from ssd_npu.detections import DetectionSheet
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.errors import Interrupted
 from ssd_npu.evaluate import Evaluator
@@ -52,9 +53,27 @@ def run(cfg: Any) -> dict[str, Any]:
     steps_left = 0 if cfg.eval_only else t.total_steps - progress.step
     telemetry = Telemetry(out_dir, steps_left, enabled=main)
     evaluator = Evaluator(t.model, t.data.val, t.data.val_set.coco, t.device, cfg.shape, cfg.amp)
+    # rank 0 (the TensorBoard writer) pictures the first show.images val images at each eval
+    show = cfg.show
+    sheet = (
+        DetectionSheet.from_loader(
+            t.model,
+            t.data.val,
+            t.device,
+            shape=cfg.shape,
+            amp=cfg.amp,
+            images=show.images,
+            score=show.score,
+            height=show.height,
+        )
+        if main
+        else None
+    )
     stop = StopSignalHook(t.device)
     checkpoints = CheckpointHook(state, ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints, main)
-    evals = EvalHook(evaluator, telemetry, cfg.eval_every, cfg.epochs, final=cfg.eval, stop=stop)
+    evals = EvalHook(
+        evaluator, telemetry, cfg.eval_every, cfg.epochs, final=cfg.eval, stop=stop, sheet=sheet
+    )
     buckets = BucketCountHook(bucket_sizes(cfg.max_boxes), count_graphs=cfg.compile)
     # order matters: the checkpoint of the last step is written before the final evaluation
     hooks: list[Hook] = [stop, checkpoints, evals, buckets]
