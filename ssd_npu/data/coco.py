@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
+from torch import Tensor
 from torchvision import tv_tensors
 
+from ssd_npu.data.decode import DeferredImage, check_decode, decode_rgb
 from ssd_npu.errors import DataError
 
 
@@ -49,7 +49,9 @@ def _load_json(path: Path) -> dict[str, Any]:
 class CocoDetectionDataset(torch.utils.data.Dataset):
     """COCO detection samples: `(image, target)`.
 
-    image: `tv_tensors.Image` uint8 [3, h, w] RGB (L, P, RGBA, CMYK, ... converted by PIL).
+    image: `tv_tensors.Image` uint8 [3, h, w] RGB (L, P, RGBA, CMYK, ... converted by PIL);
+    with `decode="reduced"` a `DeferredImage` instead (size from the file header; the fit
+    decodes it at the scale the canvas needs: `ssd_npu.data.decode`).
     target: `boxes` `tv_tensors.BoundingBoxes` XYXY float32 [N, 4] in original pixels
     (crowd annotations excluded, boxes clipped to the image, boxes empty after clipping
     dropped); `labels` int64 [N] = COCO category_id; `image_id` int; `orig_size` (h, w);
@@ -58,7 +60,9 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     on_bad_image: "fail" raises `DataError` on a missing or undecodable image file; "skip"
     warns and returns the next good image instead. The count of skipped images travels in
     each target as `skipped` (valid across DataLoader workers); `self.skipped` counts only
-    what this process (the main one when num_workers=0) has skipped.
+    what this process (the main one when num_workers=0) has skipped. With `decode="reduced"`
+    a file that opens but turns out corrupt when decoded becomes an empty sample (counted in
+    `skipped` by FixSample) instead, as the next image would need its own augmentation.
     """
 
     def __init__(
@@ -67,9 +71,11 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         split: str,
         transforms: Callable | None = None,
         on_bad_image: str = "fail",
+        decode: str = "exact",
     ) -> None:
         if on_bad_image not in ("fail", "skip"):
             raise ValueError(f"on_bad_image={on_bad_image!r}; choose fail or skip")
+        self.decode = check_decode(decode)
         self.root, self.split = Path(root), split
         if not self.root.is_dir():
             raise DataError(
@@ -107,21 +113,17 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _load_image(self, img_id: int) -> Image.Image:
+    def _load_image(self, img_id: int) -> Tensor | DeferredImage:
         path = self.img_dir / self.coco.imgs[img_id]["file_name"]
         if not path.is_file():
             raise DataError(
                 f"Image file {path} (image_id {img_id}) is missing; restore it, remove its entry "
                 f"from {self.ann_file.name}, or set data.on_bad_image=skip."
             )
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")  # also forces the full decode: truncation shows here
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise DataError(
-                f"Image file {path} (image_id {img_id}) cannot be decoded ({e}); replace it, "
-                "or set data.on_bad_image=skip."
-            ) from e
+        name = f"{path} (image_id {img_id})"
+        if self.decode == "reduced":  # the header only: the fit decodes (ssd_npu.data.decode)
+            return DeferredImage.open(path, skip_bad=self.on_bad_image == "skip", name=name)
+        return decode_rgb(path, name)  # a full decode: truncation shows here
 
     def _target(self, img_id: int, h: int, w: int) -> dict[str, Any]:
         anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
@@ -142,12 +144,12 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             "clipped": int(clipped.sum()),  # kept, but reached outside the image
         }
 
-    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image | DeferredImage, dict[str, Any]]:
         skipped = 0
         for attempt in range(len(self.ids)):
             img_id = self.ids[(index + attempt) % len(self.ids)]
             try:
-                pil = self._load_image(img_id)
+                image = self._load_image(img_id)
                 break
             except DataError as e:
                 if self.on_bad_image == "fail":
@@ -157,10 +159,11 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
                 self.skipped += 1
         else:
             raise DataError(f"No image under {self.img_dir} can be decoded; check the data set.")
-        arr = np.asarray(pil)  # [h, w, 3] uint8
-        image = tv_tensors.Image(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
-        target = self._target(img_id, arr.shape[0], arr.shape[1])
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        target = self._target(img_id, h, w)
         target["skipped"] = skipped
+        if isinstance(image, Tensor):
+            image = tv_tensors.Image(image)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

@@ -2,101 +2,33 @@
 
 A shape-compiling device (Ascend NPU, torch.compile) compiles one graph per input shape, so
 every batch must look the same: images `[B, 3, H, W]`, boxes `[B, M, 4]`, labels `[B, M]`,
-a validity mask `[B, M]`. Units: images float32 in [0, 1]; boxes xyxy pixels.
+a validity mask `[B, M]`. Units: images float32 in [0, 1] (uint8 0..255 with
+`data.decode=reduced`, normalised on the device); boxes xyxy pixels.
 
-Fits (canvas (H, W), padding only right and bottom so box coordinates stay valid):
-- stretch: resize to (H, W) ignoring aspect ratio; the same pixels and boxes as torchvision's
-  `GeneralizedRCNNTransform` of ssdlite (whose `fixed_size` is given as (W, H)).
-- letterbox: resize by s = min(H/h, W/w), keep aspect ratio, pad with `pad_value`.
-- pad: no resize, pad; an image larger than the canvas is first scaled down to fit it.
+The fits (stretch | letterbox | pad, padding only right and bottom so box coordinates stay
+valid) live in `ssd_npu.data.fit` and are re-exported here (`fit_to_canvas`, `unfit_boxes`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection.transform import resize_boxes
-from torchvision.transforms.v2.functional import to_dtype
 
-FIT_MODES = ("stretch", "letterbox", "pad")
-
-
-class FitInfo(NamedTuple):
-    """How one image was fitted: canvas_xy = orig_xy * scale."""
-
-    scale: tuple[float, float]  # (sx, sy)
-    orig_size: tuple[int, int]  # (h, w) of the image given to the fit
-    content_size: tuple[int, int]  # (h, w) of the image inside the canvas
-    downscaled: bool  # fit=pad only: the image was larger than the canvas
-
-
-def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
-    # bilinear, align_corners=False, no antialias: what GeneralizedRCNNTransform does
-    return F.interpolate(image[None], size=list(size), mode="bilinear", align_corners=False)[0]
-
-
-def fit_to_canvas(
-    image: Tensor,
-    boxes: Tensor,
-    canvas: tuple[int, int],
-    mode: str = "stretch",
-    pad_value: float = 0.0,
-) -> tuple[Tensor, Tensor, FitInfo]:
-    """Fit one image to the canvas.
-
-    image uint8 [3, h, w]; boxes float32 [N, 4] xyxy original pixels; canvas (H, W).
-    Returns image float32 [3, H, W] in [0, 1], boxes float32 [N, 4] xyxy canvas pixels (clipped
-    to the content area), FitInfo.
-    """
-    if mode not in FIT_MODES:
-        raise ValueError(f"fit={mode!r} is not valid; choose one of: {', '.join(FIT_MODES)}")
-    H, W = int(canvas[0]), int(canvas[1])
-    h, w = int(image.shape[-2]), int(image.shape[-1])
-    # /255 first, then resize: torchvision's order (ToDtype(scale=True) in the recipe, resize in the model)
-    x = to_dtype(image.as_subclass(Tensor), torch.float32, scale=True)
-    boxes = boxes.as_subclass(Tensor).to(torch.float32).reshape(-1, 4)
-    downscaled = False
-    if mode == "stretch":
-        out = _resize(x, (H, W))
-        out_boxes = resize_boxes(boxes, [h, w], [H, W])  # torchvision's own float32 ratios
-        ch, cw = H, W
-    else:
-        if mode == "pad" and h <= H and w <= W:
-            ch, cw, content = h, w, x
-        else:
-            s = min(H / h, W / w)
-            ch, cw = max(1, min(H, round(h * s))), max(1, min(W, round(w * s)))
-            content = _resize(x, (ch, cw))
-            downscaled = mode == "pad"
-        out = x.new_full((3, H, W), float(pad_value))
-        out[:, :ch, :cw] = content
-        out_boxes = resize_boxes(boxes, [h, w], [ch, cw])
-    # float32 ratios, exactly the ones resize_boxes multiplied by
-    sy, sx = (
-        float(torch.tensor(n, dtype=torch.float32) / torch.tensor(o, dtype=torch.float32))
-        for n, o in ((ch, h), (cw, w))
-    )
-    out_boxes = _clip(out_boxes, ch, cw)
-    return out, out_boxes, FitInfo((sx, sy), (h, w), (ch, cw), downscaled)
-
-
-def _clip(boxes: Tensor, h: float, w: float) -> Tensor:
-    x = boxes[..., 0::2].clamp(0, w)
-    y = boxes[..., 1::2].clamp(0, h)
-    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
-
-
-def unfit_boxes(boxes: Tensor, info: FitInfo) -> Tensor:
-    """Inverse of the fit's box mapping: canvas pixels [N, 4] -> original pixels [N, 4], clipped."""
-    sx, sy = info.scale
-    scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32, device=boxes.device)
-    return _clip(boxes.to(torch.float32) / scale, *info.orig_size)
+from ssd_npu.data.decode import DeferredImage
+from ssd_npu.data.fit import (  # noqa: F401 (re-exported: the public names predate fit.py)
+    FIT_MODES,
+    FitInfo,
+    content_size,
+    empty_fit,
+    fit_deferred,
+    fit_to_canvas,
+    unfit_boxes,
+)
 
 
 def pad_targets(
@@ -158,10 +90,12 @@ def sample_seed(*keys: int) -> int:
 class FixSample:
     """Per-sample fixed-shape transform, run in the DataLoader worker after augmentation.
 
-    (image uint8 [3, h, w], target) -> dict: image [3, H, W] f32, boxes [M, 4] f32 canvas px,
-    labels [M] i64, valid [M] bool, image_id, orig_size (h, w), content_size (h, w),
-    scale (sx, sy), boxes_dropped, degenerate, downscaled, skipped. The subset generator is
-    seeded from (seed, image_id, epoch), so the result does not depend on the worker count.
+    (image, target) -> dict: image [3, H, W], boxes [M, 4] f32 canvas px, labels [M] i64,
+    valid [M] bool, image_id, orig_size (h, w), content_size (h, w), scale (sx, sy),
+    boxes_dropped, degenerate, downscaled, skipped. image: uint8 [3, h, w] (data.decode=exact)
+    gives float32 in [0, 1] (`fit_to_canvas`, torchvision's pixels); a `DeferredImage`
+    (data.decode=reduced) gives uint8 0..255 (`fit_deferred`). The subset generator is seeded
+    from (seed, image_id, epoch), so the result does not depend on the worker count.
     """
 
     def __init__(
@@ -180,12 +114,21 @@ class FixSample:
             int(seed),
         )
 
-    def __call__(self, image: Tensor, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
-        img, boxes, info = fit_to_canvas(
-            image, target["boxes"], self.canvas, self.fit, self.pad_value
-        )
+    def __call__(self, image: Any, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
+        skipped = int(target.get("skipped", 0))
+        labels = target["labels"]
+        if isinstance(image, DeferredImage):
+            fitted = fit_deferred(image, target["boxes"], self.canvas, self.fit, self.pad_value)
+            if fitted is None:  # a corrupt file with on_bad_image=skip: an empty sample, counted
+                fitted = empty_fit(image, self.canvas, self.pad_value)
+                labels, skipped = labels[:0], skipped + 1
+            img, boxes, info = fitted
+        else:
+            img, boxes, info = fit_to_canvas(
+                image, target["boxes"], self.canvas, self.fit, self.pad_value
+            )
         gen = torch.Generator().manual_seed(sample_seed(self.seed, int(target["image_id"]), epoch))
-        boxes, labels, valid, dropped = pad_targets(boxes, target["labels"], self.max_boxes, gen)
+        boxes, labels, valid, dropped = pad_targets(boxes, labels, self.max_boxes, gen)
         return {
             "image": img,
             "boxes": boxes,
@@ -199,7 +142,7 @@ class FixSample:
             "degenerate": int(target.get("degenerate", 0)),
             "clipped": int(target.get("clipped", 0)),
             "downscaled": int(info.downscaled),
-            "skipped": int(target.get("skipped", 0)),
+            "skipped": skipped,
         }
 
 
@@ -227,7 +170,7 @@ def _move(obj: Any, device: Any, non_blocking: bool) -> Any:
 class FixedBatch:
     """A batch with static shapes. image_ids -1 mark padding samples (last val batch)."""
 
-    images: Tensor  # [B, 3, H, W] float32 in [0, 1]
+    images: Tensor  # [B, 3, H, W] float32 in [0, 1]; uint8 0..255 with data.decode=reduced
     boxes: Tensor  # [B, M, 4] float32 xyxy canvas pixels
     labels: Tensor  # [B, M] int64 category ids, 0 on padding rows
     valid: Tensor  # [B, M] bool

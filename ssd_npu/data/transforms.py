@@ -1,43 +1,70 @@
-"""Training augmentation: torchvision's `ssdlite` detection recipe in transforms v2.
+"""Training augmentation: torchvision's `ssdlite` detection recipe, without its per-trial loop.
 
-Input and output: `(image, target)` with image `tv_tensors.Image` uint8 [3, h, w] and target
-`boxes` `tv_tensors.BoundingBoxes` XYXY [N, 4] pixels, `labels` int64 [N]; other target keys
-pass through. The image stays uint8 (the float conversion happens in the fit, after).
-Randomness comes from torch's global generator (RandomIoUCrop calls torch.rand); the loader
-seeds it per sample so results do not depend on the number of workers.
+torchvision's references build it as `RandomIoUCrop()` -> `RandomHorizontalFlip(0.5)` ->
+`SanitizeBoundingBoxes()` (transforms v2). Here the crop is drawn by `IoUCropSampler` (the
+same tests and the same distribution of crops, all trials of a round at once) and the rest
+is applied directly, with torchvision's arithmetic for the boxes: on the same crop and flip
+the image and boxes are exactly what the v2 transforms give.
+
+Input and output: `(image, target)`. image: `tv_tensors.Image` uint8 [3, h, w] (the crop is a
+view; only a flipped crop is copied) or a `DeferredImage` (data.decode=reduced: the crop and
+flip are recorded, the fit decodes). target: `boxes` `tv_tensors.BoundingBoxes` XYXY [N, 4]
+pixels, `labels` int64 [N]; other keys pass through. The image stays uint8 (the float
+conversion happens in the fit, after). Randomness comes from torch's global generator, as in
+torchvision; the loader seeds it per sample so results do not depend on the number of workers.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torchvision.transforms import v2
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
 
-
-def _labels(sample: Any) -> Any:
-    """The labels of an `(image, target)` sample; a module function so workers can pickle it."""
-    return sample[1]["labels"]
+from ssd_npu.data.decode import DeferredImage
+from ssd_npu.data.iou_crop import IoUCropSampler, crop_boxes, hflip_boxes, sanitize
 
 
 class SSDLiteAugmentation:
-    """`RandomIoUCrop()` -> `RandomHorizontalFlip(0.5)` -> `SanitizeBoundingBoxes()`.
+    """IoU crop -> horizontal flip (p = 0.5) -> drop boxes under 1 px, as torchvision's ssdlite.
 
     RandomIoUCrop needs boxes: with none, no crop candidate passes its "a box centre lies in
-    the crop" test, so it loops until it happens to draw the leave-as-is option (slow and
-    random). Images with zero boxes therefore skip the crop and only get the flip.
+    the crop" test, so torchvision loops until it happens to draw the leave-as-is option (slow
+    and random). Images with zero boxes therefore skip the crop and only get the flip.
     """
 
-    def __init__(self) -> None:
-        self.crop = v2.RandomIoUCrop()
-        self.rest = v2.Compose(
-            [v2.RandomHorizontalFlip(p=0.5), v2.SanitizeBoundingBoxes(labels_getter=_labels)]
-        )
-        self.full = v2.Compose([self.crop, self.rest])
+    def __init__(self, crop: IoUCropSampler | None = None, flip_p: float = 0.5) -> None:
+        self.crop = crop or IoUCropSampler()
+        self.flip_p = flip_p
 
     def __call__(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        if target["boxes"].shape[0] == 0:
-            return self.rest(image, target)
-        return self.full(image, target)
+        boxes = target["boxes"].as_subclass(Tensor)
+        labels = target["labels"]
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        if boxes.shape[0] > 0:
+            params = self.crop(boxes, (h, w))
+            if params is not None:
+                image = _crop(image, params.top, params.left, params.height, params.width)
+                boxes = crop_boxes(boxes, params)
+                h, w = params.height, params.width
+        # v2's RandomHorizontalFlip: one torch.rand(1) per sample, flip when below p
+        if torch.rand(1) < self.flip_p:
+            image = image.hflip() if isinstance(image, DeferredImage) else image.flip(-1)
+            boxes = hflip_boxes(boxes, w)
+        keep = sanitize(boxes, (h, w))
+        out = dict(target)
+        out["boxes"] = tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w))
+        out["labels"] = labels[keep]
+        if isinstance(image, Tensor) and not isinstance(image, tv_tensors.Image):
+            image = tv_tensors.Image(image)
+        return image, out
+
+
+def _crop(image: Any, top: int, left: int, height: int, width: int) -> Any:
+    if isinstance(image, DeferredImage):
+        return image.crop(top, left, height, width)
+    return image[..., top : top + height, left : left + width]  # a view, as v2's crop
 
 
 def train_augmentation() -> SSDLiteAugmentation:

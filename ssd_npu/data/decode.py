@@ -1,0 +1,165 @@
+"""Decoding images: the exact full-size decode, and the deferred one of `data.decode=reduced`.
+
+exact (the default): the dataset decodes every image at full size into uint8 [3, h, w]
+(PIL, the decoder torchvision's COCO reader uses); augmentation and fit follow.
+
+reduced (opt-in): the dataset returns a `DeferredImage` (file, size, and the crop and flip
+the augmentation asked for) and the pixels are decoded by the fit, which knows how large the
+image will be on the canvas: a JPEG whose region is at least 2x, 4x or 8x larger than its
+place on the canvas is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL's
+`Image.draft`: fewer pixels to inverse-transform, colour-convert and resize), then cropped
+and resized in uint8, and the canvas stays uint8 (the device divides by 255). The reduction
+is never below the canvas resolution (the last resize only shrinks or keeps the size). Not
+the exact pixels (other rounding, DCT-domain downscale), so it is for training runs that do
+not need torchvision's pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from ssd_npu.errors import DataError
+
+DECODE_MODES = ("exact", "reduced")
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+
+
+def check_decode(mode: str) -> str:
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode={mode!r} is not valid; choose one of: {', '.join(DECODE_MODES)}")
+    return mode
+
+
+def _bad(name: str, err: Exception) -> DataError:
+    return DataError(
+        f"Image file {name} cannot be decoded ({err}); replace it, or set data.on_bad_image=skip."
+    )
+
+
+def decode_rgb(path: Path, name: str | None = None) -> Tensor:
+    """Decode a whole image file: uint8 [3, h, w] RGB, contiguous (DataError naming the file
+    as `name`, default its path, if it cannot).
+
+    PIL converts L, P, RGBA, CMYK, ... to RGB. The channel planes come from PIL's `split`,
+    which is about 2x faster than transposing the interleaved array (the same pixels).
+    """
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")  # also forces the full decode: truncation shows here
+    except _DECODE_ERRORS as e:
+        raise _bad(name or str(path), e) from e
+    planes = np.stack([np.asarray(band) for band in rgb.split()])
+    return torch.from_numpy(planes)
+
+
+def image_size(path: Path, name: str | None = None) -> tuple[int, int]:
+    """(h, w) from the file header, without decoding (DataError if it is not an image)."""
+    try:
+        with Image.open(path) as img:
+            return int(img.size[1]), int(img.size[0])
+    except _DECODE_ERRORS as e:
+        raise _bad(name or str(path), e) from e
+
+
+@dataclass(frozen=True)
+class DeferredImage:
+    """An image file whose pixels are decoded by the fit (`data.decode=reduced`).
+
+    Looks like a [3, height, width] image to the augmentation: `crop` and `hflip` only record
+    the region (original pixels) and the mirror; `decode_fit` decodes.
+    """
+
+    path: Path
+    orig_size: tuple[int, int]  # (h, w) of the file
+    region: tuple[int, int, int, int]  # (top, left, height, width) in file pixels
+    flipped: bool = False
+    skip_bad: bool = False  # on_bad_image=skip: a corrupt file decodes to None (counted)
+
+    @classmethod
+    def open(cls, path: Path, skip_bad: bool = False, name: str | None = None) -> DeferredImage:
+        """Read the size from the header (DataError naming `name` if it is not an image)."""
+        h, w = image_size(path, name)
+        return cls(Path(path), (h, w), (0, 0, h, w), False, skip_bad)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.region[2], self.region[3])
+
+    def crop(self, top: int, left: int, height: int, width: int) -> DeferredImage:
+        """Crop rows top..top+height, columns left..left+width of the image as it looks now."""
+        t0, l0, _, w0 = self.region
+        if self.flipped:  # columns count from the right edge of the mirrored region
+            left = w0 - left - width
+        return replace(self, region=(t0 + top, l0 + left, height, width))
+
+    def hflip(self) -> DeferredImage:
+        return replace(self, flipped=not self.flipped)
+
+    def _load(self, content: tuple[int, int]) -> tuple[Image.Image, float, float] | None:
+        """Decode at the coarsest scale that keeps the region >= content: (RGB image, fy, fx)
+        with fy, fx = decoded / file pixels; None for a corrupt file when skipping."""
+        h, w = self.orig_size
+        _, _, rh, rw = self.region
+        k = max(1, min(rh // content[0], rw // content[1], 8))
+        k = 1 << (k.bit_length() - 1)  # a power of two: libjpeg scales by 1/2, 1/4, 1/8
+        try:
+            with Image.open(self.path) as img:
+                if k > 1:
+                    img.draft("RGB", (w // k, h // k))  # no-op for PNG and other formats
+                rgb = img.convert("RGB")
+        except _DECODE_ERRORS as e:
+            if not self.skip_bad:
+                raise _bad(str(self.path), e) from e
+            warnings.warn(f"skipping bad image: {self.path} cannot be decoded ({e})", stacklevel=3)
+            return None
+        return rgb, rgb.size[1] / h, rgb.size[0] / w
+
+    def decode_fit(
+        self, canvas: tuple[int, int], content: tuple[int, int], fill: int
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The region, mirrored if flipped, resized to `content` (ch, cw) at the top left of a
+        uint8 [3, H, W] canvas filled with `fill`.
+
+        Returns (canvas, scale [4], offset [4]): box rows of the region (xyxy, file pixels,
+        origin at the region's top-left, mirrored if flipped) map to canvas pixels as
+        (box + offset) * scale. None for a skipped corrupt file.
+        """
+        loaded = self._load(content)
+        if loaded is None:
+            return None
+        rgb, fy, fx = loaded
+        top, left, rh, rw = self.region
+        # the region in decoded pixels, rounded to whole pixels (exact when k = 1)
+        y0, x0 = round(top * fy), round(left * fx)
+        y1 = min(rgb.size[1], max(y0 + 1, round((top + rh) * fy)))
+        x1 = min(rgb.size[0], max(x0 + 1, round((left + rw) * fx)))
+        hwc = torch.from_numpy(np.array(rgb.crop((x0, y0, x1, y1))))  # [h', w', 3] uint8
+        ch, cw = content
+        image = hwc.permute(2, 0, 1)[None]  # channels-last memory: torch's fast uint8 kernel
+        if image.shape[-2:] != (ch, cw):
+            image = F.interpolate(image, size=(ch, cw), mode="bilinear", align_corners=False)
+        if self.flipped:
+            image = image.flip(-1)
+        out = torch.full((3, int(canvas[0]), int(canvas[1])), fill, dtype=torch.uint8)
+        out[:, :ch, :cw] = image[0]
+        # the region actually decoded, in file pixels, relative to the requested one
+        ry0, rx0, ry1, rx1 = y0 / fy - top, x0 / fx - left, y1 / fy - top, x1 / fx - left
+        sy, sx = ch / (ry1 - ry0), cw / (rx1 - rx0)
+        ox = rx1 - rw if self.flipped else -rx0  # mirrored: x is measured from the right
+        scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+        offset = torch.tensor([ox, -ry0, ox, -ry0], dtype=torch.float32)
+        return out, scale, offset
+
+
+def fill_value(pad_value: float) -> int:
+    """pad_value in [0, 1] image units -> the uint8 fill of a reduced-mode canvas."""
+    return int(min(255, max(0, math.floor(pad_value * 255 + 0.5))))

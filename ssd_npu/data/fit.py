@@ -1,0 +1,137 @@
+"""Fit one image to the canvas: stretch | letterbox | pad, padding only right and bottom.
+
+- stretch: resize to (H, W) ignoring aspect ratio; the same pixels and boxes as torchvision's
+  `GeneralizedRCNNTransform` of ssdlite (whose `fixed_size` is given as (W, H)).
+- letterbox: resize by s = min(H/h, W/w), keep aspect ratio, pad with `pad_value`.
+- pad: no resize, pad; an image larger than the canvas is first scaled down to fit it.
+
+`fit_to_canvas` (data.decode=exact) works on a decoded uint8 image and gives float32 in
+[0, 1], torchvision's pixels; `fit_deferred` (data.decode=reduced) decodes a
+`DeferredImage` at reduced scale and gives uint8 (normalised on the device).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.transforms.v2.functional import to_dtype
+
+from ssd_npu.data.decode import DeferredImage, fill_value
+
+FIT_MODES = ("stretch", "letterbox", "pad")
+
+
+class FitInfo(NamedTuple):
+    """How one image was fitted: canvas_xy = orig_xy * scale."""
+
+    scale: tuple[float, float]  # (sx, sy)
+    orig_size: tuple[int, int]  # (h, w) of the image given to the fit
+    content_size: tuple[int, int]  # (h, w) of the image inside the canvas
+    downscaled: bool  # fit=pad only: the image was larger than the canvas
+
+
+def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+    # bilinear, align_corners=False, no antialias: what GeneralizedRCNNTransform does
+    return F.interpolate(image[None], size=list(size), mode="bilinear", align_corners=False)[0]
+
+
+def content_size(h: int, w: int, canvas: tuple[int, int], mode: str) -> tuple[int, int, bool]:
+    """(ch, cw, downscaled): the size (px) of an h x w image inside the canvas (H, W)."""
+    if mode not in FIT_MODES:
+        raise ValueError(f"fit={mode!r} is not valid; choose one of: {', '.join(FIT_MODES)}")
+    H, W = int(canvas[0]), int(canvas[1])
+    if mode == "stretch":
+        return H, W, False
+    if mode == "pad" and h <= H and w <= W:
+        return h, w, False
+    s = min(H / h, W / w)
+    return max(1, min(H, round(h * s))), max(1, min(W, round(w * s))), mode == "pad"
+
+
+def _ratios(ch: int, cw: int, h: int, w: int) -> tuple[float, float]:
+    # float32 ratios (sx, sy), exactly the ones resize_boxes multiplies by
+    sy, sx = (
+        float(torch.tensor(n, dtype=torch.float32) / torch.tensor(o, dtype=torch.float32))
+        for n, o in ((ch, h), (cw, w))
+    )
+    return sx, sy
+
+
+def fit_to_canvas(
+    image: Tensor,
+    boxes: Tensor,
+    canvas: tuple[int, int],
+    mode: str = "stretch",
+    pad_value: float = 0.0,
+) -> tuple[Tensor, Tensor, FitInfo]:
+    """Fit one image to the canvas.
+
+    image uint8 [3, h, w]; boxes float32 [N, 4] xyxy original pixels; canvas (H, W).
+    Returns image float32 [3, H, W] in [0, 1], boxes float32 [N, 4] xyxy canvas pixels (clipped
+    to the content area), FitInfo.
+    """
+    H, W = int(canvas[0]), int(canvas[1])
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    ch, cw, downscaled = content_size(h, w, (H, W), mode)
+    # /255 first, then resize: torchvision's order (ToDtype(scale=True) in the recipe, resize in
+    # the model). Only the image given (a crop is a view) is converted, then resized in float32.
+    x = to_dtype(image.as_subclass(Tensor), torch.float32, scale=True)
+    boxes = boxes.as_subclass(Tensor).to(torch.float32).reshape(-1, 4)
+    content = x if (ch, cw) == (h, w) and mode == "pad" else _resize(x, (ch, cw))
+    if mode == "stretch":
+        out = content
+    else:
+        out = x.new_full((3, H, W), float(pad_value))
+        out[:, :ch, :cw] = content
+    out_boxes = _clip(resize_boxes(boxes, [h, w], [ch, cw]), ch, cw)
+    return out, out_boxes, FitInfo(_ratios(ch, cw, h, w), (h, w), (ch, cw), downscaled)
+
+
+def fit_deferred(
+    image: DeferredImage,
+    boxes: Tensor,
+    canvas: tuple[int, int],
+    mode: str = "stretch",
+    pad_value: float = 0.0,
+) -> tuple[Tensor, Tensor, FitInfo] | None:
+    """`fit_to_canvas` for `data.decode=reduced`: decode at reduced scale, resize in uint8.
+
+    Returns image uint8 [3, H, W] (0..255; the device divides by 255), boxes float32 [N, 4]
+    xyxy canvas pixels clipped to the content, FitInfo; None for a corrupt file skipped.
+    """
+    _, h, w = image.shape
+    ch, cw, downscaled = content_size(h, w, canvas, mode)
+    fitted = image.decode_fit(canvas, (ch, cw), fill_value(pad_value))
+    if fitted is None:
+        return None
+    out, scale, offset = fitted
+    boxes = boxes.as_subclass(Tensor).to(torch.float32).reshape(-1, 4)
+    out_boxes = _clip((boxes + offset) * scale, ch, cw)
+    return out, out_boxes, FitInfo(_ratios(ch, cw, h, w), (h, w), (ch, cw), downscaled)
+
+
+def _clip(boxes: Tensor, h: float, w: float) -> Tensor:
+    x = boxes[..., 0::2].clamp(0, w)
+    y = boxes[..., 1::2].clamp(0, h)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def unfit_boxes(boxes: Tensor, info: FitInfo) -> Tensor:
+    """Inverse of the fit's box mapping: canvas pixels [N, 4] -> original pixels [N, 4], clipped."""
+    sx, sy = info.scale
+    scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32, device=boxes.device)
+    return _clip(boxes.to(torch.float32) / scale, *info.orig_size)
+
+
+def empty_fit(
+    image: DeferredImage, canvas: tuple[int, int], pad_value: float
+) -> tuple[Tensor, Tensor, FitInfo]:
+    """A blank uint8 canvas without boxes: it adds nothing to the SSD loss (no positives, so
+    no hard negatives either) and keeps the batch shape."""
+    out = torch.full((3, *canvas), fill_value(pad_value), dtype=torch.uint8)
+    _, h, w = image.shape
+    return out, torch.zeros(0, 4), FitInfo((1.0, 1.0), (h, w), (h, w), False)
