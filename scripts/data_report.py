@@ -36,7 +36,9 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         validate(cfg)
         ann_file = resolve_data_root(cfg) / "annotations" / f"instances_{cfg.data.train_split}.json"
-        report = data_report(ann_file, tuple(cfg.canvas), cfg.data.num_classes, cfg.batch_size)
+        report = data_report(
+            ann_file, tuple(cfg.canvas), cfg.data.num_classes, cfg.batch_size, cfg.model.name
+        )
     path = write_report(report, cfg.report.out or out_dir / "data_report.json")
     print(format_report(report))
     print(f"\nreport: {path}")

@@ -116,7 +116,7 @@ def build_training(cfg: Any) -> Training:
     data = build_loaders(loader_spec(cfg, world, device), data_root)
 
     canvas = (int(cfg.canvas[0]), int(cfg.canvas[1]))
-    detector = build_detector(cfg.data.num_classes, canvas)
+    detector = build_detector(cfg.data.num_classes, canvas, cfg.model.name)
     if cfg.weights:
         load_weights(detector, cfg.weights)
     if cfg.sync_bn and world.distributed:

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import ListConfig
 
 from ssd_npu.errors import UserError
+from ssd_npu.model_specs import DEFAULT_MODEL, MODELS
 
 DEVICES = ("auto", "cpu", "cuda", "npu")
 FITS = ("stretch", "letterbox", "pad")
@@ -23,10 +24,8 @@ SHAPES = ("fixed", "dynamic")
 DATASETS = ("synthetic", "coco")
 ON_BAD_IMAGE = ("fail", "skip")
 AMP_DTYPES = ("bf16", "fp16")
-# The SSDLite backbone halves the resolution five times before its extra blocks; the canvas
-# must be divisible by 32 so every feature map (and so the anchor grid) has integer size.
-CANVAS_DIVISOR = 32
-MIN_CANVAS = 64
+# The canvas rule is the model's own (ssd_npu/model_specs.py): ssdlite and RetinaNet take
+# sides >= 64 divisible by 32; ssd300_vgg16 takes exactly [300, 300].
 
 
 class ConfigError(UserError):
@@ -109,11 +108,20 @@ class ShowConfig:
 
 
 @dataclass
+class ModelConfig:
+    # configs/model/<name>.yaml; the names and canvas rules: ssd_npu/model_specs.py
+    name: str = DEFAULT_MODEL
+    canvas: list[int] = field(default_factory=lambda: [320, 320])  # the model's default [H, W]
+
+
+@dataclass
 class TrainConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    canvas: list[int] = field(default_factory=lambda: [320, 320])  # [H, W] pixels
+    # [H, W] pixels; not given: the model's own default canvas (model.canvas)
+    canvas: list[int] = "${model.canvas}"  # type: ignore[assignment]
     # one int, or sorted distinct ints: box-count buckets (ssd_npu/data/buckets.py)
     max_boxes: Any = 32
     fit: str = "stretch"  # stretch | letterbox | pad
@@ -161,6 +169,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="device", name="device_schema", node=DeviceConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
 
 
 def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -199,15 +208,13 @@ def validate(cfg: Any) -> None:
     _one_of("shape", cfg.shape, SHAPES)
     _one_of("data", cfg.data.name, DATASETS)
     _one_of("data.on_bad_image", cfg.data.on_bad_image, ON_BAD_IMAGE)
+    _one_of("model", cfg.model.name, tuple(MODELS))
+    spec = MODELS[cfg.model.name]
     canvas = list(cfg.canvas)
-    if (
-        len(canvas) != 2
-        or any(not isinstance(v, int) or isinstance(v, bool) for v in canvas)
-        or any(v < MIN_CANVAS or v % CANVAS_DIVISOR for v in canvas)
-    ):
+    if not spec.canvas_ok(canvas):
         raise ConfigError(
-            f"canvas={canvas} is not valid; give two integers [H,W], each >= {MIN_CANVAS} and "
-            f"divisible by {CANVAS_DIVISOR} (the backbone's total stride), e.g. canvas=[320,320]."
+            f"canvas={canvas} is not valid for model={spec.name}; give {spec.canvas_rule}, "
+            f"e.g. canvas=[{spec.canvas[0]},{spec.canvas[1]}] (its default)."
         )
     _check_max_boxes(cfg)
     positive = {

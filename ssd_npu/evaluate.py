@@ -1,8 +1,10 @@
 """COCO box mAP for the fixed path and for torchvision's dynamic baseline, on the same weights.
 
 Fixed path: the device runs only the static graph (`FixedSSD`: `[B, 3, H, W]` -> head outputs).
-Everything data-dependent runs on the HOST: torchvision's own `SSD.postprocess_detections`
-(softmax, box decoding, score threshold, top-k, batched NMS; the number of boxes kept varies
+Everything data-dependent runs on the HOST: the detector's own `postprocess_detections`
+(SSD: softmax over all anchors; RetinaNet: sigmoid per FPN level, so the head outputs and
+anchors are split per level as `RetinaNet.forward` does; then box decoding, score threshold,
+top-k, batched NMS; the number of boxes kept varies
 per image, which would force a recompile on a shape-compiling device), then `unfit_boxes` maps
 canvas pixels back to the original image for whichever fit (stretch, letterbox, pad) was used.
 
@@ -24,12 +26,12 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
-from torchvision.models.detection.ssd import SSD
 
 from ssd_npu import distributed
 from ssd_npu.data.fixed_shape import FixedBatch, unfit_boxes
 from ssd_npu.device import Device
-from ssd_npu.model import FixedSSD, eval_mode
+from ssd_npu.model import Detector, FixedSSD, eval_mode
+from ssd_npu.model_specs import DEFAULT_MODEL
 
 # torchvision's ssdlite320 evaluation recipe (its builder's defaults)
 EVAL_RECIPE = {
@@ -38,17 +40,59 @@ EVAL_RECIPE = {
     "detections_per_img": 300,
     "topk_candidates": 300,
 }
+# Each model's recipe: what its torchvision builder sets (checked against torchvision 0.29).
+EVAL_RECIPES = {
+    "ssdlite320_mobilenet_v3_large": EVAL_RECIPE,
+    "ssd300_vgg16": {  # SSD's defaults
+        "score_thresh": 0.01,
+        "nms_thresh": 0.45,
+        "detections_per_img": 200,
+        "topk_candidates": 400,
+    },
+    **dict.fromkeys(
+        ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"),
+        {
+            "score_thresh": 0.05,
+            "nms_thresh": 0.5,
+            "detections_per_img": 300,
+            "topk_candidates": 1000,
+        },
+    ),
+}
 
 
-def check_eval_recipe(detector: SSD) -> None:
-    """Raise ValueError if the detector's postprocess settings differ from the recipe."""
-    for name, want in EVAL_RECIPE.items():
+def check_eval_recipe(detector: Detector) -> None:
+    """Raise ValueError if the detector's postprocess settings differ from its model's recipe."""
+    model = getattr(detector, "model_name", DEFAULT_MODEL)
+    for name, want in EVAL_RECIPES.get(model, {}).items():
         got = getattr(detector, name)
         if got != want:
             raise ValueError(
-                f"detector.{name}={got}, but the ssdlite eval recipe uses {want}; "
+                f"detector.{name}={got}, but the {model} eval recipe uses {want}; "
                 "mAP would not be comparable to torchvision's published number."
             )
+
+
+def postprocess_fixed(model: FixedSSD, cls_logits: Tensor, bbox_regression: Tensor) -> list[dict]:
+    """The detector's own postprocess of fixed head outputs, on the host, in fp32.
+
+    cls_logits [B, A, C], bbox_regression [B, A, 4] (any device/dtype) -> per image
+    {"boxes" [N, 4] xyxy canvas pixels, "scores" [N], "labels" [N]} (N varies: host only).
+    """
+    anchors = model.anchors.detach().float().cpu()  # [A, 4] xyxy canvas px
+    canvas = (int(model.canvas[0]), int(model.canvas[1]))
+    head = {
+        "cls_logits": cls_logits.float().cpu(),
+        "bbox_regression": bbox_regression.float().cpu(),
+    }
+    n = head["cls_logits"].shape[0]
+    if model.kind == "retinanet":  # per level, as RetinaNet.forward splits them
+        split = model.anchors_per_level
+        head = {k: list(v.split(split, dim=1)) for k, v in head.items()}
+        return model.detector.postprocess_detections(
+            head, [list(anchors.split(split))] * n, [canvas] * n
+        )
+    return model.detector.postprocess_detections(head, [anchors] * n, [canvas] * n)
 
 
 def _as_device(device: Device | torch.device | str) -> Device:
@@ -116,8 +160,6 @@ def fixed_detections(
     """COCO records and evaluated image ids for every FixedBatch of `loader` (eval mode)."""
     dev = _as_device(device)
     check_eval_recipe(model.detector)
-    anchors = model.anchors.detach().cpu()  # [A, 4] xyxy canvas px
-    canvas = (int(model.canvas[0]), int(model.canvas[1]))
     records: list[dict] = []
     image_ids: list[int] = []
     with eval_mode(model):
@@ -126,12 +168,7 @@ def fixed_detections(
             with dev.autocast(amp):
                 cls_logits, bbox_regression = model(images)
             # NMS keeps a data-dependent number of boxes: run it on the host, in fp32
-            head = {
-                "cls_logits": cls_logits.float().cpu(),
-                "bbox_regression": bbox_regression.float().cpu(),
-            }
-            n = head["cls_logits"].shape[0]
-            detections = model.detector.postprocess_detections(head, [anchors] * n, [canvas] * n)
+            detections = postprocess_fixed(model, cls_logits, bbox_regression)
             records += fixed_batch_records(batch, detections)
             image_ids += [i for i in batch.image_ids.tolist() if i >= 0]
     return records, image_ids
@@ -139,7 +176,7 @@ def fixed_detections(
 
 @torch.no_grad()
 def dynamic_detections(
-    detector: SSD | FixedSSD, loader: Iterable, device: Device | torch.device | str
+    detector: Detector | FixedSSD, loader: Iterable, device: Device | torch.device | str
 ) -> tuple[list[dict], list[int]]:
     """COCO records and image ids from torchvision's own inference on each DynamicBatch."""
     dev = _as_device(device)

@@ -1,9 +1,10 @@
-"""torchvision's ssdlite320_mobilenet_v3_large, run on a fixed canvas.
+"""torchvision detectors (SSDLite, SSD300, RetinaNet) run on a fixed canvas.
 
 In fixed mode the model's own `GeneralizedRCNNTransform` (per-image resize, a dynamic
 shape) is skipped: the host has already put every image on the `[H, W]` canvas, so the
 device runs normalise -> backbone -> head on one `[B, 3, H, W]` tensor. The anchors depend
-only on the canvas, so they are computed once and kept as a buffer.
+only on the canvas, so they are computed once and kept as a buffer. Which torchvision
+builder, loss and canvas rule belong to a `model=` name: `ssd_npu.model_specs`.
 """
 
 from __future__ import annotations
@@ -14,23 +15,43 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+from torchvision.models import detection
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.ssd import SSD
 
 from ssd_npu.errors import UserError
+from ssd_npu.model_specs import DEFAULT_MODEL, model_spec
+
+# SSD or RetinaNet: both have backbone, head (cls_logits, bbox_regression), anchor_generator,
+# transform and postprocess_detections.
+Detector = nn.Module
 
 
-def build_detector(num_classes: int, canvas: tuple[int, int] = (320, 320)) -> SSD:
-    """torchvision's SSDLite, random init (no download), its transform sized to `canvas`."""
-    detector = ssdlite320_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=num_classes
-    )
+def build_detector(
+    num_classes: int, canvas: tuple[int, int] = (320, 320), name: str = DEFAULT_MODEL
+) -> Detector:
+    """torchvision's detector `name`, random init (no download), its transform sized to `canvas`.
+
+    `weights=None, weights_backbone=None`: nothing is downloaded, and RetinaNet's ResNet then
+    uses trainable BatchNorm2d (FrozenBatchNorm2d only comes with pretrained weights).
+    """
+    spec = model_spec(name)
+    builder = getattr(detection, spec.name)
+    detector = builder(weights=None, weights_backbone=None, num_classes=num_classes)
     height, width = canvas
     # GeneralizedRCNNTransform takes fixed_size as (W, H) and resizes to [H, W]; for the
-    # dynamic baseline this makes torchvision stretch to the same canvas as the fixed path.
+    # dynamic baseline this makes torchvision stretch to the same canvas as the fixed path
+    # (RetinaNet's min_size 800 / max_size 1333 keep-aspect resize is then not used; its
+    # size_divisible=32 pads nothing on a canvas that follows its rule).
     detector.transform.fixed_size = (width, height)
+    detector.transform.min_size = (min(canvas),)
+    detector.transform.max_size = max(canvas)
+    detector.model_name = spec.name  # a plain attribute: the state dict is torchvision's
     return detector
+
+
+def model_kind(detector: Detector) -> str:
+    """ "ssd" or "retinanet": which loss and postprocess the detector takes."""
+    return "retinanet" if isinstance(detector, detection.RetinaNet) else "ssd"
 
 
 @contextlib.contextmanager
@@ -45,33 +66,57 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def canvas_anchors(detector: SSD, canvas: tuple[int, int]) -> Tensor:
-    """Default boxes for a canvas: [A, 4] xyxy, canvas pixels (A = 3234 at 320x320).
+def canvas_anchors_per_level(
+    detector: Detector, canvas: tuple[int, int]
+) -> tuple[Tensor, list[int]]:
+    """The detector's own anchors for a canvas and how many belong to each feature level.
 
-    Runs the backbone once on zeros to get the feature-map sizes, in eval mode so the
-    BatchNorm running statistics are not touched.
+    Returns anchors [A, 4] xyxy canvas pixels (A = 3234 for ssdlite at 320x320, 8732 for
+    ssd300 at 300x300, 49104 for RetinaNet at 512x512) and [A_level, ...] summing to A (the
+    split RetinaNet's postprocess needs: feature h x w x anchors per location). Runs the
+    backbone once on zeros, in eval mode so BatchNorm running statistics are not touched.
     """
     height, width = canvas
     with eval_mode(detector):
-        zeros = torch.zeros(1, 3, height, width)
+        weight = next(detector.parameters())  # the detector's own dtype and device
+        zeros = torch.zeros(1, 3, height, width, dtype=weight.dtype, device=weight.device)
         features = list(detector.backbone(zeros).values())
-        return detector.anchor_generator(ImageList(zeros, [(height, width)]), features)[0]
+        anchors = detector.anchor_generator(ImageList(zeros, [(height, width)]), features)[0]
+    cells = [f.shape[-2] * f.shape[-1] for f in features]
+    per_location = anchors.shape[0] // sum(cells) if model_kind(detector) == "retinanet" else 0
+    if per_location:  # RetinaNet: the same anchors per location on every level
+        per_level = [c * per_location for c in cells]
+    else:  # SSD: DefaultBoxGenerator's count per location differs by level
+        counts = detector.anchor_generator.num_anchors_per_location()
+        per_level = [c * k for c, k in zip(cells, counts, strict=True)]
+    return anchors, per_level
 
 
-class FixedSSD(nn.Module):
-    """SSDLite on a fixed canvas: images [B, 3, H, W] in [0, 1] -> head outputs.
+def canvas_anchors(detector: Detector, canvas: tuple[int, int]) -> Tensor:
+    """Anchors for a canvas: [A, 4] xyxy, canvas pixels (A = 3234 for ssdlite at 320x320)."""
+    return canvas_anchors_per_level(detector, canvas)[0]
+
+
+class FixedDetector(nn.Module):
+    """An SSD or RetinaNet on a fixed canvas: images [B, 3, H, W] in [0, 1] -> head outputs.
 
     `detector` is the complete torchvision model, kept whole so that its state dict, its
     `postprocess_detections` and the `shape=dynamic` baseline all share the same weights.
+    Normalisation is the detector's own (`GeneralizedRCNNTransform.normalize`): ssdlite
+    (x - 0.5) / 0.5; ssd300 (x - [0.48235, 0.45882, 0.40784]) / (1/255), i.e. 0..255 pixels
+    minus the VGG mean; RetinaNet ImageNet mean/std.
     """
 
-    def __init__(self, detector: SSD, canvas: tuple[int, int]):
+    def __init__(self, detector: Detector, canvas: tuple[int, int]):
         super().__init__()
         self.detector = detector
         self.canvas = tuple(canvas)
-        self.register_buffer("anchors", canvas_anchors(detector, self.canvas), persistent=False)
-        mean = torch.tensor(detector.transform.image_mean).view(3, 1, 1)
-        std = torch.tensor(detector.transform.image_std).view(3, 1, 1)
+        self.kind = model_kind(detector)
+        anchors, self.anchors_per_level = canvas_anchors_per_level(detector, self.canvas)
+        self.register_buffer("anchors", anchors, persistent=False)
+        dtype = anchors.dtype  # the detector's (float64 for a .double() detector: exact mean)
+        mean = torch.tensor(detector.transform.image_mean, dtype=dtype).view(3, 1, 1)
+        std = torch.tensor(detector.transform.image_std, dtype=dtype).view(3, 1, 1)
         self.register_buffer("image_mean", mean, persistent=False)
         self.register_buffer("image_std", std, persistent=False)
 
@@ -83,8 +128,18 @@ class FixedSSD(nn.Module):
         return head["cls_logits"], head["bbox_regression"]
 
 
-def load_weights(detector: SSD, path: str | Path) -> None:
-    """Load a local checkpoint: ours ({"model": ...}) or a plain torchvision SSDLite state dict."""
+# The public name (ssd_npu.FixedSSD) predates RetinaNet; both names are the same class.
+FixedSSD = FixedDetector
+
+
+def num_classes_of(detector: Detector) -> int:
+    """Logit columns of the classification head (background included for SSD)."""
+    head = detector.head.classification_head
+    return int(getattr(head, "num_columns", None) or head.num_classes)
+
+
+def load_weights(detector: Detector, path: str | Path) -> None:
+    """Load a local checkpoint: ours ({"model": ...}) or a plain torchvision state dict."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights={path}: no such file; give the path of a local checkpoint.")
@@ -97,7 +152,8 @@ def load_weights(detector: SSD, path: str | Path) -> None:
     try:
         detector.load_state_dict(state)
     except RuntimeError as err:
+        name = getattr(detector, "model_name", type(detector).__name__)
         raise UserError(
-            f"weights={path} does not fit ssdlite320 with data.num_classes="
-            f"{detector.head.classification_head.num_columns}: {str(err).splitlines()[0]}"
+            f"weights={path} does not fit model={name} with data.num_classes="
+            f"{num_classes_of(detector)}: {str(err).splitlines()[0]}"
         ) from err

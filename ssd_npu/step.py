@@ -1,6 +1,7 @@
 """Training steps: one batch in, the loss dict out (forward + loss; the loop does backward).
 
-`FixedStep` runs the fixed-shape network and `fixed_ssd_loss` on a `FixedBatch`;
+`FixedStep` runs the fixed-shape network and the model's fixed loss (`fixed_ssd_loss` for SSD
+and SSDLite, `fixed_retinanet_loss` for RetinaNet) on a `FixedBatch`;
 `DynamicStep` runs torchvision's unmodified `detector(list_of_images, targets)` on a
 `DynamicBatch` (the baseline). Either can be compiled (`CompileOptions`): the step then owns
 its `CompiledStep`, whose counters (graphs and recompiles per call, with dynamo's reasons)
@@ -20,6 +21,7 @@ from ssd_npu.device import Device
 from ssd_npu.distributed import World, all_reduce
 from ssd_npu.loss import fixed_ssd_loss, normalise, ssd_loss_sums
 from ssd_npu.model import FixedSSD
+from ssd_npu.retinanet_loss import retinanet_loss_sums, retinanet_normalise
 
 Losses = dict[str, Tensor]
 
@@ -83,11 +85,13 @@ def _compiled(fn, options: StepOptions) -> CompiledStep | None:
 
 
 class FixedStep(TrainStep):
-    """Loss of one FixedBatch: network (optionally autocast) + fixed_ssd_loss in fp32.
+    """Loss of one FixedBatch: network (optionally autocast) + the model's fixed loss in fp32.
 
     `options.network` is the module to call (DistributedDataParallel-wrapped under torchrun;
-    default `model`). In a world of several ranks the loss is divided by the foreground count
-    of the global batch (all-reduced), as one process would divide on the whole batch.
+    default `model`). In a world of several ranks the loss is what one process would compute
+    on the global batch, split into the ranks' shares: SSD divides by the foreground count of
+    the global batch (all-reduced); RetinaNet divides each image by its own foreground count
+    and averages over the global batch (B x world size images), as torchvision does.
     Compiled, the forward and loss become one graph (`dynamic=False`: one compile per input
     shape, exactly like an NPU's online operator compile); backward follows it.
     """
@@ -104,10 +108,19 @@ class FixedStep(TrainStep):
         # The loss runs in the anchors' precision (fp32) whatever autocast gave the network.
         anchors = self.model.anchors
         args = (cls_logits.to(anchors.dtype), bbox_regression.to(anchors.dtype), anchors)
+        if self.model.kind == "retinanet":
+            return self._retinanet(args, boxes, labels, valid)
         if not self.options.world.distributed:
             return fixed_ssd_loss(*args, boxes, labels, valid)
         bbox_sum, cls_sum, num_foreground = ssd_loss_sums(*args, boxes, labels, valid)
         return normalise(bbox_sum, cls_sum, all_reduce(num_foreground))
+
+    def _retinanet(self, args: tuple, boxes: Tensor, labels: Tensor, valid: Tensor) -> Losses:
+        """RetinaNet: labels are logit columns as given (COCO ids; column 0 never a target);
+        the box loss is the detector's own ("l1" for v1, "giou" for v2)."""
+        loss_type = self.model.detector.head.regression_head._loss_type
+        sums = retinanet_loss_sums(*args, boxes, labels, valid, bbox_reg_loss_type=loss_type)
+        return retinanet_normalise(*sums, num_images=boxes.shape[0] * self.options.world.size)
 
     def __call__(self, batch: FixedBatch) -> Losses:
         fn = self.compiled or self.losses

@@ -20,6 +20,7 @@ import numpy as np
 
 from ssd_npu.data.box_table import BoxTable, box_table, load_coco
 from ssd_npu.data.buckets import bucket_of
+from ssd_npu.model_specs import DEFAULT_MODEL, model_spec
 from ssd_npu.tools.recommend import MAX_BOXES_CANDIDATES, recommend, truncation
 
 PERCENTILES = (50, 90, 99, 99.9)
@@ -51,11 +52,11 @@ def fit_scales(
     return cw / widths, ch / heights, ch * cw
 
 
-def smallest_anchor(canvas: tuple[int, int], num_classes: int) -> float:
-    """Size sqrt(w * h) px of the smallest default box of ssdlite on this canvas."""
+def smallest_anchor(canvas: tuple[int, int], num_classes: int, model: str = DEFAULT_MODEL) -> float:
+    """Size sqrt(w * h) px of the smallest anchor of `model` (its own generator) on this canvas."""
     from ssd_npu.model import build_detector, canvas_anchors  # torch only when needed
 
-    anchors = canvas_anchors(build_detector(num_classes, canvas), canvas).numpy()
+    anchors = canvas_anchors(build_detector(num_classes, canvas, model), canvas).numpy()
     wh = anchors[:, 2:] - anchors[:, :2]
     # anchors are clipped to the canvas; the unclipped design sizes are the common values,
     # so take the smallest size that at least 1% of anchors have, not a clipped corner
@@ -97,9 +98,17 @@ def aspect_canvas(canvas: tuple[int, int], aspect: float, divisor: int = 32) -> 
 
 
 def data_report(
-    ann_file: str | Path, canvas: tuple[int, int], num_classes: int, batch_size: int = 8
+    ann_file: str | Path,
+    canvas: tuple[int, int],
+    num_classes: int,
+    batch_size: int = 8,
+    model: str = DEFAULT_MODEL,
 ) -> dict[str, Any]:
-    """The full report as a JSON-ready dict (see docs/choosing.md for an example)."""
+    """The full report as a JSON-ready dict (see docs/choosing.md for an example).
+
+    `model`: whose anchors measure the smallest anchor; the aspect-matched canvas is only
+    tried where the model's canvas rule allows it (ssd300_vgg16 takes 300x300 only).
+    """
     canvas = (int(canvas[0]), int(canvas[1]))
     t = box_table(load_coco(ann_file))
     aspect = t.widths / t.heights
@@ -107,11 +116,11 @@ def data_report(
     top = np.argsort(-shape_counts, kind="stable")[:5]
     canvases = [canvas]
     matched = aspect_canvas(canvas, float(np.median(aspect)) if len(aspect) else 1.0)
-    if matched != canvas:
+    if matched != canvas and model_spec(model).canvas_ok(list(matched)):
         canvases.append(matched)
     rows = []
     for c in canvases:
-        anchor_px = smallest_anchor(c, num_classes)
+        anchor_px = smallest_anchor(c, num_classes, model)
         rows += [fit_row(t, c, fit, anchor_px) for fit in ("stretch", "letterbox", "pad")]
     candidates = sorted({*MAX_BOXES_CANDIDATES, int(t.counts.max()) if len(t.counts) else 1})
     rec = recommend(t, rows, canvas, batch_size)
@@ -120,6 +129,7 @@ def data_report(
     per_bucket = {int(b): int(n) for b, n in zip(sizes, per, strict=True)}
     return {
         "ann_file": str(ann_file),
+        "model": model,
         "images": len(t.image_ids),
         "boxes": int(t.counts.sum()),
         "crowd_filtered": t.crowd,

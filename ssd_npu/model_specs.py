@@ -1,0 +1,71 @@
+"""The detectors `model=` can name: torchvision builder, kind of loss, default canvas, canvas rule.
+
+Light on purpose (no torch import): the config check reads the canvas rules from here before
+anything is built. `ssd_npu.model` builds what a spec names.
+
+Canvas rules (checked against torchvision 0.29):
+- ssdlite320_mobilenet_v3_large: the backbone halves the resolution five times before its
+  extra blocks, so each side must be divisible by 32 (every feature map, and the anchor grid,
+  then has an integer size); torchvision's own canvas is 320x320.
+- ssd300_vgg16: exactly 300x300. Its `DefaultBoxGenerator(steps=[8, 16, 32, 64, 100, 300])`
+  places anchor centres at fixed pixel strides that only tile a 300 px canvas, and the
+  builder ignores any other `size` ("The size of the model is already fixed").
+- retinanet_resnet50_fpn(_v2): `GeneralizedRCNNTransform(size_divisible=32)` pads every batch
+  to multiples of 32, so a canvas divisible by 32 is exactly what torchvision's own path sees
+  (nothing padded); FPN levels P3-P7, strides 8..128.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("ssd", "retinanet")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One detector: its torchvision builder name, loss kind, default canvas (H, W) and rule."""
+
+    name: str  # torchvision.models.detection builder, e.g. "ssd300_vgg16"
+    kind: str  # "ssd" (SSD.compute_loss) | "retinanet" (RetinaNet.compute_loss)
+    canvas: tuple[int, int]  # default [H, W] pixels
+    divisor: int = 32  # each side divisible by this
+    min_side: int = 64  # each side at least this, pixels
+    exact: tuple[int, int] | None = None  # the only canvas allowed, when the anchors demand it
+
+    @property
+    def canvas_rule(self) -> str:
+        """The rule in words, for error messages and the README."""
+        if self.exact is not None:
+            return f"exactly {list(self.exact)} (its anchors are tied to that size)"
+        return f"two integers [H,W], each >= {self.min_side} and divisible by {self.divisor}"
+
+    def canvas_ok(self, canvas: list) -> bool:
+        """True when `canvas` ([H, W] ints) follows this model's rule."""
+        if len(canvas) != 2 or any(not isinstance(v, int) or isinstance(v, bool) for v in canvas):
+            return False
+        if self.exact is not None:
+            return tuple(canvas) == tuple(self.exact)
+        return all(v >= self.min_side and v % self.divisor == 0 for v in canvas)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("ssdlite320_mobilenet_v3_large", "ssd", (320, 320)),
+        ModelSpec("ssd300_vgg16", "ssd", (300, 300), exact=(300, 300)),
+        ModelSpec("retinanet_resnet50_fpn", "retinanet", (512, 512)),
+        ModelSpec("retinanet_resnet50_fpn_v2", "retinanet", (512, 512)),
+    )
+}
+DEFAULT_MODEL = "ssdlite320_mobilenet_v3_large"
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The spec of `name`; an unknown name raises ValueError listing the valid ones."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"model={name!r} is not valid; choose one of: {', '.join(MODELS)}."
+        ) from None

@@ -1,0 +1,172 @@
+"""model=: SSD300 and RetinaNet on the same fixed pipeline as SSDLite.
+
+Per model: its own anchors per canvas, a fixed step with 0 dynamic ops and 0 host syncs,
+the canvas rule; RetinaNet: a few SGD steps equal torchvision's own `detector(images,
+targets)`; compiled, one graph over varied batches (slow). Canvases and batches are tiny.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ssd_npu import find_dynamic_shapes
+from ssd_npu.config import ConfigError, validate
+from ssd_npu.data.fixed_shape import FixedBatch
+from ssd_npu.device import Device
+from ssd_npu.evaluate import postprocess_fixed
+from ssd_npu.model import FixedSSD, build_detector, canvas_anchors
+from ssd_npu.step import CompileOptions, FixedStep, StepOptions
+from tests.helpers import compose_cfg
+
+NUM_CLASSES = 6
+CPU = Device("cpu", None)
+
+# (model, canvas, anchors): the default canvas of each model, and a small one where allowed
+ANCHORS = [
+    ("ssdlite320_mobilenet_v3_large", (320, 320), 3234),
+    ("ssdlite320_mobilenet_v3_large", (128, 128), 522),
+    ("ssd300_vgg16", (300, 300), 8732),
+    ("retinanet_resnet50_fpn", (512, 512), 49104),  # 9 x (64^2 + 32^2 + 16^2 + 8^2 + 4^2)
+    ("retinanet_resnet50_fpn", (128, 128), 3069),
+    ("retinanet_resnet50_fpn_v2", (128, 96), 2313),  # 9 x (16x12 + 8x6 + 4x3 + 2x2 + 1x1)
+]
+
+
+@pytest.mark.parametrize(("name", "canvas", "count"), ANCHORS)
+def test_anchors_follow_the_model_and_canvas(name, canvas, count):
+    model = FixedSSD(build_detector(NUM_CLASSES, canvas, name), canvas)
+    assert model.anchors.shape == (count, 4) and sum(model.anchors_per_level) == count
+    torch.testing.assert_close(model.anchors, canvas_anchors(model.detector, canvas))
+    with torch.no_grad():
+        cls_logits, bbox_regression = model.eval()(torch.rand(1, 3, *canvas))
+    assert cls_logits.shape == (1, count, NUM_CLASSES) and bbox_regression.shape == (1, count, 4)
+    # the dynamic baseline puts images on the same canvas
+    assert model.detector.transform.fixed_size == (canvas[1], canvas[0])
+
+
+def test_model_config_sets_the_canvas_and_its_rule():
+    cfg = compose_cfg("model=ssd300_vgg16")
+    validate(cfg)
+    assert cfg.model.name == "ssd300_vgg16" and list(cfg.canvas) == [300, 300]
+    cfg = compose_cfg("model=retinanet_resnet50_fpn", "canvas=[256,256]")
+    validate(cfg)
+    assert list(cfg.canvas) == [256, 256] and cfg.model.canvas == [512, 512]
+    with pytest.raises(
+        ConfigError, match=r"canvas=\[320, 320\].*ssd300_vgg16.*exactly \[300, 300\]"
+    ):
+        validate(compose_cfg("model=ssd300_vgg16", "canvas=[320,320]"))
+    with pytest.raises(ConfigError, match=r"canvas=\[100, 128\].*divisible by 32"):
+        validate(compose_cfg("model=retinanet_resnet50_fpn", "canvas=[100,128]"))
+    with pytest.raises(ConfigError, match="model='foo'.*ssd300_vgg16.*retinanet_resnet50_fpn"):
+        validate(compose_cfg("model.name=foo"))
+
+
+def make_batch(seed: int, canvas: tuple[int, int], batch: int, counts: list[int]) -> FixedBatch:
+    """Random images on the canvas; counts[i] valid boxes (xyxy canvas px) in M = 6 rows."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = canvas
+    m = 6
+    xy = torch.rand(batch, m, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+    wh = 8 + torch.rand(batch, m, 2, generator=g) * torch.tensor([w * 0.35, h * 0.35])
+    valid = torch.arange(m)[None] < torch.tensor(counts)[:, None]
+    return FixedBatch(
+        images=torch.rand(batch, 3, h, w, generator=g),
+        boxes=torch.cat([xy, xy + wh], -1),
+        labels=torch.randint(1, NUM_CLASSES, (batch, m), generator=g),
+        valid=valid,
+        image_ids=torch.arange(batch),
+        orig_sizes=torch.tensor([[h, w]] * batch),
+        content_sizes=torch.tensor([[h, w]] * batch),
+        scales=torch.ones(batch, 2),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "canvas"),
+    [
+        ("ssd300_vgg16", (300, 300)),
+        ("retinanet_resnet50_fpn", (128, 128)),
+        ("retinanet_resnet50_fpn_v2", (128, 128)),
+    ],
+)
+def test_fixed_step_has_no_dynamic_shape_and_no_host_sync(name, canvas):
+    torch.manual_seed(0)
+    model = FixedSSD(build_detector(NUM_CLASSES, canvas, name), canvas)
+    model.train()
+    step = FixedStep(model, CPU)
+
+    def train_step(batch):
+        model.zero_grad(set_to_none=True)
+        losses = step(batch)
+        sum(losses.values()).backward()
+        return losses
+
+    batches = [make_batch(i, canvas, 1, [n]) for i, n in enumerate((0, 2, 6))]
+    report = find_dynamic_shapes(train_step, batches)
+    assert report.dynamic_ops == [] and report.host_syncs == [], str(report)
+    # and the detections come from the detector's own postprocess, on the host
+    with torch.no_grad():
+        model.eval()
+        detections = postprocess_fixed(model, *model(batches[0].images))
+    assert set(detections[0]) == {"boxes", "scores", "labels"}
+
+
+def to_targets(batch: FixedBatch) -> list[dict[str, torch.Tensor]]:
+    return [
+        {"boxes": b[v], "labels": lab[v]}
+        for b, lab, v in zip(batch.boxes, batch.labels, batch.valid, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"])
+def test_retinanet_fixed_training_equals_torchvision_training(name):
+    """3 SGD steps: FixedStep and torchvision's own RetinaNet give the same loss per step.
+
+    The images are already on the canvas, so torchvision's resize (fixed_size = the canvas)
+    and its size_divisible=32 padding are exact copies: the inputs are the same. float64:
+    training-mode BatchNorm over batch 2 on a random ResNet turns float32 rounding (~1e-5
+    relative in the first step's gradients) into percent-level loss differences by step 3.
+    """
+    canvas = (64, 96)
+    torch.manual_seed(0)
+    reference = build_detector(NUM_CLASSES, canvas, name).double()
+    fixed = FixedSSD(copy.deepcopy(reference), canvas)
+    assert fixed.anchors.dtype == fixed.image_mean.dtype == torch.float64
+    reference.train()
+    fixed.train()
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9)
+    opt_fix = torch.optim.SGD(fixed.parameters(), lr=0.01, momentum=0.9)
+    step = FixedStep(fixed, CPU)
+    for i, counts in enumerate(([3, 0], [6, 1], [2, 5])):
+        batch = make_batch(10 + i, canvas, 2, counts)
+        batch.images, batch.boxes = batch.images.double(), batch.boxes.double()
+        ref_losses = reference(list(batch.images), to_targets(batch))
+        fix_losses = step(batch)
+        for key in ("bbox_regression", "classification"):
+            torch.testing.assert_close(fix_losses[key], ref_losses[key], rtol=1e-9, atol=1e-12)
+        for opt, losses in ((opt_ref, ref_losses), (opt_fix, fix_losses)):
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+    ref_params = dict(reference.named_parameters())
+    for param_name, param in fixed.detector.named_parameters():
+        torch.testing.assert_close(param, ref_params[param_name], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_retinanet_fixed_step_compiles_one_graph():
+    """torch.compile(dynamic=False): one graph over 3 batches of other images and box counts."""
+    canvas = (128, 128)
+    torch.manual_seed(0)
+    model = FixedSSD(build_detector(NUM_CLASSES, canvas, "retinanet_resnet50_fpn"), canvas)
+    model.train()
+    options = StepOptions(compile=CompileOptions(fail_on_recompile=True))
+    step = FixedStep(model, CPU, options)
+    for i, counts in enumerate(([0], [3], [6])):
+        losses = step(make_batch(20 + i, canvas, 1, counts))
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+    assert step.compiled.graphs_per_call == [1, 0, 0] and step.recompiles == 0
