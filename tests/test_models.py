@@ -16,6 +16,7 @@ from ssd_npu import find_dynamic_shapes
 from ssd_npu.config import ConfigError, validate
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device
+from ssd_npu.distributed import World
 from ssd_npu.evaluate import postprocess_fixed
 from ssd_npu.model import FixedSSD, build_detector, canvas_anchors
 from ssd_npu.step import CompileOptions, FixedStep, StepOptions
@@ -170,3 +171,24 @@ def test_retinanet_fixed_step_compiles_one_graph():
         sum(losses.values()).backward()
         assert all(torch.isfinite(v) for v in losses.values())
     assert step.compiled.graphs_per_call == [1, 0, 0] and step.recompiles == 0
+
+
+def test_retinanet_ranks_losses_sum_to_the_global_batch_loss():
+    """DDP convention: each rank divides by the global batch (B x world size) images, so the
+    ranks' losses sum to torchvision's loss on the whole batch (eval mode: BatchNorm then
+    does not depend on how the batch is split)."""
+    canvas = (64, 64)
+    torch.manual_seed(0)
+    model = FixedSSD(build_detector(NUM_CLASSES, canvas, "retinanet_resnet50_fpn"), canvas)
+    model.eval()
+    whole = make_batch(30, canvas, 4, [2, 0, 6, 3])
+    single = FixedStep(model, CPU)(whole)
+    two_ranks = FixedStep(model, CPU, StepOptions(world=World(rank=0, size=2)))
+    shares = []
+    for part in (slice(0, 2), slice(2, 4)):
+        half = copy.copy(whole)
+        half.images, half.boxes = whole.images[part], whole.boxes[part]
+        half.labels, half.valid = whole.labels[part], whole.valid[part]
+        shares.append(two_ranks(half))
+    for key in ("bbox_regression", "classification"):
+        torch.testing.assert_close(shares[0][key] + shares[1][key], single[key])
