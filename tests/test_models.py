@@ -20,6 +20,7 @@ from ssd_npu.distributed import World
 from ssd_npu.evaluate import postprocess_fixed
 from ssd_npu.model import FixedSSD, build_detector, canvas_anchors
 from ssd_npu.step import CompileOptions, FixedStep, StepOptions
+from ssd_npu.tools.data_report import data_report, smallest_anchor
 from tests.helpers import compose_cfg
 
 NUM_CLASSES = 6
@@ -192,3 +193,18 @@ def test_retinanet_ranks_losses_sum_to_the_global_batch_loss():
         shares.append(two_ranks(half))
     for key in ("bbox_regression", "classification"):
         torch.testing.assert_close(shares[0][key] + shares[1][key], single[key])
+
+
+def test_data_report_measures_each_models_own_anchors(tiny_coco):
+    """SSD300: only its 300x300 canvas is reported; its smallest anchor is its own (~0.07 x
+    300 = 21 px, clipped corners aside), not ssdlite's."""
+    ann = tiny_coco / "annotations" / "instances_train2017.json"
+    report = data_report(ann, (300, 300), NUM_CLASSES, batch_size=2, model="ssd300_vgg16")
+    assert report["model"] == "ssd300_vgg16"
+    assert {tuple(f["canvas"]) for f in report["fits"]} == {(300, 300)}
+    assert {f["smallest_anchor_px"] for f in report["fits"]} == {
+        round(smallest_anchor((300, 300), NUM_CLASSES, "ssd300_vgg16"), 1)
+    }
+    assert smallest_anchor((128, 128), NUM_CLASSES, "retinanet_resnet50_fpn") > smallest_anchor(
+        (128, 128), NUM_CLASSES
+    )  # RetinaNet's smallest anchors are 32 px at any canvas; ssdlite's scale with it
