@@ -11,8 +11,8 @@ so decode and resize costs differ from COCO's. Here sizes follow COCO (mostly 64
 (fractal) low-frequency structure, lighting gradients, textured objects with sharp edges,
 and mild sensor noise, saved at JPEG quality 90 with 4:2:0 chroma (COCO's usual encoding):
 about 100-200 KB per 640x480 file, the entropy that sets a JPEG decoder's cost.
-Boxes: 1 to ~20 per image (geometric, mean ~6), COCO-like category ids 1..90, sides from
-~10 px to most of the image. Bit-for-bit deterministic for a given seed.
+Boxes: COCO's statistics: 1 to 40 per image (geometric, mean 7.3), 41% small (< 32^2 px),
+34% medium, 25% large (> 96^2 px), aspect ratios 1/3 to 3, COCO category ids 1..90. Bit-for-bit deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -58,10 +58,14 @@ def _photo(rng: np.random.Generator, w: int, h: int) -> tuple[Image.Image, list[
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     boxes = []
-    for _ in range(min(20, int(rng.geometric(0.17)))):
-        side = math.exp(rng.uniform(math.log(10), math.log(0.8 * min(w, h))))
-        bw, bh = side * rng.uniform(0.5, 1.5), side * rng.uniform(0.5, 1.5)
-        bw, bh = min(bw, w - 1.0), min(bh, h - 1.0)
+    for _ in range(min(40, int(rng.geometric(1 / 7.3)))):
+        # COCO's mix of object sizes: 41% small (< 32^2 px), 34% medium, 25% large (> 96^2)
+        lo, hi = [(4, 32), (32, 96), (96, 0.9 * min(w, h))][
+            int(rng.choice(3, p=[0.41, 0.34, 0.25]))
+        ]
+        side = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+        bw, bh = min(side * math.sqrt(aspect), w - 1.0), min(side / math.sqrt(aspect), h - 1.0)
         x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         if rng.random() < 0.5:
@@ -72,7 +76,7 @@ def _photo(rng: np.random.Generator, w: int, h: int) -> tuple[Image.Image, list[
     # texture over objects and background alike (objects are not flat), then sensor noise
     img = img.filter(ImageFilter.GaussianBlur(0.7))
     detail = (
-        30 * _fractal(rng, h, w) + rng.normal(0, 9.0, (h, w, 1)) + rng.normal(0, 4.0, (h, w, 3))
+        36 * _fractal(rng, h, w) + rng.normal(0, 13.0, (h, w, 1)) + rng.normal(0, 5.0, (h, w, 3))
     )
     arr = np.asarray(img, np.float32) + detail
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"), boxes

@@ -121,7 +121,11 @@ class FixedDetector(nn.Module):
         self.register_buffer("image_std", std, persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """images [B, 3, H, W] float in [0, 1] -> (cls_logits [B, A, C], bbox_regression [B, A, 4])."""
+        """images [B, 3, H, W] float in [0, 1], or uint8 0..255 (data.decode=reduced: a quarter
+        of the bytes to copy, scaled here on the device) -> (cls_logits [B, A, C],
+        bbox_regression [B, A, 4])."""
+        if images.dtype == torch.uint8:  # to_dtype's arithmetic, as the host's float path
+            images = images.to(torch.float32).mul_(1.0 / 255)
         x = (images - self.image_mean) / self.image_std
         features = list(self.detector.backbone(x).values())
         head = self.detector.head(features)

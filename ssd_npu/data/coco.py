@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch import Tensor
@@ -126,18 +127,21 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         return decode_rgb(path, name)  # a full decode: truncation shows here
 
     def _target(self, img_id: int, h: int, w: int) -> dict[str, Any]:
+        # numpy, then one tensor per field: torch ops on a few boxes cost more in overhead
         anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
-        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        raw = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        boxes = raw.clone()
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+        raw = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        boxes = raw.copy()
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        clipped = (boxes != raw).any(dim=1) & keep
-        labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        clipped = (boxes != raw).any(axis=1) & keep
+        labels = np.array([a["category_id"] for a in anns], dtype=np.int64)
         return {
-            "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w)),
-            "labels": labels[keep],
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(boxes[keep]), format="XYXY", canvas_size=(h, w)
+            ),
+            "labels": torch.from_numpy(labels[keep]),
             "image_id": int(img_id),
             "orig_size": (h, w),
             "degenerate": int((~keep).sum()),

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.transform import resize_boxes
-from torchvision.transforms.v2.functional import to_dtype
 
 from ssd_npu.data.decode import DeferredImage, fill_value
 
@@ -37,6 +36,24 @@ class FitInfo(NamedTuple):
 def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
     # bilinear, align_corners=False, no antialias: what GeneralizedRCNNTransform does
     return F.interpolate(image[None], size=list(size), mode="bilinear", align_corners=False)[0]
+
+
+def _to_float(image: Tensor) -> Tensor:
+    """uint8 [3, h, w] (any strides; a crop is a view) -> float32 [3, h, w] in [0, 1], stored
+    channels-last.
+
+    /255 first, then resize: torchvision's order (ToDtype(scale=True) in the recipe, resize in
+    the model), with to_dtype's arithmetic (x.to(float32) * (1 / 255)). Channels-last because
+    torch's CPU bilinear resize of a 3-channel image on one thread (DataLoader workers) runs
+    its channels-last kernel anyway, after a transposing copy of a contiguous input: this
+    skips that copy, with the same kernel and so the same pixels.
+    """
+    if image.is_floating_point():  # to_dtype's float -> float: a plain cast, no scaling
+        return image.to(torch.float32)
+    out = torch.empty((image.shape[1], image.shape[2], image.shape[0]), dtype=torch.float32)
+    out = out.permute(2, 0, 1)
+    out.copy_(image)
+    return out.mul_(1.0 / torch.iinfo(image.dtype).max)
 
 
 def content_size(h: int, w: int, canvas: tuple[int, int], mode: str) -> tuple[int, int, bool]:
@@ -77,13 +94,11 @@ def fit_to_canvas(
     H, W = int(canvas[0]), int(canvas[1])
     h, w = int(image.shape[-2]), int(image.shape[-1])
     ch, cw, downscaled = content_size(h, w, (H, W), mode)
-    # /255 first, then resize: torchvision's order (ToDtype(scale=True) in the recipe, resize in
-    # the model). Only the image given (a crop is a view) is converted, then resized in float32.
-    x = to_dtype(image.as_subclass(Tensor), torch.float32, scale=True)
+    x = _to_float(image.as_subclass(Tensor))
     boxes = boxes.as_subclass(Tensor).to(torch.float32).reshape(-1, 4)
     content = x if (ch, cw) == (h, w) and mode == "pad" else _resize(x, (ch, cw))
     if mode == "stretch":
-        out = content
+        out = content.contiguous()
     else:
         out = x.new_full((3, H, W), float(pad_value))
         out[:, :ch, :cw] = content

@@ -30,7 +30,7 @@ class CropParams(NamedTuple):
     left: int
     height: int
     width: int
-    keep: Tensor  # [N] bool: the boxes whose centre lies strictly inside the crop
+    keep: np.ndarray  # [N] bool: the boxes whose centre lies strictly inside the crop
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,13 @@ class IoUCropSampler:
     sampler_options: tuple[float, ...] = field(default=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0))
     trials: int = 40
 
-    def __call__(self, boxes: Tensor, size: tuple[int, int]) -> CropParams | None:
+    def __call__(self, boxes: Tensor | np.ndarray, size: tuple[int, int]) -> CropParams | None:
         if boxes.shape[0] == 0:
             # torchvision would loop until it drew the leave-as-is option: no candidate crop
             # can contain a box centre. Callers skip the crop for images without boxes.
             raise ValueError("IoUCropSampler needs at least one box")
         h, w = int(size[0]), int(size[1])
-        b = boxes.detach().to(torch.float32).reshape(-1, 4).numpy()
+        b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         cx, cy = np.float32(0.5) * (b[:, 0] + b[:, 2]), np.float32(0.5) * (b[:, 1] + b[:, 3])
         area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # [N] float32, as box_iou's box_area
         span = self.max_scale - self.min_scale
@@ -99,37 +99,35 @@ class IoUCropSampler:
         if not ok.any():
             return None
         t = int(np.argmax(ok))  # the first passing trial, as the sequential loop returns
-        keep = torch.from_numpy(inside[t].copy())
-        return CropParams(int(top[t]), int(left[t]), int(new_h[t]), int(new_w[t]), keep)
+        return CropParams(int(top[t]), int(left[t]), int(new_h[t]), int(new_w[t]), inside[t].copy())
 
 
-def crop_boxes(boxes: Tensor, params: CropParams) -> Tensor:
-    """Boxes [N, 4] xyxy image px -> crop px: shifted, clamped to the crop, and zeroed where
-    the centre is outside the crop (removed later by `sanitize`), as torchvision's crop does."""
-    offset = torch.tensor(
-        [params.left, params.top, params.left, params.top], dtype=boxes.dtype, device=boxes.device
-    )
-    out = boxes - offset
-    out[:, 0::2].clamp_(min=0, max=params.width)
-    out[:, 1::2].clamp_(min=0, max=params.height)
+def crop_boxes(boxes: np.ndarray, params: CropParams) -> np.ndarray:
+    """Boxes [N, 4] xyxy image px (float32) -> crop px: shifted, clamped to the crop, and
+    zeroed where the centre is outside the crop (then dropped by `sanitize`): torchvision's
+    crop of BoundingBoxes, in the same float32 arithmetic."""
+    out = boxes - np.array([params.left, params.top, params.left, params.top], np.float32)
+    out[:, 0::2] = out[:, 0::2].clip(0, params.width)
+    out[:, 1::2] = out[:, 1::2].clip(0, params.height)
     out[~params.keep] = 0
     return out
 
 
-def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
-    """Mirror boxes [N, 4] xyxy in an image `width` px wide (torchvision's arithmetic)."""
-    out = boxes.clone()
-    out[:, [2, 0]] = boxes[:, [0, 2]].sub(width).neg()
+def hflip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Mirror boxes [N, 4] xyxy (float32) in an image `width` px wide: torchvision's
+    `-(x - width)`, with x1 and x2 swapped."""
+    out = boxes.copy()
+    out[:, [2, 0]] = -(boxes[:, [0, 2]] - np.float32(width))
     return out
 
 
 def sanitize(
-    boxes: Tensor, size: tuple[int, int], min_size: float = 1.0, min_area: float = 1.0
-) -> Tensor:
-    """[N] bool: the boxes [N, 4] xyxy px that `SanitizeBoundingBoxes()` keeps in an image of
-    `size` (h, w): sides >= min_size px, area >= min_area px^2, inside the image."""
+    boxes: np.ndarray, size: tuple[int, int], min_size: float = 1.0, min_area: float = 1.0
+) -> np.ndarray:
+    """[N] bool: the boxes [N, 4] xyxy px (float32) that `SanitizeBoundingBoxes()` keeps in an
+    image of `size` (h, w): sides >= min_size px, area >= min_area px^2, inside the image."""
     h, w = size
     ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    valid = (ws >= min_size) & (hs >= min_size) & (boxes >= 0).all(dim=-1) & (ws * hs >= min_area)
+    valid = (ws >= min_size) & (hs >= min_size) & (boxes >= 0).all(axis=-1) & (ws * hs >= min_area)
     valid &= (boxes[:, 0] <= w) & (boxes[:, 2] <= w) & (boxes[:, 1] <= h) & (boxes[:, 3] <= h)
     return valid

@@ -39,7 +39,7 @@ class SSDLiteAugmentation:
         self.flip_p = flip_p
 
     def __call__(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        boxes = target["boxes"].as_subclass(Tensor)
+        boxes = target["boxes"].as_subclass(Tensor).numpy()  # float32 [N, 4], numpy: few boxes
         labels = target["labels"]
         h, w = int(image.shape[-2]), int(image.shape[-1])
         if boxes.shape[0] > 0:
@@ -50,12 +50,14 @@ class SSDLiteAugmentation:
                 h, w = params.height, params.width
         # v2's RandomHorizontalFlip: one torch.rand(1) per sample, flip when below p
         if torch.rand(1) < self.flip_p:
-            image = image.hflip() if isinstance(image, DeferredImage) else image.flip(-1)
+            image = image.hflip() if isinstance(image, DeferredImage) else _hflip(image)
             boxes = hflip_boxes(boxes, w)
         keep = sanitize(boxes, (h, w))
         out = dict(target)
-        out["boxes"] = tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w))
-        out["labels"] = labels[keep]
+        out["boxes"] = tv_tensors.BoundingBoxes(
+            torch.from_numpy(boxes[keep]), format="XYXY", canvas_size=(h, w)
+        )
+        out["labels"] = labels[torch.from_numpy(keep)]
         if isinstance(image, Tensor) and not isinstance(image, tv_tensors.Image):
             image = tv_tensors.Image(image)
         return image, out
@@ -65,6 +67,14 @@ def _crop(image: Any, top: int, left: int, height: int, width: int) -> Any:
     if isinstance(image, DeferredImage):
         return image.crop(top, left, height, width)
     return image[..., top : top + height, left : left + width]  # a view, as v2's crop
+
+
+def _hflip(image: Tensor) -> Tensor:
+    """image[..., ::-1] as a new tensor in the memory order of the input (channels-last stays
+    channels-last: the fit then converts it without a transposing copy)."""
+    if image.dim() == 3 and image.stride(0) == 1:  # [3, h, w] over [h, w, 3] memory
+        return image.permute(1, 2, 0).flip(1).permute(2, 0, 1)
+    return image.flip(-1)
 
 
 def train_augmentation() -> SSDLiteAugmentation:

@@ -1,0 +1,270 @@
+"""Host pipeline benchmark: images/s per core of the data path, against torchvision's.
+
+Usage:
+    python scripts/bench_data.py [data=coco data.root=/path/to/coco] [canvas=[H,W]]
+        [max_boxes=N] [pad_value=F] [seed=0] [batch_size=8] [any train.py override]
+        [--repeats 5] [--images 120] [--make-photos DIR]
+
+`--make-photos DIR` first writes a real-world-sized, photo-like COCO set into DIR (120 train
+JPEGs of ~640x480 and a few portrait / other sizes: scripts/make_photo_coco.py; kept if
+already there) and benchmarks on it (it implies data=coco data.root=DIR data.num_classes=91).
+
+Single-threaded, one process, the first `--images` train images that have boxes (torchvision's
+reference drops the others from training), read from the page cache (a warm-up pass first).
+Variants, each the full per-image path from the file to what the collate stacks:
+
+    decode_only            PIL open + load (+ convert to RGB where the file is not): the
+                           decoder both pipelines use; the limit of any exact pipeline
+    torchvision_reference  references/detection DetectionPresetTrain(data_augmentation="ssdlite",
+                           backend="pil", use_v2=True): RandomIoUCrop, RandomHorizontalFlip (on
+                           the PIL image), ToImage, ToDtype(float32, scale=True),
+                           ConvertBoundingBoxFormat(XYXY), SanitizeBoundingBoxes, ToPureTensor
+                           (no resize: torchvision's model resizes)
+    fixed_<fit>            ours, data.decode=exact: decode, IoU crop + flip, fit to the canvas
+                           (float32), targets padded to max_boxes (SampleDataset + FixSample)
+    fixed_<fit>_reduced    ours, data.decode=reduced (uint8 canvas, DCT-scaled decode)
+
+Each repeat runs every variant once over the same images with the same per-image seeds, in
+an order rotated per repeat (interleaved: a noisy neighbour slows all variants alike);
+ms/image is the median over repeats. Then the DataLoader end to end (the training loader's
+dataset, FixSample and collate) for num_workers 1..cores: images/s after the first batch.
+Prints a table; writes bench_data.json into the run folder:
+{"variants": {name: {"images_per_s_per_core", "ms_per_image", "vs_torchvision",
+"repeats_ms"}}, "loader": {name: {workers: images_per_s}}, "data": {...}, "machine": {...}}.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from ssd_npu.cli import run_folder, user_errors  # noqa: E402
+from ssd_npu.config import config_dir  # noqa: E402
+
+FITS = ("stretch", "letterbox", "pad")
+OPTS = argparse.Namespace(repeats=5, images=120, make_photos=None)
+
+
+def _pop_flags() -> None:
+    """Take this script's own --flags out of sys.argv; the rest are Hydra overrides."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--make-photos", type=Path, default=None)
+    known, rest = parser.parse_known_args(sys.argv[1:])
+    vars(OPTS).update(vars(known))
+    sys.argv[1:] = rest
+    if known.make_photos is not None:
+        from make_photo_coco import make_photo_coco
+
+        root = known.make_photos.resolve()
+        if not (root / "annotations" / "instances_train2017.json").is_file():
+            make_photo_coco(root)
+        sys.argv += ["data=coco", f"data.root={root}", "data.num_classes=91"]
+
+
+def _reference(base):
+    """torchvision's ssdlite training pipeline on one image: PIL decode, preset transforms."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    preset = v2.Compose(
+        [
+            v2.RandomIoUCrop(),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.ToImage(),
+            v2.ToDtype(torch.float, scale=True),
+            v2.ConvertBoundingBoxFormat("XYXY"),
+            v2.SanitizeBoundingBoxes(),
+            v2.ToPureTensor(),
+        ]
+    )
+
+    def run(index: int):
+        img_id = base.ids[index]
+        with Image.open(base.img_dir / base.coco.imgs[img_id]["file_name"]) as img:
+            pil = img.convert("RGB")
+        t = base._target(img_id, pil.size[1], pil.size[0])
+        return preset(pil, {"boxes": t["boxes"], "labels": t["labels"], "image_id": img_id})
+
+    return run
+
+
+def _decode_only(base):
+    from ssd_npu.data.decode import load_rgb
+
+    def run(index: int):
+        return load_rgb(base.img_dir / base.coco.imgs[base.ids[index]]["file_name"])
+
+    return run
+
+
+def _ours(cfg, root: Path, fit: str, decode: str):
+    from ssd_npu.data.coco import CocoDetectionDataset
+    from ssd_npu.data.fixed_shape import FixSample
+    from ssd_npu.data.loader import SampleDataset
+    from ssd_npu.data.samplers import SampleKey
+    from ssd_npu.data.transforms import train_augmentation
+
+    base = CocoDetectionDataset(root, cfg.data.train_split, decode=decode)
+    mb = cfg.max_boxes if isinstance(cfg.max_boxes, int) else max(cfg.max_boxes)
+    finish = FixSample(cfg.canvas, mb, fit, cfg.pad_value, cfg.seed)
+    ds = SampleDataset(base, train_augmentation(), finish, cfg.seed)
+    return ds, (lambda index: ds[SampleKey(index)])
+
+
+def _variants(cfg, root: Path) -> dict:
+    from ssd_npu.data.coco import CocoDetectionDataset
+
+    base = CocoDetectionDataset(root, cfg.data.train_split)
+    out = {"decode_only": _decode_only(base), "torchvision_reference": _reference(base)}
+    for decode in ("exact", "reduced"):
+        for fit in FITS:
+            name = f"fixed_{fit}" if decode == "exact" else f"fixed_{fit}_{decode}"
+            out[name] = _ours(cfg, root, fit, decode)[1]
+    return out
+
+
+def _images(cfg, root: Path) -> list[int]:
+    """Indices of the first OPTS.images train images with at least one (non-crowd) box."""
+    from ssd_npu.data.box_table import box_table
+    from ssd_npu.data.coco import CocoDetectionDataset
+
+    base = CocoDetectionDataset(root, cfg.data.train_split)
+    counts = box_table(base.coco, base.ids).counts
+    return [i for i in range(len(base.ids)) if counts[i] > 0][: OPTS.images]
+
+
+def time_variants(variants: dict, indices: list[int], repeats: int, seed: int) -> dict:
+    """{name: [ms per image, one per repeat]}: interleaved passes, order rotated per repeat."""
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(-1, repeats):  # rep -1: warm-up (page cache, lazy imports), not kept
+        order = names[rep % len(names) :] + names[: rep % len(names)] if rep >= 0 else names
+        for name in order:
+            fn = variants[name]
+            start = time.perf_counter()
+            for i in indices:
+                # the same crops in every repeat; the CPU generator only (torch.manual_seed
+                # also seeds CUDA, ~1 ms on a CUDA build without a GPU)
+                torch.default_generator.manual_seed(seed + i)
+                fn(i)
+            if rep >= 0:
+                times[name].append((time.perf_counter() - start) * 1e3 / len(indices))
+    return times
+
+
+def time_loader(cfg, root: Path, fit: str, decode: str, indices: list[int]) -> dict:
+    """{num_workers: images/s} of a DataLoader over `indices`, after its first batch."""
+    from torch.utils.data import DataLoader
+
+    from ssd_npu.data.fixed_shape import collate_fixed
+    from ssd_npu.data.samplers import SampleKey
+
+    ds, _ = _ours(cfg, root, fit, decode)
+    keys = [SampleKey(i) for i in indices]
+    out = {}
+    for workers in range(1, (os.cpu_count() or 1) + 1):
+        loader = DataLoader(
+            ds, batch_size=cfg.batch_size, sampler=keys, num_workers=workers,
+            collate_fn=collate_fixed, drop_last=True,
+        )  # fmt: skip
+        it = iter(loader)
+        first = next(it)
+        start, n = time.perf_counter(), 0
+        for batch in it:
+            n += batch.images.shape[0]
+        out[workers] = round(n / (time.perf_counter() - start), 1) if n else None
+        del first
+    return out
+
+
+def machine() -> dict:
+    from PIL import __version__ as pil_version
+    from PIL import features
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "pillow": pil_version,
+        "libjpeg_turbo": features.version("libjpeg_turbo"),
+        "python": platform.python_version(),
+    }
+
+
+def table(variants: dict) -> str:
+    rows = [
+        "| variant | ms/image | images/s per core | vs torchvision |",
+        "|---|---|---|---|",
+    ]
+    for name, v in variants.items():
+        rows.append(
+            f"| {name} | {v['ms_per_image']:.2f} | {v['images_per_s_per_core']:.1f} | "
+            f"{v['vs_torchvision']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> None:
+    from ssd_npu.build import resolve_data_root
+    from ssd_npu.config import validate
+
+    out_dir = run_folder(cfg)
+    with user_errors():
+        validate(cfg)
+        root = resolve_data_root(cfg)
+        indices = _images(cfg, root)
+    torch.set_num_threads(1)
+    times = time_variants(_variants(cfg, root), indices, OPTS.repeats, int(cfg.seed))
+    ref = statistics.median(times["torchvision_reference"])
+    variants = {}
+    for name, ms in times.items():
+        med = statistics.median(ms)
+        variants[name] = {
+            "images_per_s_per_core": round(1e3 / med, 1),
+            "ms_per_image": round(med, 3),
+            "vs_torchvision": round(ref / med, 2),
+            "repeats_ms": [round(v, 3) for v in ms],
+        }
+    print(f"\n{len(indices)} images from {root}, canvas {list(cfg.canvas)}, one thread:\n")
+    print(table(variants))
+    loader = {
+        f"fixed_{cfg.fit}": time_loader(cfg, root, cfg.fit, "exact", indices),
+        f"fixed_{cfg.fit}_reduced": time_loader(cfg, root, cfg.fit, "reduced", indices),
+    }
+    print("\nDataLoader end to end, images/s by num_workers:")
+    for name, by_workers in loader.items():
+        print(f"  {name}: " + ", ".join(f"{w}: {v}" for w, v in by_workers.items()))
+    result = {
+        "variants": variants,
+        "loader": loader,
+        "data": {
+            "root": str(root),
+            "images": len(indices),
+            "canvas": list(cfg.canvas),
+            "repeats": OPTS.repeats,
+        },
+        "machine": machine(),
+    }
+    path = out_dir / "bench_data.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nbench_data.json: {path}")
+
+
+if __name__ == "__main__":
+    _pop_flags()
+    main()
