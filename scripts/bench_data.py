@@ -3,7 +3,7 @@
 Usage:
     python scripts/bench_data.py [data=coco data.root=/path/to/coco] [canvas=[H,W]]
         [max_boxes=N] [pad_value=F] [seed=0] [batch_size=8] [any train.py override]
-        [--repeats 5] [--images 120] [--make-photos DIR]
+        [--repeats 5] [--images 120] [--workers N] [--make-photos DIR]
 
 `--make-photos DIR` first writes a real-world-sized, photo-like COCO set into DIR (120 train
 JPEGs of ~640x480 and a few portrait / other sizes: scripts/make_photo_coco.py; kept if
@@ -24,10 +24,11 @@ Variants, each the full per-image path from the file to what the collate stacks:
                            (float32), targets padded to max_boxes (SampleDataset + FixSample)
     fixed_<fit>_reduced    ours, data.decode=reduced (uint8 canvas, DCT-scaled decode)
 
-Each repeat runs every variant once over the same images with the same per-image seeds, in
-an order rotated per repeat (interleaved: a noisy neighbour slows all variants alike);
+Each repeat runs every image through every variant back to back (the order rotated per image
+and repeat: a noisy neighbour slows all variants alike), with the same per-image seeds;
 ms/image is the median over repeats. Then the DataLoader end to end (the training loader's
-dataset, FixSample and collate) for num_workers 1..cores: images/s after the first batch.
+dataset, FixSample and collate) for num_workers 1..cores (or 1..--workers; 0 skips it):
+images/s after the first batch, all workers together.
 Prints a table; writes bench_data.json into the run folder:
 {"variants": {name: {"images_per_s_per_core", "ms_per_image", "vs_torchvision",
 "repeats_ms"}}, "loader": {name: {workers: images_per_s}}, "data": {...}, "machine": {...}}.
@@ -52,7 +53,7 @@ from ssd_npu.cli import run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
 FITS = ("stretch", "letterbox", "pad")
-OPTS = argparse.Namespace(repeats=5, images=120, make_photos=None)
+OPTS = argparse.Namespace(repeats=5, images=120, workers=None, make_photos=None)
 
 
 def _pop_flags() -> None:
@@ -60,6 +61,7 @@ def _pop_flags() -> None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--make-photos", type=Path, default=None)
     known, rest = parser.parse_known_args(sys.argv[1:])
     vars(OPTS).update(vars(known))
@@ -146,21 +148,26 @@ def _images(cfg, root: Path) -> list[int]:
 
 
 def time_variants(variants: dict, indices: list[int], repeats: int, seed: int) -> dict:
-    """{name: [ms per image, one per repeat]}: interleaved passes, order rotated per repeat."""
+    """{name: [ms per image, one per repeat]}, interleaved per image: each image goes through
+    every variant back to back, in an order rotated per image and repeat, so a noisy
+    neighbour slows all variants alike. Each variant gets the same seed per image (the same
+    crops in every repeat); seeding is outside the timed region."""
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(-1, repeats):  # rep -1: warm-up (page cache, lazy imports), not kept
-        order = names[rep % len(names) :] + names[: rep % len(names)] if rep >= 0 else names
-        for name in order:
-            fn = variants[name]
-            start = time.perf_counter()
-            for i in indices:
-                # the same crops in every repeat; the CPU generator only (torch.manual_seed
-                # also seeds CUDA, ~1 ms on a CUDA build without a GPU)
+        total = dict.fromkeys(names, 0.0)
+        for j, i in enumerate(indices):
+            k = (rep + j) % len(names)
+            for name in names[k:] + names[:k]:
+                # the CPU generator only: torch.manual_seed also seeds CUDA (~0.2-1 ms on a
+                # CUDA build of torch without a GPU: it records a traceback)
                 torch.default_generator.manual_seed(seed + i)
-                fn(i)
-            if rep >= 0:
-                times[name].append((time.perf_counter() - start) * 1e3 / len(indices))
+                start = time.perf_counter()
+                variants[name](i)
+                total[name] += time.perf_counter() - start
+        if rep >= 0:
+            for name in names:
+                times[name].append(total[name] * 1e3 / len(indices))
     return times
 
 
@@ -174,18 +181,18 @@ def time_loader(cfg, root: Path, fit: str, decode: str, indices: list[int]) -> d
     ds, _ = _ours(cfg, root, fit, decode)
     keys = [SampleKey(i) for i in indices]
     out = {}
-    for workers in range(1, (os.cpu_count() or 1) + 1):
+    most = (os.cpu_count() or 1) if OPTS.workers is None else OPTS.workers
+    for workers in range(1, most + 1):
         loader = DataLoader(
             ds, batch_size=cfg.batch_size, sampler=keys, num_workers=workers,
-            collate_fn=collate_fixed, drop_last=True,
+            collate_fn=collate_fixed,
         )  # fmt: skip
         it = iter(loader)
-        first = next(it)
+        next(it)  # worker start-up and the first batch are not timed
         start, n = time.perf_counter(), 0
         for batch in it:
             n += batch.images.shape[0]
         out[workers] = round(n / (time.perf_counter() - start), 1) if n else None
-        del first
     return out
 
 
@@ -245,9 +252,10 @@ def main(cfg: DictConfig) -> None:
         f"fixed_{cfg.fit}": time_loader(cfg, root, cfg.fit, "exact", indices),
         f"fixed_{cfg.fit}_reduced": time_loader(cfg, root, cfg.fit, "reduced", indices),
     }
-    print("\nDataLoader end to end, images/s by num_workers:")
-    for name, by_workers in loader.items():
-        print(f"  {name}: " + ", ".join(f"{w}: {v}" for w, v in by_workers.items()))
+    if any(loader.values()):
+        print("\nDataLoader end to end, images/s (all workers) by num_workers:")
+        for name, by_workers in loader.items():
+            print(f"  {name}: " + ", ".join(f"{w}: {v}" for w, v in by_workers.items()))
     result = {
         "variants": variants,
         "loader": loader,
