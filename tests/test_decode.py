@@ -219,3 +219,15 @@ def test_model_scales_uint8_canvases_on_the_device():
         got = model(images)
         want = model(TF.to_dtype(images, torch.float32, scale=True))
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_deferred_crop_and_flip_compose(square_set):
+    from ssd_npu.data.decode import DeferredImage, fill_value
+
+    img = DeferredImage.open(square_set / "val" / "a.jpg")
+    assert img.shape == (3, 960, 1280) and img.region == (0, 0, 960, 1280)
+    a = img.crop(100, 200, 500, 600)  # rows 100..600, columns 200..800 of the file
+    assert a.region == (100, 200, 500, 600) and a.shape == (3, 500, 600)
+    b = a.hflip().crop(10, 50, 100, 150)  # columns 50..200 of the mirror: 600..750 unmirrored
+    assert b.region == (110, 600, 100, 150) and b.flipped
+    assert fill_value(0.0) == 0 and fill_value(0.5) == 128 and fill_value(1.0) == 255
