@@ -115,6 +115,7 @@ def run(cfg: Any) -> dict[str, Any]:
         recompile_reasons=t.step.recompile_reasons[:5],
         device=str(t.device.torch),
         shape=cfg.shape,
+        model=cfg.model.name,
         canvas=list(cfg.canvas),
         max_boxes=cfg.max_boxes if isinstance(cfg.max_boxes, int) else list(cfg.max_boxes),
         fit=cfg.fit,
@@ -148,7 +149,7 @@ def run(cfg: Any) -> dict[str, Any]:
 def _banner(cfg: Any, t: Training, out_dir: Path) -> str:
     return (
         f"ssd-npu: device={t.device.torch} ranks={t.world.size} shape={cfg.shape} "
-        f"canvas={list(cfg.canvas)} max_boxes={cfg.max_boxes} fit={cfg.fit} "
+        f"model={cfg.model.name} canvas={list(cfg.canvas)} max_boxes={cfg.max_boxes} fit={cfg.fit} "
         f"batch={cfg.batch_size}x{t.world.size} steps={t.total_steps} "
         f"anchors={t.model.anchors.shape[0]} data={t.data_root} out={out_dir}"
     )

@@ -91,6 +91,7 @@ def run_audit(cfg: Any) -> ShapeReport:
         itertools.islice(probe, steps),
         read=read,
         info={
+            "model": cfg.model.name,
             "shape": cfg.shape,
             "device": str(t.device.torch),
             "canvas": list(cfg.canvas),
