@@ -85,6 +85,7 @@ def loader_spec(cfg: Any, world: World, device: Device) -> LoaderSpec:
         rank=world.rank,
         world_size=world.size,
         pin_memory=device.pin_memory,
+        decode=cfg.data.decode,
     )
 
 

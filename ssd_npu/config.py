@@ -23,6 +23,7 @@ FITS = ("stretch", "letterbox", "pad")
 SHAPES = ("fixed", "dynamic")
 DATASETS = ("synthetic", "coco")
 ON_BAD_IMAGE = ("fail", "skip")
+DECODES = ("exact", "reduced")
 AMP_DTYPES = ("bf16", "fp16")
 # The canvas rule is the model's own (ssd_npu/model_specs.py): ssdlite and RetinaNet take
 # sides >= 64 divisible by 32; ssd300_vgg16 takes exactly [300, 300].
@@ -54,6 +55,9 @@ class DataConfig:
     train_split: str = "train2017"
     val_split: str = "val2017"
     on_bad_image: str = "fail"  # fail | skip
+    # exact: full decode, torchvision's pixels; reduced: JPEG decoded at 1/2-1/8 scale when
+    # the canvas is much smaller, uint8 resize and uint8 canvases (fixed shape only)
+    decode: str = "exact"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -208,6 +212,12 @@ def validate(cfg: Any) -> None:
     _one_of("shape", cfg.shape, SHAPES)
     _one_of("data", cfg.data.name, DATASETS)
     _one_of("data.on_bad_image", cfg.data.on_bad_image, ON_BAD_IMAGE)
+    _one_of("data.decode", cfg.data.decode, DECODES)
+    if cfg.data.decode == "reduced" and cfg.shape != "fixed":
+        raise ConfigError(
+            "data.decode=reduced needs shape=fixed (it sends uint8 canvases); the dynamic "
+            "baseline decodes exactly: use data.decode=exact with shape=dynamic."
+        )
     _one_of("model", cfg.model.name, tuple(MODELS))
     spec = MODELS[cfg.model.name]
     canvas = list(cfg.canvas)

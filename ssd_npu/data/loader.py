@@ -105,6 +105,7 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     pin_memory: bool = False  # page-locked batches for asynchronous copies (cuda / npu)
+    decode: str = "exact"  # exact | reduced (fixed only: ssd_npu.data.decode)
 
 
 @dataclass
@@ -152,8 +153,9 @@ def build_loaders(spec: LoaderSpec, data_root: Path) -> Loaders:
     """
     if spec.shape not in ("fixed", "dynamic"):
         raise ValueError(f"shape={spec.shape!r}; choose fixed or dynamic")
-    train_ds = CocoDetectionDataset(data_root, spec.train_split, on_bad_image=spec.on_bad_image)
-    val_ds = CocoDetectionDataset(data_root, spec.val_split, on_bad_image=spec.on_bad_image)
+    reading = {"on_bad_image": spec.on_bad_image, "decode": spec.decode}
+    train_ds = CocoDetectionDataset(data_root, spec.train_split, **reading)
+    val_ds = CocoDetectionDataset(data_root, spec.val_split, **reading)
     check_num_classes(train_ds, spec.num_classes)
     check_num_classes(val_ds, spec.num_classes)
     buckets = spec.shape == "fixed" and len(spec.max_boxes) > 1
