@@ -231,3 +231,15 @@ def test_deferred_crop_and_flip_compose(square_set):
     b = a.hflip().crop(10, 50, 100, 150)  # columns 50..200 of the mirror: 600..750 unmirrored
     assert b.region == (110, 600, 100, 150) and b.flipped
     assert fill_value(0.0) == 0 and fill_value(0.5) == 128 and fill_value(1.0) == 255
+
+
+def test_deferred_image_decodes_to_the_exact_pixels_on_request(tiny_coco):
+    exact = CocoDetectionDataset(tiny_coco, "val2017")
+    reduced = CocoDetectionDataset(tiny_coco, "val2017", decode="reduced")
+    for i in range(len(exact)):
+        want, _ = exact[i]
+        image, _ = reduced[i]
+        assert torch.equal(image.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor))
+        h, w = want.shape[-2:]
+        part = image.crop(1, 2, h - 3, w - 5).hflip().decode()
+        assert torch.equal(part, want[:, 1 : h - 2, 2 : w - 3].flip(-1))

@@ -118,6 +118,22 @@ class DeferredImage:
     def hflip(self) -> DeferredImage:
         return replace(self, flipped=not self.flipped)
 
+    def decode(self) -> Tensor:
+        """The pixels at full scale: uint8 [3, height, width] (the region, mirrored if flipped),
+        as the exact path decodes them (DataError if the file is bad)."""
+        try:
+            rgb = load_rgb(self.path)
+        except _DECODE_ERRORS as e:
+            raise _bad(str(self.path), e) from e
+        top, left, h, w = self.region
+        hwc = torch.from_numpy(np.array(rgb))[top : top + h, left : left + w]
+        return (hwc.flip(1) if self.flipped else hwc).permute(2, 0, 1)
+
+    def as_subclass(self, cls: type) -> Tensor:
+        """`decode()` as `cls`: code that reads the reader's image as a tensor (drawing
+        detections on the original, ssd_npu.detections) gets its pixels in reduced mode too."""
+        return self.decode().as_subclass(cls)
+
     def _load(self, content: tuple[int, int]) -> tuple[Image.Image, float, float] | None:
         """Decode at the coarsest scale that keeps the region >= content: (RGB image, fy, fx)
         with fy, fx = decoded / file pixels; None for a corrupt file when skipping."""
