@@ -16,14 +16,18 @@ torchvision; the loader seeds it per sample so results do not depend on the numb
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
 
 from ssd_npu.data.decode import DeferredImage
-from ssd_npu.data.iou_crop import IoUCropSampler, crop_boxes, hflip_boxes, sanitize
+from ssd_npu.data.iou_crop import CropParams, IoUCropSampler, crop_boxes, hflip_boxes, sanitize
+
+CropSampler = Callable[[np.ndarray, tuple[int, int]], CropParams | None]
 
 
 class SSDLiteAugmentation:
@@ -34,8 +38,8 @@ class SSDLiteAugmentation:
     and random). Images with zero boxes therefore skip the crop and only get the flip.
     """
 
-    def __init__(self, crop: IoUCropSampler | None = None, flip_p: float = 0.5) -> None:
-        self.crop = crop or IoUCropSampler()
+    def __init__(self, crop: CropSampler | None = None, flip_p: float = 0.5) -> None:
+        self.crop = crop or IoUCropSampler()  # any (boxes [N, 4] f32, (h, w)) -> crop or None
         self.flip_p = flip_p
 
     def __call__(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
