@@ -27,8 +27,8 @@ from ssd_npu.config import ConfigError, config_dir  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    from ssd_npu.build import build_training
-    from ssd_npu.detections import DetectionSheet, save_png
+    from ssd_npu.build import build_training, detection_sheet
+    from ssd_npu.detections import save_png
 
     out_dir = run_folder(cfg)
     with user_errors():
@@ -38,18 +38,8 @@ def main(cfg: DictConfig) -> None:
                 "(e.g. weights=outputs/<date>/<time>/checkpoints/<step>.pt)."
             )
         t = build_training(cfg)
-        show = cfg.show
-        sheet = DetectionSheet.from_loader(
-            t.model,
-            t.data.val,
-            t.device,
-            shape=cfg.shape,
-            amp=cfg.amp,
-            images=show.images,
-            score=show.score,
-            height=show.height,
-        )
-        path = save_png(sheet.render(), show.out or out_dir / "detections.png")
+        sheet = detection_sheet(cfg, t)
+        path = save_png(sheet.render(), cfg.show.out or out_dir / "detections.png")
     print(path)
 
 

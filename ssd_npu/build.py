@@ -21,6 +21,7 @@ from ssd_npu.config import validate
 from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.data.loader import Loaders, LoaderSpec, build_loaders
 from ssd_npu.data.synthetic import ensure_synthetic_coco
+from ssd_npu.detections import DetectionSheet
 from ssd_npu.device import Device, resolve_device
 from ssd_npu.distributed import World
 from ssd_npu.errors import DataError
@@ -152,4 +153,20 @@ def build_training(cfg: Any) -> Training:
         data=data,
         data_root=data_root,
         total_steps=total_steps,
+    )
+
+
+def detection_sheet(cfg: Any, t: Training) -> DetectionSheet:
+    """The pictured val images (`show.*`): the first `show.images` of the val set, drawn with
+    predictions above `show.score`, tiles `show.height` px high."""
+    show = cfg.show
+    return DetectionSheet.from_loader(
+        t.model,
+        t.data.val,
+        t.device,
+        shape=cfg.shape,
+        amp=cfg.amp,
+        images=show.images,
+        score=show.score,
+        height=show.height,
     )

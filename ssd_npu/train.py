@@ -14,10 +14,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ssd_npu.build import Training, build_training
+from ssd_npu.build import Training, build_training, detection_sheet
 from ssd_npu.checkpoint import TrainState, find_resume, list_checkpoints, load_checkpoint
 from ssd_npu.data.buckets import bucket_sizes
-from ssd_npu.detections import DetectionSheet
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.errors import Interrupted
 from ssd_npu.evaluate import Evaluator
@@ -54,21 +53,7 @@ def run(cfg: Any) -> dict[str, Any]:
     telemetry = Telemetry(out_dir, steps_left, enabled=main)
     evaluator = Evaluator(t.model, t.data.val, t.data.val_set.coco, t.device, cfg.shape, cfg.amp)
     # rank 0 (the TensorBoard writer) pictures the first show.images val images at each eval
-    show = cfg.show
-    sheet = (
-        DetectionSheet.from_loader(
-            t.model,
-            t.data.val,
-            t.device,
-            shape=cfg.shape,
-            amp=cfg.amp,
-            images=show.images,
-            score=show.score,
-            height=show.height,
-        )
-        if main
-        else None
-    )
+    sheet = detection_sheet(cfg, t) if main else None
     stop = StopSignalHook(t.device)
     checkpoints = CheckpointHook(state, ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints, main)
     evals = EvalHook(
