@@ -109,9 +109,6 @@ class EvalHook(Hook):
         self.every, self.epochs, self.final, self.stop = every_epochs, epochs, final, stop
         self.history: list[dict[str, Any]] = []
 
-    def sync_after(self, progress: Progress) -> bool:
-        return False  # the loop reads every step of an epoch before `after_epoch`
-
     def after_epoch(self, progress: Progress) -> None:
         if self.every and progress.epoch % self.every == 0 and progress.epoch < self.epochs:
             self.evaluate(progress.step)
