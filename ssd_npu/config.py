@@ -38,6 +38,8 @@ class DeviceConfig:
     name: str = "auto"  # auto | cpu | cuda | npu
     index: int | None = None  # device index; None: LOCAL_RANK under torchrun, else 0
     jit_compile: bool = False  # npu only: torch.npu.set_compile_mode(jit_compile=...)
+    # weights stored channels-last (faster convolutions); None: on for cpu only
+    channels_last: bool | None = None
 
 
 @dataclass
@@ -112,6 +114,13 @@ class ShowConfig:
 
 
 @dataclass
+class ConvergeConfig:
+    # scripts/converge.py: a whole run per path (fixed, dynamic) and seed
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    out: str | None = None  # converge.json path; None: <out_dir>/converge.json
+
+
+@dataclass
 class ModelConfig:
     # configs/model/<name>.yaml; the names and canvas rules: ssd_npu/model_specs.py
     name: str = DEFAULT_MODEL
@@ -155,6 +164,7 @@ class TrainConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     show: ShowConfig = field(default_factory=ShowConfig)
+    converge: ConvergeConfig = field(default_factory=ConvergeConfig)
 
 
 def config_dir() -> str:
@@ -262,6 +272,12 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             f"show.images={cfg.show.images} / show.height={cfg.show.height} / show.score="
             f"{cfg.show.score} are not valid; give images >= 1, height >= 16, score in [0, 1]."
+        )
+    seeds = list(cfg.converge.seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(
+            f"converge.seeds={seeds} is not valid; give distinct integer seeds, e.g. "
+            "converge.seeds=[0,1,2]."
         )
     if cfg.data.name == "coco" and not cfg.data.root:
         raise ConfigError(

@@ -61,7 +61,9 @@ def run(cfg: Any) -> dict[str, Any]:
     )
     buckets = BucketCountHook(bucket_sizes(cfg.max_boxes), count_graphs=cfg.compile)
     # order matters: the checkpoint of the last step is written before the final evaluation
-    hooks: list[Hook] = [stop, checkpoints, evals, buckets]
+    hooks: list[Hook] = [stop, checkpoints, evals]
+    if cfg.shape == "fixed":  # torchvision's dynamic batches have no box-count bucket
+        hooks.append(buckets)
     if cfg.profile_steps and main and not cfg.eval_only:
         hooks.append(ProfilerHook(t.device, out_dir / "profile", cfg.profile_steps))
 

@@ -16,8 +16,8 @@ from ssd_npu.model import build_detector, canvas_anchors
 from ssd_npu.train import run
 from tests.helpers import compose_cfg, losses, tiny_cfg, torchvision_loss
 
-# The tiny set's box counts are [17 3 4 2 13 0 16 1 3 3 4 2]: 9 images in bucket 4, 3 in 32.
-BUCKETS = "max_boxes=[4,8,32]"
+# The tiny set's box counts are [3 4 4 4 4 0 4 6 3 40 1 2]: 5 images in bucket 3, 6 in 6, 1 in 32.
+BUCKETS = "max_boxes=[3,6,32]"
 FAST = ("canvas=[128,128]", BUCKETS, "eval=false")
 
 
@@ -74,20 +74,20 @@ def test_ranks_share_the_bucket_of_each_step():
 def test_device_shapes_only_take_bucket_values(tiny_coco, tmp_path):
     t = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST))
     assert t.data.train.batch_sampler is t.data.train_sampler  # what the loop resumes
-    assert t.data.train_sampler.batches_per_bucket == {4: 4, 8: 0, 32: 1}
+    assert t.data.train_sampler.batches_per_bucket == {3: 2, 6: 3, 32: 0}  # one image in 32: no full batch
     seen = set()
     for _ in range(2):  # two epochs
         for batch in t.data.train:
             m = batch.boxes.shape[1]
             most = int(batch.valid.sum(1).max())
-            assert m == min(b for b in (4, 8, 32) if b >= most)  # smallest bucket that holds it
+            assert m == min(b for b in (3, 6, 32) if b >= most)  # smallest bucket that holds it
             assert batch.images.shape == (2, 3, 128, 128)
             assert batch.labels.shape == batch.valid.shape == (2, m)
             assert not batch.labels[~batch.valid].any()  # the cut removed padding only
             seen.add(m)
-    assert seen <= {4, 8, 32} and len(seen) >= 2
+    assert seen <= {3, 6, 32} and len(seen) >= 2
     for batch in t.data.val:
-        assert batch.boxes.shape[1] in (4, 8, 32)
+        assert batch.boxes.shape[1] in (3, 6, 32)
 
 
 def test_loss_equals_torchvision_for_each_bucket(tiny_coco, tmp_path):
@@ -117,16 +117,16 @@ def test_loss_equals_torchvision_for_each_bucket(tiny_coco, tmp_path):
         for key in ref:
             torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-6)
         done.add(m)
-    assert done == {4, 32}  # no augmentation: the annotation buckets exactly
+    assert done == {3, 6}  # no augmentation: the annotation buckets exactly
 
 
 def test_summary_counts_batches_and_resume_keeps_the_bucket_order(tiny_coco, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     summary = run(tiny_cfg(tiny_coco, straight, *FAST, "max_steps=7"))
     buckets = json.loads((straight / "summary.json").read_text())["buckets"]
-    assert buckets == summary["buckets"] and buckets["sizes"] == [4, 8, 32]
+    assert buckets == summary["buckets"] and buckets["sizes"] == [3, 6, 32]
     assert sum(buckets["batches"].values()) == 7 and buckets["graphs"] is None
-    assert summary["max_boxes"] == [4, 8, 32]
+    assert summary["max_boxes"] == [3, 6, 32]
     run(tiny_cfg(tiny_coco, split, *FAST, "max_steps=3"))
     run(tiny_cfg(tiny_coco, split, *FAST, "max_steps=7", "resume=auto"))
     expected, got = losses(straight), losses(split)
@@ -142,7 +142,7 @@ def test_compiled_graphs_never_exceed_the_buckets(tiny_coco, tmp_path):
         tiny_coco,
         tmp_path,
         "canvas=[128,128]",
-        "max_boxes=[4,32]",
+        "max_boxes=[3,32]",  # 2 + 3 batches: both shapes within 5 steps
         "eval=false",
         "compile=true",
         "max_steps=5",

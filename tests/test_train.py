@@ -128,3 +128,17 @@ def test_eval_only_shows_no_training_progress_bar(tiny_coco, tmp_path, capsys):
     assert "step/s" not in printed and "0step" not in printed
     assert "Average Precision" in shown.out  # it did evaluate (COCOeval's table)
     assert summary["global_step"] == 0 and 0.0 <= summary["eval"]["mAP"] <= 1.0
+
+
+def test_channels_last_weights_on_cpu_give_the_same_losses(tiny_coco, tmp_path):
+    """device.channels_last (default on for cpu): the layout changes, the losses do not."""
+    convs = {}
+    step_losses = {}
+    for setting in ("null", "true", "false"):
+        t = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST, f"device.channels_last={setting}"))
+        weight = next(m.weight for m in t.model.modules() if isinstance(m, torch.nn.Conv2d))
+        convs[setting] = weight.is_contiguous(memory_format=torch.channels_last)
+        step_losses[setting] = train_step(t, next(iter(t.data.train)))
+    assert convs == {"null": True, "true": True, "false": False}
+    for key, value in step_losses["false"].items():
+        torch.testing.assert_close(step_losses["true"][key], value, rtol=1e-4, atol=1e-5)

@@ -3,10 +3,13 @@
 Layout written under `root` (the same as COCO 2017, so the same reader serves both):
 `train2017/*.jpg`, `val2017/*.jpg`, `annotations/instances_{train,val}2017.json`.
 Five categories (ids 1..5, so `num_classes=6` with background 0), each a distinct shape
-AND colour. Image sides vary from 160 to 800 px, 0 to 30 objects per image (most 1-10),
-object sides from 8 px to half the image. Some images are grayscale ('L') or CMYK JPEGs,
-some have no objects and some carry one crowd region (iscrowd=1, uncompressed RLE), so every
-branch of the reader is exercised. Bit-for-bit deterministic for a given seed.
+AND colour. It is made to be learnt by an SSDLite from scratch within the default run:
+1-6 objects per image that do not overlap, most of them 1/6 to 1/2 of the image's short side
+(the sizes SSDLite's anchors cover). It still exercises every branch of the reader: image
+sides 160-800 px at aspect ratios up to 2.5, grayscale ('L') and CMYK JPEGs, images without
+objects, crowd regions (iscrowd=1, uncompressed RLE), and in the train split a few images with
+more objects than the default max_boxes and a few objects below the smallest anchor. Bit-for-bit deterministic for
+a given seed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ _COLOURS = {
     5: (220, 40, 220),
 }
 MIN_SIDE, MAX_SIDE = 160, 800
-MAX_OBJECTS = 30
+MAX_ASPECT = 2.5  # w/h and h/w at most this
+MAX_OBJECTS = 6  # objects per ordinary image (1..6)
+CROWDED_OBJECTS = 40  # objects in each 64th train image: more than the default max_boxes
+TINY_EVERY = 12  # one train object in this many is below SSDLite's smallest anchor
+# Bumped whenever the generator draws different images: the cache folder carries it, so a
+# changed generator never reuses a stale set.
+GENERATOR_VERSION = 2
 _REPO = Path(__file__).resolve().parents[2]
 
 
@@ -117,24 +126,68 @@ def _draw_object(draw, rng, cat, cx, cy, r, img_id, ann_id, w, h) -> dict[str, A
     }
 
 
-def _make_split(root: Path, split: str, num: int, seed: int, id_base: int) -> None:
+def _image_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(w, h): width log-uniform in [MIN_SIDE, MAX_SIDE], aspect w/h log-uniform in [1/2.5, 2.5]."""
+    w = math.exp(rng.uniform(math.log(MIN_SIDE), math.log(MAX_SIDE)))
+    h = w / math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT)))
+    return int(round(w)), int(round(min(max(h, MIN_SIDE), MAX_SIDE)))
+
+
+def _free_spot(
+    rng: np.random.Generator, r: float, w: int, h: int, taken: list[tuple[float, ...]]
+) -> tuple[float, float] | None:
+    """A centre for a shape of half-size r whose box does not overlap any box in `taken`
+    (x0, y0, x1, y1), or None after 30 tries: occluded shapes would teach the model nothing."""
+    for _ in range(30):
+        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+        if all(cx + r <= a or cx - r >= c or cy + r <= b or cy - r >= d for a, b, c, d in taken):
+            return cx, cy
+    return None
+
+
+def _object_sizes(rng: np.random.Generator, short: int, n: int, tiny: bool) -> list[float]:
+    """Half-sizes (px) of n objects, largest first (placed first, so they always fit).
+
+    Most span 1/6 to 1/2 of the short side (log-uniform): on a 320 canvas from a square image
+    53-160 px, the sizes SSDLite's anchors (64 px and up) match. One in TINY_EVERY is 8-16 px,
+    below the smallest anchor (when `tiny`), so the small-object branch of matching stays.
+    """
+    sides = [
+        rng.uniform(8, 16)
+        if tiny and rng.random() < 1 / TINY_EVERY
+        else math.exp(rng.uniform(math.log(short / 6), math.log(short / 2)))
+        for _ in range(n)
+    ]
+    return sorted((s / 2 for s in sides), reverse=True)
+
+
+def _make_split(root: Path, split: str, num: int, seed: int, id_base: int, train: bool) -> None:
+    """Write `num` images and their annotations. The crowded images and the objects below the
+    smallest anchor appear in the train split only: they are there for the reader, truncation
+    and matching, and in the val split they would only cap the mAP any SSDLite can reach."""
     (root / split).mkdir(parents=True, exist_ok=True)
     images, anns = [], []
     for i in range(num):
         # one generator per image: the data set does not depend on generation order
         rng = np.random.default_rng([seed, id_base, i])
-        w, h = (
-            int(round(math.exp(v))) for v in rng.uniform(math.log(MIN_SIDE), math.log(MAX_SIDE), 2)
-        )
+        w, h = _image_size(rng)
         img_id, name = id_base + i + 1, f"{id_base + i + 1:012d}.jpg"
         img = _background(rng, h, w)
         draw = ImageDraw.Draw(img)
-        # skewed count: geometric (mean 5), capped; every 8th image (i % 8 == 5) is empty
-        n = 0 if i % 8 == 5 else min(MAX_OBJECTS, int(rng.geometric(0.2)))
-        max_r = min(w, h) / 4  # half-size: objects up to half the short side
-        for _ in range(n):
-            r = math.exp(rng.uniform(math.log(4), math.log(max_r)))
-            cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+        taken: list[tuple[float, ...]] = []
+        if i % 8 == 5:  # every 8th image has no objects
+            radii = []
+        elif train and i % 64 == 9:  # a few crowded images: more boxes than max_boxes=32
+            radii = [min(w, h) / 24] * CROWDED_OBJECTS
+        else:
+            n = int(rng.integers(1, MAX_OBJECTS + 1))
+            radii = _object_sizes(rng, min(w, h), n, tiny=train)
+        for r in radii:
+            spot = _free_spot(rng, r, w, h, taken)
+            if spot is None:
+                continue
+            cx, cy = spot
+            taken.append((cx - r, cy - r, cx + r, cy + r))
             cat = int(rng.integers(1, 6))
             anns.append(_draw_object(draw, rng, cat, cx, cy, r, img_id, len(anns) + 1, w, h))
         if i % 6 == 3:  # a crowd: a tight cluster of small shapes, one iscrowd=1 region
@@ -157,7 +210,7 @@ def _make_split(root: Path, split: str, num: int, seed: int, id_base: int) -> No
                     "segmentation": _rle(mask),
                 }
             )
-        if i % 8 == 2:  # grayscale JPEG: the reader must convert to RGB
+        if i % 16 == 2:  # grayscale JPEG: the reader must convert to RGB
             img.convert("L").save(root / split / name, quality=90)
         elif i == 1:  # CMYK JPEG
             img.convert("CMYK").save(root / split / name, quality=90)
@@ -173,9 +226,9 @@ def _make_split(root: Path, split: str, num: int, seed: int, id_base: int) -> No
 def make_synthetic_coco(root: Path, num_train: int = 256, num_val: int = 48, seed: int = 0) -> Path:
     """Write the data set under `root` (created if needed) and return `root`."""
     root = Path(root)
-    _make_split(root, "train2017", num_train, seed, id_base=0)
+    _make_split(root, "train2017", num_train, seed, id_base=0, train=True)
     # val ids start at 1e6 so train and val image ids never collide
-    _make_split(root, "val2017", num_val, seed, id_base=1_000_000)
+    _make_split(root, "val2017", num_val, seed, id_base=1_000_000, train=False)
     return root
 
 
@@ -193,7 +246,7 @@ def ensure_synthetic_coco(root: Path | None, cfg_synthetic: Any) -> Path:
         int(cfg_synthetic.seed),
     )
     parent = Path(root) if root is not None else _REPO / ".cache" / "synthetic_coco"
-    final = parent / f"train{n_tr}_val{n_va}_seed{seed}"
+    final = parent / f"v{GENERATOR_VERSION}_train{n_tr}_val{n_va}_seed{seed}"
     if (final / "DONE").exists():
         return final
     parent.mkdir(parents=True, exist_ok=True)

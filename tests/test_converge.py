@@ -1,0 +1,72 @@
+"""scripts/converge.py: whole runs of both paths from the same seeds, read back and compared."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import FAST, REPO, tiny_overrides
+
+_spec = importlib.util.spec_from_file_location("converge", REPO / "scripts" / "converge.py")
+converge = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(converge)
+
+
+def _row(path, seed, mAP, mAP50):
+    return {"path": path, "seed": seed, "mAP": mAP, "mAP50": mAP50, "wall_s": 1.0}
+
+
+def test_compare_pairs_by_seed():
+    rows = [
+        _row("fixed", 0, 0.30, 0.60),
+        _row("dynamic", 0, 0.28, 0.62),
+        _row("fixed", 1, 0.34, 0.66),
+        _row("dynamic", 1, 0.30, 0.60),
+    ]
+    result = converge.compare(rows)
+    assert result["paths"]["fixed"]["mAP50"]["mean"] == pytest.approx(0.63)
+    assert result["paths"]["dynamic"]["mAP"]["std"] == pytest.approx(0.0141421, rel=1e-4)
+    diff = result["difference"]["mAP50"]
+    assert diff["mean"] == pytest.approx(0.02) and diff["seeds"] == [0, 1]
+    assert diff["std"] == pytest.approx(0.0565685, rel=1e-4)
+    # spread: the larger seed-to-seed std (0.0424 for fixed mAP50) covers |0.02|
+    assert diff["within_spread"] is True
+    far = converge.compare([_row("fixed", 0, 0.5, 0.9), _row("dynamic", 0, 0.1, 0.2),
+                            _row("fixed", 1, 0.5, 0.9), _row("dynamic", 1, 0.1, 0.2)])  # fmt: skip
+    assert far["difference"]["mAP50"]["within_spread"] is False
+    # an unpaired seed (a stopped comparison) is left out of the difference
+    assert converge.compare(rows[:3])["difference"]["mAP"]["seeds"] == [0]
+
+
+def test_converge_runs_both_paths_and_resumes(tiny_coco, tmp_path):
+    cmd = [
+        sys.executable, str(REPO / "scripts" / "converge.py"),
+        *tiny_overrides(tiny_coco, *FAST, "eval=true", "max_steps=2", "epochs=1"),
+        "converge.seeds=[3]", f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "converge.json").read_text())
+    assert [(r["path"], r["seed"]) for r in result["runs"]] == [("fixed", 3), ("dynamic", 3)]
+    for r in result["runs"]:
+        summary = json.loads((tmp_path / f"{r['path']}_seed3" / "summary.json").read_text())
+        assert summary["shape"] == r["path"] and summary["eval"]["mAP50"] == r["mAP50"]
+        assert 0.0 <= r["mAP50"] <= 1.0
+    assert set(result["difference"]) == {"mAP", "mAP50"}
+    assert "| fixed - dynamic |" in run.stdout
+    # started again in the same folder: both runs are read back, none trained again
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "ssd-npu: device=" not in again.stdout  # no run's banner: nothing was trained
+    assert json.loads((tmp_path / "converge.json").read_text())["runs"] == result["runs"]
+
+
+def test_bad_seeds_is_one_message(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "converge.py"), "converge.seeds=[1,1]",
+           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and "converge.seeds=[1, 1] is not valid" in run.stderr
