@@ -92,9 +92,10 @@ def compare(rows: list[dict]) -> dict:
         if any(r["path"] == path for r in rows)
     }
     by_seed = {(r["path"], r["seed"]): r for r in rows}
-    paired = sorted({seed for path, seed in by_seed if path == "fixed"} & {
-        seed for path, seed in by_seed if path == "dynamic"
-    })
+    paired = sorted(
+        {seed for path, seed in by_seed if path == "fixed"}
+        & {seed for path, seed in by_seed if path == "dynamic"}
+    )
     difference = {}
     for m in METRICS:
         diffs = [by_seed["fixed", s][m] - by_seed["dynamic", s][m] for s in paired]

@@ -74,7 +74,8 @@ def test_ranks_share_the_bucket_of_each_step():
 def test_device_shapes_only_take_bucket_values(tiny_coco, tmp_path):
     t = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST))
     assert t.data.train.batch_sampler is t.data.train_sampler  # what the loop resumes
-    assert t.data.train_sampler.batches_per_bucket == {3: 2, 6: 3, 32: 0}  # one image in 32: no full batch
+    # one image in bucket 32: no full batch of it
+    assert t.data.train_sampler.batches_per_bucket == {3: 2, 6: 3, 32: 0}
     seen = set()
     for _ in range(2):  # two epochs
         for batch in t.data.train:
