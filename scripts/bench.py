@@ -4,22 +4,33 @@ Usage:
     python scripts/bench.py [bench.steps=30] [bench.out=PATH] [any train.py override:
         device=cpu canvas=[H,W] batch_size=8 num_workers=2 seed=0 ...]
 
-One invocation runs five variants one after another in this process, each on the same data,
-batch size and seed (each builds its pipeline afresh with `build_training`, so each sees the
-same batches in the same order), each driven by `TrainLoop` for `bench.steps` steps:
+One invocation runs five variants (six on cuda) one after another in this process, each on
+the same data, batch size and seed (each builds its pipeline afresh with `build_training`, so
+each sees the same batches in the same order), each driven by `TrainLoop` for `bench.steps`
+steps:
 
     tv_eager        shape=dynamic compile=false: torchvision's model(images, targets)
     fixed_eager     shape=fixed   compile=false
     floor           the bare backbone + head forward, backward and optimizer step on one
                     batch kept on the device: no loss (a plain mean), no data loading
     fixed_compiled  shape=fixed   compile=true (one graph; the first step is the compile)
+    fixed_compiled_reduce_overhead
+                    shape=fixed   compile=true compiler.mode=reduce-overhead: the step replayed
+                    as CUDA graphs (every shape is fixed). cuda only: on another device it is
+                    not run and bench.json's "skipped" gives the reason; if it fails, the
+                    error goes there too and the other variants still run
     tv_compiled     shape=dynamic compile=true, bounded: stops at dynamo's recompile limit
                     (compiler.recompile_limit, torch's default 8) or after bench.steps
 
+The compiled variants take the command line's compiler.* (compiler.mode too, except in
+fixed_compiled_reduce_overhead, which sets it).
+
 Dynamo is reset between variants. Each variant's TensorBoard events go to <out_dir>/<variant>/
 (for scripts/plot_steptime.py). Prints a markdown table and writes bench.json (bench.out, or
-<out_dir>/bench.json): {"runs": {variant: {...}}, "machine": {...}}. Times in ms; steady =
-median after warm-up (`detect_warmup`); data_wait_pct = steady data wait / steady step time.
+<out_dir>/bench.json): {"runs": {variant: {...}}, "machine": {...}, "skipped": {variant:
+reason}}; machine names the device ("device") and the GPU on cuda ("device_name"). Times in
+ms; steady = median after warm-up (`detect_warmup`); data_wait_pct = steady data wait /
+steady step time.
 peak_rss_mb is the main process's peak resident memory during the variant (Linux VmHWM, reset
 before each variant; DataLoader workers not included).
 """
@@ -32,6 +43,7 @@ import os
 import platform
 import statistics
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,13 +55,15 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 from ssd_npu.cli import run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
-VARIANTS = {  # name: (shape, compile)
-    "tv_eager": ("dynamic", False),
-    "fixed_eager": ("fixed", False),
-    "floor": ("fixed", False),
-    "fixed_compiled": ("fixed", True),
-    "tv_compiled": ("dynamic", True),
+VARIANTS = {  # name: (shape, compile, compiler.mode; None: the command line's)
+    "tv_eager": ("dynamic", False, None),
+    "fixed_eager": ("fixed", False, None),
+    "floor": ("fixed", False, None),
+    "fixed_compiled": ("fixed", True, None),
+    "fixed_compiled_reduce_overhead": ("fixed", True, "reduce-overhead"),
+    "tv_compiled": ("dynamic", True, None),
 }
+CUDA_ONLY = {"fixed_compiled_reduce_overhead": "compiler.mode=reduce-overhead (CUDA graphs)"}
 
 
 def reset_peak_rss() -> None:
@@ -90,11 +104,13 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
     from ssd_npu.step import CompileOptions, DynamicStep, StepOptions
     from ssd_npu.telemetry import Telemetry, detect_warmup, steady_median
 
-    shape, compile = VARIANTS[name]
+    shape, compile, mode = VARIANTS[name]
     steps = int(base.bench.steps)
     cfg = copy.deepcopy(base)
     with open_dict(cfg):
         cfg.shape, cfg.compile, cfg.max_steps, cfg.eval = shape, compile, steps, False
+        if mode is not None:
+            cfg.compiler.mode = mode
     reset()
     t = build_training(cfg)
     if cfg.epochs * len(t.data.train) < steps:  # a small data set: enough epochs for the steps
@@ -110,6 +126,7 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
             backend=cfg.compiler.backend or t.device.compile_backend,
             recompile_limit=cfg.compiler.recompile_limit,
             fail_on_limit=True,
+            mode=cfg.compiler.mode,
         )
         step = DynamicStep(t.model, t.device, StepOptions(amp=cfg.amp, compile=compile_options))
     telemetry = Telemetry(out_dir / name, steps)
@@ -153,8 +170,19 @@ def _p90(values: list[float]) -> float:
     )
 
 
-def machine() -> dict:
+def device_name(device) -> str:
+    """The accelerator's name (the GPU's on cuda); on cpu the processor's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device.torch)
+    if device.type == "npu" and hasattr(torch.npu, "get_device_name"):
+        return torch.npu.get_device_name(device.torch)
+    return platform.processor() or platform.machine()
+
+
+def machine(device) -> dict:
     return {
+        "device": str(device.torch),
+        "device_name": device_name(device),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -191,13 +219,28 @@ def main(cfg: DictConfig) -> None:
     # inductor keeps compiled kernels on disk; a fresh cache makes first_step_ms a cold compile
     # (as on a new machine) unless the caller chose a cache with TORCHINDUCTOR_CACHE_DIR
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(out_dir / "inductor_cache"))
-    info = machine()
-    info["inductor_cache"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    runs = {}
+    from ssd_npu.device import resolve_device
+
+    runs, skipped = {}, {}
     with user_errors():
+        device = resolve_device(cfg.device.name, cfg.device.index, cfg.device.jit_compile)
+        info = machine(device)
+        info["inductor_cache"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         for name in VARIANTS:
+            if name in CUDA_ONLY and device.type != "cuda":
+                skipped[name] = f"{CUDA_ONLY[name]} needs device=cuda; this run's is {device.type}"
+                print(f"bench: {name} skipped: {skipped[name]}", flush=True)
+                continue
             print(f"bench: {name} ...", flush=True)
-            runs[name] = run_variant(name, cfg, out_dir)
+            try:
+                runs[name] = run_variant(name, cfg, out_dir)
+            except Exception as err:
+                if name not in CUDA_ONLY:
+                    raise
+                # never run on a GPU by this project yet: a failure costs this variant only
+                traceback.print_exc()
+                skipped[name] = f"failed: {type(err).__name__}: {err}"[:1000]
+                continue
             print(json.dumps({name: runs[name]}), flush=True)
     info["load_avg_end"] = list(os.getloadavg())
     for r in runs.values():
@@ -205,8 +248,10 @@ def main(cfg: DictConfig) -> None:
         r["vs_floor"] = r["steady_step_ms"] / runs["floor"]["steady_step_ms"]
     path = Path(cfg.bench.out or out_dir / "bench.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": runs, "machine": info}, indent=2))
+    path.write_text(json.dumps({"runs": runs, "machine": info, "skipped": skipped}, indent=2))
     print(table(runs))
+    for name, reason in skipped.items():
+        print(f"skipped: {name} ({reason})")
     print(f"\nbench.json: {path}")
 
 

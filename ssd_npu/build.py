@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ssd_npu import distributed
-from ssd_npu.config import validate
+from ssd_npu.config import check_compile_mode, validate
 from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.data.loader import Loaders, LoaderSpec, build_loaders
 from ssd_npu.data.synthetic import ensure_synthetic_coco
@@ -93,10 +93,13 @@ def loader_spec(cfg: Any, world: World, device: Device) -> LoaderSpec:
 def step_options(cfg: Any, device: Device, world: World, network: Any) -> StepOptions:
     compile_options = None
     if cfg.compile:
+        backend = cfg.compiler.backend or device.compile_backend
+        check_compile_mode(cfg.compiler.mode, backend)  # e.g. device=auto that became npu
         compile_options = CompileOptions(
-            backend=cfg.compiler.backend or device.compile_backend,
+            backend=backend,
             fail_on_recompile=cfg.compiler.fail_on_recompile,
             recompile_limit=cfg.compiler.recompile_limit,
+            mode=cfg.compiler.mode,
         )
     return StepOptions(
         amp=cfg.amp, amp_dtype=cfg.amp_dtype, compile=compile_options, network=network, world=world

@@ -6,7 +6,9 @@ It counts the graphs each call compiled (dynamo's own
 `unique_graphs` counter): graphs of the first call are the warm-up, every graph after it is
 a recompile. With `fail_on_recompile`, calls after the first run under
 `torch.compiler.set_stance("fail_on_recompile")` and a recompile raises `RecompileError`
-with dynamo's guard-failure text, which names the tensor whose shape changed.
+with dynamo's guard-failure text, which names the tensor whose shape changed. `mode` is
+torch.compile's own (inductor only): "reduce-overhead" replays the step as CUDA graphs on cuda,
+possible because every shape of the fixed step is fixed (inductor skips them for CPU graphs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from ssd_npu.errors import UserError
 
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes with CUDA graphs
 _DYNAMO_FAIL_PREFIX = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 
 
@@ -49,7 +52,10 @@ class CompiledStep:
     a tensor shape, failed; torchvision's per-image code recompiles within the first step
     already), with their reasons in `recompile_reasons`. `recompile_limit`: dynamo's
     per-function limit while this step runs (None: torch's default, 8); past it dynamo runs
-    the function eagerly, or raises `FailOnRecompileLimitHit` with `fail_on_limit`.
+    the function eagerly, or raises `FailOnRecompileLimitHit` with `fail_on_limit`. `mode`:
+    torch.compile's mode (None: torch's default); with a CUDA-graph mode each call first marks
+    a new iteration (`torch.compiler.cudagraph_mark_step_begin`, as torch advises for a
+    training loop), after which the previous call's compiled outputs may be overwritten.
     """
 
     def __init__(
@@ -59,8 +65,11 @@ class CompiledStep:
         fail_on_recompile: bool = False,
         recompile_limit: int | None = None,
         fail_on_limit: bool = False,
+        mode: str | None = None,
     ):
-        self.compiled = torch.compile(fn, dynamic=False, backend=backend)
+        self.compiled = torch.compile(fn, dynamic=False, backend=backend, mode=mode)
+        self.mode = mode
+        self.cudagraphs = mode in _CUDAGRAPH_MODES
         self.fail_on_recompile = fail_on_recompile
         self.recompile_limit = recompile_limit
         self.fail_on_limit = fail_on_limit
@@ -96,6 +105,8 @@ class CompiledStep:
         # dynamo keeps its last 64 compile records; holding this list keeps their ids unique
         records = get_compilation_metrics()
         seen = {id(m) for m in records}
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             with self._options():
                 return self.compiled(*args)

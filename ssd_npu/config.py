@@ -25,6 +25,9 @@ DATASETS = ("synthetic", "coco")
 ON_BAD_IMAGE = ("fail", "skip")
 DECODES = ("exact", "reduced")
 AMP_DTYPES = ("bf16", "fp16")
+# torch.compile's `mode` (its docstring; inductor only): reduce-overhead and max-autotune use
+# CUDA graphs on cuda, possible here because every shape of the fixed step is fixed
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # The canvas rule is the model's own (ssd_npu/model_specs.py): ssdlite and RetinaNet take
 # sides >= 64 divisible by 32; ssd300_vgg16 takes exactly [300, 300].
 
@@ -90,6 +93,9 @@ class CompilerConfig:
     fail_on_recompile: bool = False  # error (naming the changed tensor) on a recompile after step 1
     # dynamo's recompile limit per code object; None: torch's default (8)
     recompile_limit: int | None = None
+    # torch.compile(mode=...), inductor only: default | reduce-overhead (CUDA graphs) |
+    # max-autotune | max-autotune-no-cudagraphs; None: torch's default
+    mode: str | None = None
 
 
 @dataclass
@@ -191,6 +197,17 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}.")
 
 
+def check_compile_mode(mode: str | None, backend: str) -> None:
+    """torch.compile passes `mode` on to inductor only; another backend would get it as an
+    unknown argument at its first compile. None and "default" need no particular backend."""
+    if mode not in (None, "default") and backend != "inductor":
+        raise ConfigError(
+            f"compiler.mode={mode} needs compiler.backend=inductor (torch.compile gives a mode "
+            f"to inductor only), but the backend is {backend!r}; set compiler.backend=inductor "
+            "or compiler.mode=null."
+        )
+
+
 def _check_max_boxes(cfg: Any) -> None:
     value = cfg.max_boxes
     items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
@@ -237,6 +254,12 @@ def validate(cfg: Any) -> None:
             f"e.g. canvas=[{spec.canvas[0]},{spec.canvas[1]}] (its default)."
         )
     _check_max_boxes(cfg)
+    if cfg.compiler.mode is not None:
+        _one_of("compiler.mode", cfg.compiler.mode, COMPILE_MODES)
+    # device=npu's own backend is torch_npu's "npu"; device=auto's is checked by step_options
+    backend = cfg.compiler.backend or ("npu" if cfg.device.name == "npu" else None)
+    if backend is not None:
+        check_compile_mode(cfg.compiler.mode, backend)
     positive = {
         "batch_size": cfg.batch_size,
         "epochs": cfg.epochs,

@@ -34,6 +34,7 @@ class CompileOptions:
     fail_on_recompile: bool = False  # a new graph after the first call raises RecompileError
     recompile_limit: int | None = None  # dynamo's per-function limit; None: torch's default
     fail_on_limit: bool = False  # past the limit: raise instead of running eagerly
+    mode: str | None = None  # torch.compile's mode (inductor only); None: torch's default
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,9 @@ def _compiled(fn, options: StepOptions) -> CompiledStep | None:
     c = options.compile
     if c is None:
         return None
-    return CompiledStep(fn, c.backend, c.fail_on_recompile, c.recompile_limit, c.fail_on_limit)
+    return CompiledStep(
+        fn, c.backend, c.fail_on_recompile, c.recompile_limit, c.fail_on_limit, mode=c.mode
+    )
 
 
 class FixedStep(TrainStep):
