@@ -55,7 +55,8 @@ class CompiledStep:
     the function eagerly, or raises `FailOnRecompileLimitHit` with `fail_on_limit`. `mode`:
     torch.compile's mode (None: torch's default); with a CUDA-graph mode each call first marks
     a new iteration (`torch.compiler.cudagraph_mark_step_begin`, as torch advises for a
-    training loop), after which the previous call's compiled outputs may be overwritten.
+    training loop) and returns copies of the outputs, which the next replay would overwrite
+    before the loop reads them (one step late).
     """
 
     def __init__(
@@ -109,7 +110,12 @@ class CompiledStep:
             torch.compiler.cudagraph_mark_step_begin()
         try:
             with self._options():
-                return self.compiled(*args)
+                out = self.compiled(*args)
+            if self.cudagraphs:
+                # the loop reads step k's losses after it launched step k+1, whose replay
+                # overwrites the graph's output buffers: keep copies (scalars, no host sync)
+                out = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out)
+            return out
         except RuntimeError as err:
             text = str(err)
             if not text.startswith(_DYNAMO_FAIL_PREFIX):
