@@ -63,6 +63,9 @@ def plot(runs: list[tuple[str, dict]], out: Path, smooth: int) -> None:
                             xytext=(4, 4), color=colour)  # fmt: skip
         if MAP in curves:
             ax_map.plot(*curves[MAP], "s--", color=colour, alpha=0.7, label=f"{label} mAP")
+    last_step = max(curves[LOSS][0][-1] for _, curves in runs)
+    for ax in (ax_loss, ax_map):  # the same step axis on both sides
+        ax.set_xlim(0, last_step * 1.04)
     ax_loss.set(xlabel="step", ylabel=LOSS, title=f"training loss ({smooth}-step mean)")
     ax_map.set(xlabel="step", ylabel="COCO mAP", title="evaluation on the val split", ylim=(0, 1))
     for ax in (ax_loss, ax_map):
