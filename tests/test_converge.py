@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from tests.helpers import FAST, REPO, tiny_overrides
 
@@ -58,6 +59,14 @@ def test_converge_runs_both_paths_and_resumes(tiny_coco, tmp_path):
         assert 0.0 <= r["mAP50"] <= 1.0
     assert set(result["difference"]) == {"mAP", "mAP50"}
     assert "| fixed - dynamic |" in run.stdout
+    # both runs' learning curves on one picture (scripts/plot_curves.py)
+    png = tmp_path / "curves.png"
+    plot = [sys.executable, str(REPO / "scripts" / "plot_curves.py"),
+            str(tmp_path / "fixed_seed3"), str(tmp_path / "dynamic_seed3"), "--out", str(png)]  # fmt: skip
+    drawn = subprocess.run(plot, capture_output=True, text=True, timeout=120)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    with Image.open(png) as im:
+        assert im.size == (1210, 440)  # 11 x 4 inches at 110 dpi
     # started again in the same folder: both runs are read back, none trained again
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
