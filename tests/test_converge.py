@@ -56,6 +56,8 @@ def test_converge_runs_both_paths_and_resumes(tiny_coco, tmp_path):
     for r in result["runs"]:
         summary = json.loads((tmp_path / f"{r['path']}_seed3" / "summary.json").read_text())
         assert summary["shape"] == r["path"] and summary["eval"]["mAP50"] == r["mAP50"]
+        wall = json.loads((tmp_path / f"{r['path']}_seed3" / "converge_wall.json").read_text())
+        assert wall["wall_s"] == r["wall_s"] > 0  # timing beside summary.json, not in it
         assert 0.0 <= r["mAP50"] <= 1.0
     assert set(result["difference"]) == {"mAP", "mAP50"}
     assert "| fixed - dynamic |" in run.stdout

@@ -183,7 +183,8 @@ def test_reduced_at_full_scale_is_close_to_exact(tiny_coco):
     for i in range(len(exact)):
         a, b = fix(*exact[i]), fix(*reduced[i])
         diff = (a["image"] * 255 - b["image"].float()).abs()
-        assert diff.mean() < 0.5 and diff.max() < 1.0  # uint8 rounding of the same resize
+        # uint8 rounding of the same resize: at most one level (plus float error in x255)
+        assert diff.mean() < 0.5 and diff.max() < 1.0 + 1e-4
         torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=0)
         samples.append(b)
     batch = collate_fixed(samples)
