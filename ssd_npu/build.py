@@ -106,12 +106,16 @@ def step_options(cfg: Any, device: Device, world: World, network: Any) -> StepOp
     )
 
 
-def uses_channels_last(setting: bool | None, device_type: str) -> bool:
+def uses_channels_last(setting: bool | None, device_type: str, amp: bool) -> bool:
     """`device.channels_last`: weights stored channels-last (NHWC), so the convolutions run
-    their channels-last kernels. None: on for cpu only, where oneDNN's channels-last training
-    step of ssdlite320 is about 1.4x faster (docs/bench.md); cuda and npu keep the layout
-    torchvision gives unless asked (Ascend picks its own internal formats)."""
-    return device_type == "cpu" if setting is None else bool(setting)
+    their channels-last kernels. None: on for fp32 training on cpu, where oneDNN's
+    channels-last step of ssdlite320 is about 1.45x faster (docs/bench.md). Off under amp:
+    with bf16 autocast on the CPU, channels-last weights diverged within 18 steps in
+    tests/test_train.py where NCHW weights did not. cuda and npu keep the layout torchvision
+    gives unless asked (Ascend picks its own internal formats)."""
+    if setting is not None:
+        return bool(setting)
+    return device_type == "cpu" and not amp
 
 
 def build_training(cfg: Any) -> Training:
@@ -135,7 +139,7 @@ def build_training(cfg: Any) -> Training:
     if cfg.sync_bn and world.distributed:
         distributed.convert_sync_batchnorm(detector, device)
     model = FixedSSD(detector, canvas).to(device.torch)
-    if uses_channels_last(cfg.device.channels_last, device.type):
+    if uses_channels_last(cfg.device.channels_last, device.type, cfg.amp):
         model.to(memory_format=torch.channels_last)
     model.train()
     network = None

@@ -41,7 +41,7 @@ class DeviceConfig:
     name: str = "auto"  # auto | cpu | cuda | npu
     index: int | None = None  # device index; None: LOCAL_RANK under torchrun, else 0
     jit_compile: bool = False  # npu only: torch.npu.set_compile_mode(jit_compile=...)
-    # weights stored channels-last (faster convolutions); None: on for cpu only
+    # weights stored channels-last (faster convolutions); None: on for fp32 on cpu only
     channels_last: bool | None = None
 
 

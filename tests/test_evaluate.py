@@ -46,7 +46,7 @@ def calibrate_batchnorm(model, loader) -> None:
 def test_ground_truth_as_predictions_gives_map_one(tiny_coco, tmp_path, fit, split):
     # canvas [H=320, W=448]: non-square; the tiny set has images smaller than it in both
     # sides (pad keeps them unscaled) and larger ones (every mode scales them)
-    overrides = [f"fit={fit}", "canvas=[320,448]", "batch_size=4", "max_boxes=32"]
+    overrides = [f"fit={fit}", "canvas=[320,448]", "batch_size=4", "max_boxes=48"]
     cfg = tiny_cfg(tiny_coco, tmp_path, *overrides, f"data.val_split={split}")
     data = build_loaders(loader_spec(cfg, World(), Device("cpu", None)), tiny_coco)
     assert data.val_set.split == split

@@ -102,6 +102,8 @@ def test_amp_bf16_on_cpu_trains_and_the_loss_falls(tiny_coco, tmp_path):
     )  # fmt: skip
     t = build_training(cfg)
     assert t.scaler is None  # bf16 needs no gradient scaler
+    conv = next(m.weight for m in t.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.is_contiguous()  # device.channels_last=null: NCHW under amp (see build.py)
     with t.device.autocast(True):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     summary = run(cfg)
