@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ssd_npu import find_dynamic_shapes
+from ssd_npu.compiler import reset
 from ssd_npu.config import ConfigError, validate
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device
@@ -161,6 +162,7 @@ def test_retinanet_fixed_training_equals_torchvision_training(name):
 @pytest.mark.slow
 def test_retinanet_fixed_step_compiles_one_graph():
     """torch.compile(dynamic=False): one graph over 3 batches of other images and box counts."""
+    reset()  # graphs and counters of earlier tests' compiles must not count here
     canvas = (128, 128)
     torch.manual_seed(0)
     model = FixedSSD(build_detector(NUM_CLASSES, canvas, "retinanet_resnet50_fpn"), canvas)
