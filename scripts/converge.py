@@ -140,6 +140,7 @@ def main(cfg: DictConfig) -> None:
     seeds = [int(s) for s in cfg.converge.seeds]
     out = Path(cfg.converge.out or out_dir / "converge.json")
     rows: list[dict] = []
+    result: dict = {}
     with user_errors():
         for seed in seeds:
             for path in PATHS:
@@ -152,7 +153,7 @@ def main(cfg: DictConfig) -> None:
                         {"runs": rows, **result, "config": OmegaConf.to_container(cfg)}, indent=2
                     )
                 )
-    print(table(rows, compare(rows)))
+    print(table(rows, result))
     print(f"wrote {out}")
 
 

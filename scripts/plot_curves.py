@@ -18,25 +18,22 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssd_npu.errors import UserError  # noqa: E402
+from ssd_npu.telemetry import read_scalar_series  # noqa: E402
 
 LOSS, MAP50, MAP = "loss/total", "eval/mAP50", "eval/mAP"
 
 
 def read_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     """{tag: (steps, values)} for the loss and mAP tags the run wrote."""
-    tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every event
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    if LOSS not in tags:
-        sys.exit(f"error: {tb} has no {LOSS!r} scalars; give a train.py output folder.")
-    curves = {}
-    for tag in (LOSS, MAP50, MAP):
-        if tag in tags:
-            events = sorted(acc.Scalars(tag), key=lambda e: e.step)
-            curves[tag] = ([e.step for e in events], [e.value for e in events])
-    return curves
+    try:
+        series = read_scalar_series(run_dir, LOSS)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    return {tag: series[tag] for tag in (LOSS, MAP50, MAP) if tag in series}
 
 
 def moving_average(values: list[float], window: int) -> np.ndarray:

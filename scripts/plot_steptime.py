@@ -19,9 +19,9 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from ssd_npu.telemetry import detect_warmup, steady_median  # noqa: E402
+from ssd_npu.errors import UserError  # noqa: E402
+from ssd_npu.telemetry import detect_warmup, read_scalar_series, steady_median  # noqa: E402
 
 TAG = "time/step_ms"
 GRAPHS = "compile/graphs"  # cumulative graphs compiled, where a compiler ran
@@ -29,15 +29,13 @@ GRAPHS = "compile/graphs"  # cumulative graphs compiled, where a compiler ran
 
 def read_step_ms(run_dir: Path) -> tuple[list[int], list[float], int | None]:
     """(steps, step_ms, graphs compiled or None) from the run's TensorBoard events."""
-    tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every event
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    if TAG not in tags:
-        sys.exit(f"error: {tb} has no {TAG!r} scalars; give a train.py output folder.")
-    events = sorted(acc.Scalars(TAG), key=lambda e: e.step)
-    graphs = int(max(e.value for e in acc.Scalars(GRAPHS))) if GRAPHS in tags else None
-    return [e.step for e in events], [e.value for e in events], graphs
+    try:
+        series = read_scalar_series(run_dir, TAG)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    steps, step_ms = series[TAG]
+    graphs = int(max(series[GRAPHS][1])) if GRAPHS in series else None
+    return steps, step_ms, graphs
 
 
 def plot(runs: list[tuple[str, list[int], list[float], int | None]], out: Path) -> None:

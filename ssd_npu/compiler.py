@@ -69,7 +69,6 @@ class CompiledStep:
         mode: str | None = None,
     ):
         self.compiled = torch.compile(fn, dynamic=False, backend=backend, mode=mode)
-        self.mode = mode
         self.cudagraphs = mode in _CUDAGRAPH_MODES
         self.fail_on_recompile = fail_on_recompile
         self.recompile_limit = recompile_limit

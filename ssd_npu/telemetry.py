@@ -15,6 +15,8 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from ssd_npu.errors import UserError
+
 # A step counts as warm-up when it is slower than this many times the steady reference.
 WARMUP_FACTOR = 2.0
 # Normal steps allowed between two warm-up steps (compile, normal step, compile of a new shape).
@@ -50,6 +52,29 @@ def steady_median(step_ms: list[float], warmup: int) -> float | None:
     """Median step time after warm-up (ms); the whole run's median if all is warm-up."""
     steady = step_ms[warmup:] or step_ms
     return statistics.median(steady) if steady else None
+
+
+def read_scalar_series(run_dir: Path, required: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar tag a run wrote, as {tag: (steps, values)} sorted by step.
+
+    `run_dir`: a train.py output folder (its `tensorboard/`, as Telemetry writes it) or a
+    TensorBoard folder itself. Raises UserError naming the folder when `required` is missing.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
+    if not tb.is_dir():
+        raise UserError(f"{run_dir} is not a folder; give a train.py output folder.")
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    if required not in tags:
+        raise UserError(f"{tb} has no {required!r} scalars; give a train.py output folder.")
+    series = {}
+    for tag in tags:
+        events = sorted(acc.Scalars(tag), key=lambda e: e.step)
+        series[tag] = ([e.step for e in events], [e.value for e in events])
+    return series
 
 
 class Telemetry:

@@ -59,10 +59,13 @@ def run(cfg: Any) -> dict[str, Any]:
     evals = EvalHook(
         evaluator, telemetry, cfg.eval_every, cfg.epochs, final=cfg.eval, stop=stop, sheet=sheet
     )
-    buckets = BucketCountHook(bucket_sizes(cfg.max_boxes), count_graphs=cfg.compile)
+    # torchvision's dynamic batches have no box-count bucket: counted on the fixed path only
+    buckets = None
+    if cfg.shape == "fixed":
+        buckets = BucketCountHook(bucket_sizes(cfg.max_boxes), count_graphs=cfg.compile)
     # order matters: the checkpoint of the last step is written before the final evaluation
     hooks: list[Hook] = [stop, checkpoints, evals]
-    if cfg.shape == "fixed":  # torchvision's dynamic batches have no box-count bucket
+    if buckets is not None:
         hooks.append(buckets)
     if cfg.profile_steps and main and not cfg.eval_only:
         hooks.append(ProfilerHook(t.device, out_dir / "profile", cfg.profile_steps))
@@ -112,7 +115,7 @@ def run(cfg: Any) -> dict[str, Any]:
         interrupted=stop.requested,
         error=str(failure) if failure else None,
     )
-    if cfg.shape == "fixed":
+    if buckets is not None:
         summary["buckets"] = buckets.summary()
     if evals.history:
         last_eval = evals.history[-1]

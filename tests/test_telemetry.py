@@ -3,8 +3,10 @@
 import json
 
 import pytest
+from torch.utils.tensorboard import SummaryWriter
 
-from ssd_npu.telemetry import Telemetry, detect_warmup, steady_median
+from ssd_npu.errors import UserError
+from ssd_npu.telemetry import Telemetry, detect_warmup, read_scalar_series, steady_median
 from tests.helpers import read_scalars
 
 STEADY = [100.0, 104.0, 98.0, 101.0, 99.0, 103.0, 97.0, 102.0, 100.0, 101.0]
@@ -65,3 +67,21 @@ def test_no_progress_bar_when_nothing_will_be_trained(tmp_path, capsys):
     assert "step" not in capsys.readouterr().err
     Telemetry(tmp_path / "some", total_steps=2).close()
     assert "0/2" in capsys.readouterr().err  # control: a run with steps shows its bar
+
+
+def test_read_scalar_series_reads_a_run_back(tmp_path):
+    """The reader of scripts/plot_steptime.py and plot_curves.py: a real event file, read
+    back sorted by step, from the run folder or its tensorboard/ folder."""
+    writer = SummaryWriter(str(tmp_path / "tensorboard"))
+    for step in (3, 1, 2):  # written out of order
+        writer.add_scalar("loss/total", 10.0 - step, step)
+    writer.add_scalar("eval/mAP50", 0.5, 3)
+    writer.close()
+    series = read_scalar_series(tmp_path, "loss/total")
+    assert series["loss/total"] == ([1, 2, 3], [9.0, 8.0, 7.0])
+    assert series["eval/mAP50"] == ([3], [0.5])
+    assert read_scalar_series(tmp_path / "tensorboard", "eval/mAP50") == series
+    with pytest.raises(UserError, match="has no 'time/step_ms' scalars"):
+        read_scalar_series(tmp_path, "time/step_ms")
+    with pytest.raises(UserError, match="is not a folder"):
+        read_scalar_series(tmp_path / "missing", "loss/total")
