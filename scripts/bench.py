@@ -23,7 +23,9 @@ steps:
                     (compiler.recompile_limit, torch's default 8) or after bench.steps
 
 The compiled variants take the command line's compiler.* (compiler.mode too, except in
-fixed_compiled_reduce_overhead, which sets it).
+fixed_compiled_reduce_overhead, which sets it; compiler.optimizer=true compiles their optimizer
+step too, and its graphs count in theirs). Each variant trains with the run's GradScaler (fp16).
+bench.json's ratios (vs_tv_eager, vs_floor) are null where either side has no steady time.
 
 Dynamo is reset between variants. Each variant's TensorBoard events go to <out_dir>/<variant>/
 (for scripts/plot_steptime.py). Prints a markdown table and writes bench.json (bench.out, or
@@ -48,6 +50,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# ssd_npu first: it sets TORCH_DEVICE_BACKEND_AUTOLOAD=0, which only works before torch loads
+import ssd_npu  # noqa: E402, F401
+
+# isort: split
 import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
@@ -109,6 +115,8 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
     cfg = copy.deepcopy(base)
     with open_dict(cfg):
         cfg.shape, cfg.compile, cfg.max_steps, cfg.eval = shape, compile, steps, False
+        # compiler.optimizer=true compiles the optimizer in the compiled variants only
+        cfg.compiler.optimizer = bool(cfg.compiler.optimizer) and compile
         if mode is not None:
             cfg.compiler.mode = mode
     reset()
@@ -128,11 +136,23 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
             fail_on_limit=True,
             mode=cfg.compiler.mode,
         )
-        step = DynamicStep(t.model, t.device, StepOptions(amp=cfg.amp, compile=compile_options))
+        options = StepOptions(amp=cfg.amp, amp_dtype=cfg.amp_dtype, compile=compile_options)
+        step = DynamicStep(t.model, t.device, options)
+        t.optimizer_step.counted_in = step.compiled  # a compiled optimizer's graphs: this step's
     telemetry = Telemetry(out_dir / name, steps)
     stopped = "steps"
     reset_peak_rss()
-    loop = TrainLoop(step, t.optimizer, t.scheduler, loader, sampler, t.device, telemetry)
+    loop = TrainLoop(
+        step,
+        t.optimizer,
+        t.scheduler,
+        loader,
+        sampler,
+        t.device,
+        telemetry,
+        scaler=t.scaler,
+        optimizer_step=t.optimizer_step,
+    )
     try:
         loop.run(cfg.epochs, steps)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
@@ -162,6 +182,16 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
         else None,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def ratio(run: dict, reference: dict | None) -> float | None:
+    """run's steady step time / the reference's; None when either has none (a variant stopped
+    by the recompile limit before a step finished, or a reference that did not run)."""
+    mine = run.get("steady_step_ms")
+    theirs = reference.get("steady_step_ms") if reference is not None else None
+    if mine is None or not theirs:
+        return None
+    return mine / theirs
 
 
 def _p90(values: list[float]) -> float:
@@ -244,8 +274,8 @@ def main(cfg: DictConfig) -> None:
             print(json.dumps({name: runs[name]}), flush=True)
     info["load_avg_end"] = list(os.getloadavg())
     for r in runs.values():
-        r["vs_tv_eager"] = r["steady_step_ms"] / runs["tv_eager"]["steady_step_ms"]
-        r["vs_floor"] = r["steady_step_ms"] / runs["floor"]["steady_step_ms"]
+        r["vs_tv_eager"] = ratio(r, runs.get("tv_eager"))
+        r["vs_floor"] = ratio(r, runs.get("floor"))
     path = Path(cfg.bench.out or out_dir / "bench.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"runs": runs, "machine": info, "skipped": skipped}, indent=2))

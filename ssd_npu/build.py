@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,18 @@ from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.data.loader import Loaders, LoaderSpec, build_loaders
 from ssd_npu.data.synthetic import ensure_synthetic_coco
 from ssd_npu.detections import DetectionSheet
-from ssd_npu.device import Device, resolve_device
+from ssd_npu.device import Device, cudnn_benchmark, resolve_device, use_deterministic_kernels
 from ssd_npu.distributed import World
 from ssd_npu.errors import DataError
 from ssd_npu.model import FixedSSD, build_detector, load_weights
-from ssd_npu.optim import build_optimizer, build_scheduler, scaled_lr
-from ssd_npu.step import CompileOptions, DynamicStep, FixedStep, StepOptions, TrainStep
+from ssd_npu.optim import (
+    OptimizerStep,
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+    use_fused_sgd,
+)
+from ssd_npu.step import CompileOptions, DynamicStep, FixedStep, StepOptions, TrainStep, Wrap
 
 
 def seed_everything(seed: int) -> None:
@@ -47,6 +54,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None  # for fp16 autocast, else None
     step: TrainStep
+    optimizer_step: OptimizerStep  # backward + optimizer update (compiled: compiler.optimizer)
     data: Loaders
     data_root: Path
     total_steps: int  # optimizer steps this run trains (epochs x batches, or max_steps)
@@ -90,7 +98,7 @@ def loader_spec(cfg: Any, world: World, device: Device) -> LoaderSpec:
     )
 
 
-def step_options(cfg: Any, device: Device, world: World, network: Any) -> StepOptions:
+def step_options(cfg: Any, device: Device, world: World, ddp: Wrap | None) -> StepOptions:
     compile_options = None
     if cfg.compile:
         backend = cfg.compiler.backend or device.compile_backend
@@ -102,7 +110,7 @@ def step_options(cfg: Any, device: Device, world: World, network: Any) -> StepOp
             mode=cfg.compiler.mode,
         )
     return StepOptions(
-        amp=cfg.amp, amp_dtype=cfg.amp_dtype, compile=compile_options, network=network, world=world
+        amp=cfg.amp, amp_dtype=cfg.amp_dtype, compile=compile_options, ddp=ddp, world=world
     )
 
 
@@ -126,7 +134,11 @@ def build_training(cfg: Any) -> Training:
     """
     validate(cfg)
     device = resolve_device(cfg.device.name, cfg.device.index, cfg.device.jit_compile)
-    world = distributed.init(device)
+    deterministic = cfg.device.deterministic
+    torch.backends.cudnn.benchmark = cudnn_benchmark(device.type, cfg.shape) and not deterministic
+    if deterministic:
+        use_deterministic_kernels()
+    world = distributed.init(device, cfg.dist_timeout_min)
     # Rank 0's initial weights reach every rank through DDP; other randomness differs per rank.
     seed_everything(cfg.seed + world.rank)
     data_root = resolve_data_root(cfg)
@@ -142,12 +154,11 @@ def build_training(cfg: Any) -> Training:
     if uses_channels_last(cfg.device.channels_last, device.type, cfg.amp):
         model.to(memory_format=torch.channels_last)
     model.train()
-    network = None
+    # Under torchrun the step wraps what it calls (the compiled call, if compiled) in DDP.
+    ddp = None
     if world.distributed:
-        wrapped = model if cfg.shape == "fixed" else model.detector
-        network = DistributedDataParallel(
-            wrapped, device_ids=None if device.type == "cpu" else [device.index]
-        )
+        device_ids = None if device.type == "cpu" else [device.index]
+        ddp = partial(DistributedDataParallel, device_ids=device_ids)
 
     # The schedule spans the configured epochs; max_steps only stops early (a smoke run
     # sees the start of the real schedule, and a resumed run the same learning rates).
@@ -155,18 +166,25 @@ def build_training(cfg: Any) -> Training:
     total_steps = min(schedule_steps, cfg.max_steps or schedule_steps)
     o = cfg.optim
     lr = scaled_lr(o.lr, o.base_lr, o.base_batch, cfg.batch_size * world.size)
-    optimizer = build_optimizer(model.parameters(), lr, o.momentum, o.weight_decay)
+    scaler = device.grad_scaler(cfg.amp, cfg.amp_dtype)
+    fused = use_fused_sgd(device.type, scaler is not None)  # fp16 on cuda: no per-step sync
+    optimizer = build_optimizer(model.parameters(), lr, o.momentum, o.weight_decay, fused=fused)
     scheduler = build_scheduler(optimizer, o.warmup_steps, o.warmup_factor, schedule_steps)
     step_type = FixedStep if cfg.shape == "fixed" else DynamicStep
-    step = step_type(model, device, step_options(cfg, device, world, network))
+    options = step_options(cfg, device, world, ddp)
+    step = step_type(model, device, options)
+    # after the scheduler: the compiled optimizer's tensor lr must not exist when it is built
+    compile_update = options.compile if cfg.compiler.optimizer else None
+    optimizer_step = OptimizerStep(optimizer, scaler, compile_update, counted_in=step.compiled)
     return Training(
         device=device,
         world=world,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=device.grad_scaler(cfg.amp, cfg.amp_dtype),
+        scaler=scaler,
         step=step,
+        optimizer_step=optimizer_step,
         data=data,
         data_root=data_root,
         total_steps=total_steps,

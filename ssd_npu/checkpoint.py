@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ssd_npu import distributed
 from ssd_npu.engine import Progress
 from ssd_npu.errors import UserError
 
@@ -81,26 +83,93 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} cannot be read as an ssd-npu checkpoint ({err}).") from err
 
 
-def rng_state() -> dict[str, Any]:
-    """python, numpy and torch RNG states, as plain lists and tensors (weights_only-safe)."""
+RngState = dict[str, Any]
+"""One process's RNG states: `python` (random.getstate()), `numpy` (list), `torch` (the cpu
+generator, uint8 [N]) and, where CUDA is in use, `cuda` (the current device's generator,
+uint8 [16]). Plain lists and CPU uint8 tensors, so a checkpoint loads with weights_only=True."""
+
+
+def _cuda_index() -> int | None:
+    """The current CUDA device's index, or None in a process that does not use CUDA (none
+    here, or device=cpu on a GPU host: asking would start a CUDA context for nothing)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    return None
+
+
+def rng_state() -> RngState:
+    """This process's RNG states (see `RngState`)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
+    state: RngState = {
         "python": random.getstate(),
         "numpy": [name, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    # Only the generator of the device this rank works on: one state, whatever the GPU count.
+    index = _cuda_index()
+    if index is not None:
+        state["cuda"] = torch.cuda.get_rng_state(index)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
+def gather_rng_states() -> list[RngState] | None:
+    """Every rank's `rng_state()` on rank 0, as a list indexed by rank (None on the others;
+    [rng_state()] in a world of one). A collective: every rank must call it at the same point.
+    """
+    return distributed.gather_to_main(rng_state())
+
+
+def _rank_and_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _entries(saved: list[RngState] | dict[str, Any]) -> list[RngState]:
+    """A checkpoint's `rng` as a list indexed by rank. An older checkpoint holds one dict
+    (rank 0's states, `cuda` a list of one state per visible GPU): a list of one, whose CUDA
+    state is the one of the current device's index (what `set_rng_state_all` restored there).
+    """
+    if isinstance(saved, list):
+        return saved
+    entry = {k: saved[k] for k in ("python", "numpy", "torch")}
+    cuda, index = saved.get("cuda") or [], _cuda_index()
+    if index is not None and index < len(cuda):
+        entry["cuda"] = cuda[index]
+    return [entry]
+
+
+def _restore(entry: RngState) -> None:
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in entry["python"]))
+    name, keys, pos, has_gauss, cached = entry["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(entry["torch"])
+    index = _cuda_index()
+    if "cuda" in entry and index is not None:  # a CPU process has no CUDA generator to set
+        torch.cuda.set_rng_state(entry["cuda"], device=index)
+
+
+def set_rng_state(saved: list[RngState] | dict[str, Any]) -> None:
+    """Restore this rank's RNG states from a checkpoint's `rng` (every rank calls it).
+
+    Rule: rank r restores entry r, the states rank r saved, if the checkpoint has one. With
+    the world size it was written with, every rank continues exactly. With fewer ranks now,
+    each rank takes the states of the rank of the same number; with more, the ranks past the
+    list keep their seeded states (seed + rank). Either way rank 0 says so in one line. The
+    CUDA state goes to the current device only, and only in a process that uses CUDA: a
+    checkpoint from any GPU count resumes on any other, or on the CPU.
+    """
+    entries = _entries(saved)
+    rank, size = _rank_and_size()
+    if size != len(entries) and rank == 0:
+        print(
+            f"ssd-npu: the checkpoint holds the RNG states of {len(entries)} rank(s), this run "
+            f"has {size}: each rank below {min(size, len(entries))} restores those saved by its "
+            "number, any other keeps its seeded ones (random draws differ from the old run's).",
+            flush=True,
+        )
+    if rank < len(entries):
+        _restore(entries[rank])
 
 
 @dataclass
@@ -114,7 +183,10 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     config: dict[str, Any]
 
-    def to_dict(self, progress: Progress) -> dict[str, Any]:
+    def to_dict(self, progress: Progress, rng: list[RngState] | None = None) -> dict[str, Any]:
+        """The checkpoint's contents. `rng`: every rank's states from `gather_rng_states()`
+        (a collective every rank calls; rank 0 alone then calls this); None: this process's
+        alone, for a world of one."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -122,7 +194,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "progress": asdict(progress),
             "config": self.config,
-            "rng": rng_state(),
+            "rng": rng if rng is not None else [rng_state()],
         }
 
     def load(self, state: dict[str, Any]) -> Progress:

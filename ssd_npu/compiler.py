@@ -25,6 +25,21 @@ _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes wi
 _DYNAMO_FAIL_PREFIX = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 
 
+def _limit_keys() -> tuple[str, str]:
+    """dynamo's config keys for the recompile limit and for failing at it: torch 2.7 renamed
+    cache_size_limit / fail_on_cache_limit_hit, the only names torch 2.6 knows."""
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        return "recompile_limit", "fail_on_recompile_limit_hit"
+    return "cache_size_limit", "fail_on_cache_limit_hit"
+
+
+def recompile_reasons(records: list) -> list[str]:
+    """dynamo's guard-failure texts of compile records (`get_compilation_metrics()`); torch 2.6
+    records have no `recompile_reason` field, so there they are unknown (empty)."""
+    reasons = (getattr(m, "recompile_reason", None) for m in records)
+    return [r for r in reasons if r]
+
+
 class RecompileError(UserError):
     """A recompile after the first step under compiler.fail_on_recompile=true."""
 
@@ -34,6 +49,21 @@ def graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo took in this process so far (each splits a function into graphs)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
+def cudagraph_skips() -> int:
+    """Times inductor declined to replay a graph as a CUDA graph (it logs "skipping cudagraphs
+    due to ..." under TORCH_LOGS=perf_hints); 0 where no CUDA-graph mode ran."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def reset() -> None:
@@ -76,6 +106,9 @@ class CompiledStep:
         self.graphs_per_call: list[int] = []
         self.recompiles_per_call: list[int] = []
         self.recompile_reasons: list[str] = []
+        # process-wide counters when the step was made: the backward graph is compiled during
+        # the loop's backward(), outside __call__, so these are read as totals since then
+        self._breaks_base, self._skips_base = graph_breaks(), cudagraph_skips()
 
     @property
     def graphs(self) -> int:
@@ -85,13 +118,39 @@ class CompiledStep:
     def recompiles(self) -> int:
         return sum(self.recompiles_per_call)
 
+    @property
+    def graph_breaks(self) -> int:
+        """dynamo's graph breaks since this step was made (0: the step is whole graphs)."""
+        return graph_breaks() - self._breaks_base
+
+    @property
+    def cudagraph_skips(self) -> int:
+        """Graphs inductor ran without CUDA graphs since this step was made (CUDA-graph modes)."""
+        return cudagraph_skips() - self._skips_base
+
+    def add_last_call_of(self, other: CompiledStep) -> None:
+        """Count `other`'s latest call (graphs, recompiles and their reasons) into this step's
+        latest call: `other` is another compiled function of the same training step, the
+        compiled optimizer step (`ssd_npu.optim.OptimizerStep`), which runs after this step's
+        forward. Before this step's first call, they open it."""
+        if not other.graphs_per_call:
+            return
+        if not self.graphs_per_call:
+            self.graphs_per_call.append(0)
+            self.recompiles_per_call.append(0)
+        recompiles = other.recompiles_per_call[-1]
+        self.graphs_per_call[-1] += other.graphs_per_call[-1]
+        self.recompiles_per_call[-1] += recompiles
+        self.recompile_reasons.extend(other.recompile_reasons[-recompiles:] if recompiles else [])
+
     def _options(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         patch: dict[str, Any] = {}
+        limit_key, fail_on_limit_key = _limit_keys()
         if self.recompile_limit is not None:
-            patch["recompile_limit"] = self.recompile_limit
+            patch[limit_key] = self.recompile_limit
         if self.fail_on_limit:
-            patch["fail_on_recompile_limit_hit"] = True
+            patch[fail_on_limit_key] = True
         if patch:
             stack.enter_context(torch._dynamo.config.patch(**patch))
         if self.fail_on_recompile and self.graphs_per_call:
@@ -119,17 +178,21 @@ class CompiledStep:
             text = str(err)
             if not text.startswith(_DYNAMO_FAIL_PREFIX):
                 raise
+            # torch < 2.10 gives no guard text: then point to the log that has it
+            reason = text.removeprefix(_DYNAMO_FAIL_PREFIX).lstrip(". ") or (
+                "(this torch does not report it here: rerun with TORCH_LOGS=recompiles)"
+            )
             raise RecompileError(
                 f"compiler.fail_on_recompile=true: call {len(self.graphs_per_call) + 1} would "
                 "compile a new graph (a shape changed since the first step; on an NPU this is an "
                 "online operator compile). Dynamo's reason, naming the tensor:\n"
-                f"{text.removeprefix(_DYNAMO_FAIL_PREFIX).lstrip('. ')}\n"
+                f"{reason}\n"
                 "Fix the input or loss shape (see scripts/audit_shapes.py), or set "
                 "compiler.fail_on_recompile=false."
             ) from err
         finally:
             self.graphs_per_call.append(graphs_compiled() - before)
             new = [m for m in get_compilation_metrics() if id(m) not in seen]
-            reasons = [m.recompile_reason for m in new if m.recompile_reason]
+            reasons = recompile_reasons(new)
             self.recompiles_per_call.append(len(reasons))
             self.recompile_reasons.extend(reasons)

@@ -43,6 +43,8 @@ class DeviceConfig:
     jit_compile: bool = False  # npu only: torch.npu.set_compile_mode(jit_compile=...)
     # weights stored channels-last (faster convolutions); None: on for fp32 on cpu only
     channels_last: bool | None = None
+    # bit-identical runs and resumes on cuda (deterministic kernels, no cuDNN autotuning): slower
+    deterministic: bool = False
 
 
 @dataclass
@@ -96,6 +98,8 @@ class CompilerConfig:
     # torch.compile(mode=...), inductor only: default | reduce-overhead (CUDA graphs) |
     # max-autotune | max-autotune-no-cudagraphs; None: torch's default
     mode: str | None = None
+    # compile the optimizer step too (torch's compiled optimizer, lr as a tensor); compile=true
+    optimizer: bool = False
 
 
 @dataclass
@@ -155,6 +159,8 @@ class TrainConfig:
     amp: bool = False
     amp_dtype: str | None = None  # bf16 | fp16; None: bf16 on cpu, fp16 on cuda/npu
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
+    # under torchrun: minutes a rank waits in a collective (e.g. while rank 0 runs COCOeval)
+    dist_timeout_min: int = 30
     profile_steps: int = 0  # >0: profiler trace of that many steps into <run>/profile
     augment: bool = True
     weights: str | None = None
@@ -256,6 +262,11 @@ def validate(cfg: Any) -> None:
     _check_max_boxes(cfg)
     if cfg.compiler.mode is not None:
         _one_of("compiler.mode", cfg.compiler.mode, COMPILE_MODES)
+    if cfg.compiler.optimizer and not cfg.compile:
+        raise ConfigError(
+            "compiler.optimizer=true compiles the optimizer step beside the compiled training "
+            "step; it needs compile=true (or set compiler.optimizer=false)."
+        )
     # device=npu's own backend is torch_npu's "npu"; device=auto's is checked by step_options
     backend = cfg.compiler.backend or ("npu" if cfg.device.name == "npu" else None)
     if backend is not None:
@@ -285,6 +296,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError("eval_only=true needs weights=PATH, the checkpoint to evaluate.")
     if cfg.amp_dtype is not None:
         _one_of("amp_dtype", cfg.amp_dtype, AMP_DTYPES)
+    if cfg.dist_timeout_min < 1:
+        raise ConfigError(
+            f"dist_timeout_min={cfg.dist_timeout_min} is not valid; give minutes >= 1."
+        )
     if cfg.profile_steps < 0:
         raise ConfigError(f"profile_steps={cfg.profile_steps} is not valid; it must be >= 0.")
     if cfg.num_workers < 0:

@@ -183,6 +183,25 @@ def import_torch_npu():
     return torch_npu
 
 
+def cudnn_benchmark(device_type: str, shape: str) -> bool:
+    """Whether cuDNN should time its convolution algorithms and keep the fastest
+    (`torch.backends.cudnn.benchmark`): on cuda with shape=fixed, where every shape is static
+    and the timing is paid once. Off for shape=dynamic: each new shape would be timed anew."""
+    return device_type == "cuda" and shape == "fixed"
+
+
+def use_deterministic_kernels() -> None:
+    """`device.deterministic=true`: kernels that give the same bits on every run
+    (`torch.use_deterministic_algorithms`, cuDNN's deterministic algorithms, cuBLAS with a
+    fixed workspace), so a resumed run repeats an uninterrupted one exactly on a GPU. Without
+    it, atomics in a few backward kernels change the last bits from run to run, and the
+    hard-negative mining of the SSD loss turns those bits into visibly different losses
+    within a few steps. Costs speed; ops with no deterministic kernel warn (warn_only)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+
+
 def _local_rank_index(index: int | None) -> int:
     return int(os.environ.get("LOCAL_RANK", 0)) if index is None else index
 

@@ -1,12 +1,16 @@
 """Data-parallel training under torchrun: process group, rank roles, BatchNorm across ranks.
 
 `torchrun --nproc_per_node=N train.py ...` sets RANK / WORLD_SIZE / LOCAL_RANK; `init` joins
-the process group with the device's backend (gloo on cpu, nccl on cuda, hccl on npu).
-Without torchrun everything here is a no-op for a world of one.
+the process group with the device's backend (gloo on cpu, nccl on cuda, hccl on npu), bound
+to the rank's device, and makes a gloo side group for numbers the host already holds (a stop
+flag, a step time): reducing those over the device's group and reading the result would make
+the host wait for every step queued before the collective. Without torchrun everything here
+is a no-op for a world of one.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +21,8 @@ import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 from ssd_npu.device import Device
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 @dataclass(frozen=True)
@@ -34,17 +40,35 @@ class World:
         return self.rank == 0
 
 
-def init(device: Device) -> World:
-    """Join torchrun's process group (if WORLD_SIZE > 1) with the device's backend."""
+# The gloo group of `host_all_reduce`, made by `init` (a separate group on cpu too, so that the
+# cpu tests run the path cuda and npu take); None outside a process group.
+_host_group: dist.ProcessGroup | None = None
+
+
+def init(device: Device, timeout_min: int = 30) -> World:
+    """Join torchrun's process group (if WORLD_SIZE > 1) with the device's backend.
+
+    `timeout_min`: how long a rank waits in a collective before it fails, in minutes; it must
+    cover rank 0's COCOeval and detection sheet, during which the other ranks wait in their
+    next collective. cuda / npu: the group is bound to the rank's device (`device_id`, which
+    torch requires to be an accelerator with an index), so NCCL connects at once and fails
+    here, not at the first step.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
+    timeout = datetime.timedelta(minutes=timeout_min)
     if not dist.is_initialized():
-        dist.init_process_group(backend=device.dist_backend)
+        bound = {"device_id": device.torch} if device.type in ("cuda", "npu") else {}
+        dist.init_process_group(backend=device.dist_backend, timeout=timeout, **bound)
+    global _host_group
+    _host_group = dist.new_group(backend="gloo", timeout=timeout)
     return World(dist.get_rank(), dist.get_world_size())
 
 
 def shutdown() -> None:
+    global _host_group
+    _host_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -54,7 +78,7 @@ def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
     if not (dist.is_available() and dist.is_initialized()):
         return tensor
     out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=_REDUCE_OPS[op])
     return out
 
 
@@ -67,11 +91,24 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return parts
 
 
-def any_rank(flag: bool, device: Device) -> bool:
-    """True if `flag` is True on any rank (a no-op in a world of one)."""
+def host_all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Host numbers (ms, flags) summed (or max'ed: op="max") over all ranks; as given alone.
+
+    They travel over the gloo side group as a cpu tensor, never through the device's queue:
+    the host waits for the other ranks' hosts only, not for the steps queued on its device.
+    """
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    return bool(all_reduce(torch.tensor([float(flag)], device=device.torch), op="max").item())
+        return list(values)
+    if _host_group is None:
+        raise RuntimeError("ssd_npu.distributed.init makes the host group: call it first.")
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=_host_group)
+    return tensor.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True if `flag` is True on any rank (a host vote: no device wait; `flag` alone)."""
+    return host_all_reduce([float(flag)], op="max")[0] > 0.0
 
 
 class CrossRankBatchNorm2d(nn.BatchNorm2d):

@@ -6,9 +6,12 @@ bucket counting, stop signals) is a `Hook` in a list.
 
 The host never waits for the device inside the steady loop: a step's losses and its device
 time are copied/timed with marks and read one step late, after the next step has been queued
-(`Device.mark`, `Device.to_host`). Steps a hook must see exactly (a checkpoint, the end of an
-epoch, the last step) are read at once instead (`Hook.sync_after`). A non-finite loss stops
-training when it is read, at most one step later, naming the step it came from.
+(`Device.mark`, `Device.to_host`). Under torchrun, what the ranks agree on from host numbers
+(the slowest rank's times, the stop vote) goes over a gloo side group
+(`distributed.host_all_reduce`), not through the device's queue. Steps a hook must see exactly
+(a checkpoint, the end of an epoch, the last step) are read at once instead (`Hook.sync_after`).
+A non-finite loss stops training when it is read, at most one step later, naming the step it
+came from.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from ssd_npu.data.dynamic import DynamicBatch
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.samplers import ResumableSampler
 from ssd_npu.device import Device, HostCopy, Mark
-from ssd_npu.distributed import World, all_reduce
+from ssd_npu.distributed import World, all_reduce, host_all_reduce
 from ssd_npu.errors import UserError
+from ssd_npu.optim import OptimizerStep
 from ssd_npu.step import TrainStep
 from ssd_npu.telemetry import Telemetry
 
@@ -106,7 +110,9 @@ class TrainLoop:
     """Trains `step` with `optimizer` on `loader` until `epochs` or `max_steps`, or a hook stops.
 
     `sampler` is the loader's training sampler: the loop positions it on (epoch, batch) to
-    resume exactly (`ResumableSampler`). `scaler`: a GradScaler for fp16 autocast. Under DDP
+    resume exactly (`ResumableSampler`). `scaler`: a GradScaler for fp16 autocast.
+    `optimizer_step`: the backward + update (`OptimizerStep`, compiled with
+    compiler.optimizer=true); None: an eager one of `optimizer` and `scaler`. Under DDP
     (`world` of several ranks) gradients are averaged over ranks, so the backward uses
     world-size x the loss (each rank's loss is already divided by the global positives);
     logged losses are summed over ranks and step times are the slowest rank's.
@@ -126,8 +132,10 @@ class TrainLoop:
         hooks: Iterable[Hook] = (),
         scaler: torch.amp.GradScaler | None = None,
         world: World | None = None,
+        optimizer_step: OptimizerStep | None = None,
     ) -> None:
         self.step, self.optimizer, self.scheduler = step, optimizer, scheduler
+        self.optimizer_step = optimizer_step or OptimizerStep(optimizer, scaler)
         self.loader, self.sampler, self.device = loader, sampler, device
         self.telemetry, self.hooks, self.scaler = telemetry, list(hooks), scaler
         self.world = world or World()
@@ -188,15 +196,10 @@ class TrainLoop:
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         backward = total * self.world.size if self.world.distributed else total
-        if self.scaler is not None:
-            self.scaler.scale(backward).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            backward.backward()
-            self.optimizer.step()
+        self.optimizer_step(backward)
         end = self.device.mark()
-        lr = self.optimizer.param_groups[0]["lr"]
+        # a compiled optimizer's lr is a host tensor the schedule changes in place: copy it
+        lr = float(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()
         progress.step += 1
         progress.batch += 1
@@ -222,8 +225,9 @@ class TrainLoop:
         record.step_ms = record.end.ms_since(record.start)
         data_ms = record.data_ms
         if self.world.distributed:  # the slowest rank sets the pace
-            times = torch.tensor([record.step_ms, data_ms], device=self.device.torch)
-            record.step_ms, data_ms = all_reduce(times, op="max").tolist()
+            # host numbers over the host group: a device collective read here would wait for
+            # the step queued after this one
+            record.step_ms, data_ms = host_all_reduce([record.step_ms, data_ms], op="max")
         if not all(math.isfinite(v) for v in record.values.values()):
             terms = ", ".join(f"{k}={v}" for k, v in record.values.items())
             raise NonFiniteLoss(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ssd_npu import distributed
-from ssd_npu.checkpoint import TrainState, checkpoint_path, save_checkpoint
+from ssd_npu.checkpoint import TrainState, checkpoint_path, gather_rng_states, save_checkpoint
 from ssd_npu.detections import DetectionSheet
 from ssd_npu.device import Device
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, StepRecord
@@ -26,10 +26,14 @@ DETECTIONS_TAG = "eval/detections"  # TensorBoard image tag (a public contract, 
 
 
 class StopSignalHook(Hook):
-    """SIGINT / SIGTERM stop training after the current step; every rank stops at the same one."""
+    """SIGINT / SIGTERM stop training after the current step; every rank stops at the same one.
 
-    def __init__(self, device: Device) -> None:
-        self.device, self.signal = device, StopOnSignal()
+    The ranks vote once per queued step over the host (gloo) group: the flag is a host bool,
+    so the vote never waits for the device, and the step it stops after is the one just queued.
+    """
+
+    def __init__(self) -> None:
+        self.signal = StopOnSignal()
 
     @property
     def requested(self) -> bool:
@@ -40,7 +44,7 @@ class StopSignalHook(Hook):
 
     def should_stop(self) -> bool:
         # Every rank must stop after the same step, or one would wait forever in a collective.
-        return distributed.any_rank(self.signal.requested(), self.device)
+        return distributed.any_rank(self.signal.requested())
 
     def after_train(self, progress: Progress, failed: bool) -> None:
         self.signal.__exit__(None, None, None)
@@ -72,8 +76,9 @@ class CheckpointHook(Hook):
                 f"training stopped: the weights after step {progress.step} are not finite (the "
                 "update diverged). Lower the learning rate (optim.lr) or check the data."
             )
+        rng = gather_rng_states()  # a collective: every rank sends its RNG states to rank 0
         if self.main:
-            state = self.state.to_dict(progress)
+            state = self.state.to_dict(progress, rng)
             self.saved.append(save_checkpoint(state, self.folder, progress.step, self.keep))
         else:
             self.saved.append(checkpoint_path(self.folder, progress.step))

@@ -3,15 +3,18 @@
 `DevicePrefetcher` wraps a loader: when the loop asks for batch k, it takes batch k+1 from the
 loader and starts copying it to the device on a side stream (pinned host memory, non-blocking),
 then hands over batch k, whose copy started one step earlier. The copy of k+1 thus overlaps
-the device's work on step k. The step's stream waits for the copy stream before it uses a
-batch (`wait_stream`), and the batch's memory is tied to that stream (`record_stream`), so the
-caching allocator never reuses it early. On the cpu it is a plain pass-through.
+the device's work on step k. Right after each batch's copy is queued, an event is recorded on
+the copy stream; the step's stream waits for that batch's event only (`wait_event`; a
+`wait_stream` would also wait for batch k+1's copy, queued since). The batch's memory is tied
+to the step's stream (`record_stream`), so the caching allocator never reuses it early. On the
+cpu it is a plain pass-through.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
@@ -19,6 +22,15 @@ from ssd_npu.data.fixed_shape import map_tensors
 from ssd_npu.device import Device
 
 B = TypeVar("B")
+
+
+@dataclass
+class _Copy(Generic[B]):
+    """A batch whose copy to the device is queued, and the event recorded on the copy stream
+    right after it: the event is done when this batch's copy is."""
+
+    batch: B
+    done: torch.cuda.Event  # or torch.npu.Event (the same interface)
 
 
 class DevicePrefetcher(Iterable[B]):
@@ -32,14 +44,17 @@ class DevicePrefetcher(Iterable[B]):
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
-    def _start(self, batch: B) -> B:
+    def _start(self, batch: B) -> _Copy[B]:
         with self.backend.stream(self.stream):
-            return batch.to(self.device.torch, non_blocking=True)
+            moved = batch.to(self.device.torch, non_blocking=True)
+            done = self.backend.Event()
+            done.record(self.stream)
+        return _Copy(moved, done)
 
-    def _ready(self, batch: B) -> B:
+    def _ready(self, copy: _Copy[B]) -> B:
         current = self.backend.current_stream(self.device.torch)
-        current.wait_stream(self.stream)
-        return map_tensors(batch, lambda t: (t.record_stream(current), t)[1])
+        current.wait_event(copy.done)  # this batch's copy only, not the one queued after it
+        return map_tensors(copy.batch, lambda t: (t.record_stream(current), t)[1])
 
     def __iter__(self) -> Iterator[B]:
         if self.stream is None:

@@ -6,11 +6,19 @@ and SSDLite, `fixed_retinanet_loss` for RetinaNet) on a `FixedBatch`;
 `DynamicBatch` (the baseline). Either can be compiled (`CompileOptions`): the step then owns
 its `CompiledStep`, whose counters (graphs and recompiles per call, with dynamo's reasons)
 are the run's compile statistics.
+
+Under torchrun the compiled call is wrapped in DistributedDataParallel, never the reverse:
+compiling through DDP's forward breaks dynamo's graph at DDP (its optimizer splits the graph
+at the gradient buckets), so a rank would compile other graphs than one process does. The
+compiled function takes the plain model; DDP wraps a module whose forward is that call
+(`CompiledCall`), and its reducer still sees every parameter's gradient.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -19,11 +27,12 @@ from ssd_npu.data.dynamic import DynamicBatch
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device
 from ssd_npu.distributed import World, all_reduce
-from ssd_npu.loss import fixed_ssd_loss, normalise, ssd_loss_sums
+from ssd_npu.loss import normalise, ssd_loss_sums
 from ssd_npu.model import FixedSSD
 from ssd_npu.retinanet_loss import retinanet_loss_sums, retinanet_normalise
 
 Losses = dict[str, Tensor]
+Wrap = Callable[[nn.Module], nn.Module]  # e.g. functools.partial(DistributedDataParallel, ...)
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,8 @@ class StepOptions:
     amp: bool = False
     amp_dtype: str | None = None  # bf16 | fp16; None: the device's default
     compile: CompileOptions | None = None  # None: eager
-    network: nn.Module | None = None  # what to call instead of the model (a DDP wrapper)
+    # wraps the module the step calls (the compiled call, if compiled) in DDP; None: as it is
+    ddp: Wrap | None = None
     world: World = World()
 
 
@@ -78,7 +88,7 @@ class TrainStep:
         return self.compiled.graphs_per_call[-1]
 
 
-def _compiled(fn, options: StepOptions) -> CompiledStep | None:
+def _compiled(fn: Callable[..., Any], options: StepOptions) -> CompiledStep | None:
     c = options.compile
     if c is None:
         return None
@@ -87,62 +97,111 @@ def _compiled(fn, options: StepOptions) -> CompiledStep | None:
     )
 
 
+class CompiledCall(nn.Module):
+    """A module whose forward is `call`, the compiled forward of `module`: what DDP wraps.
+
+    `module` is a submodule, so DDP broadcasts its parameters and buffers and hooks its
+    parameters' gradients (the compiled backward accumulates them all), while the graph that
+    `call` compiles holds `module` alone, as it does in one process.
+    """
+
+    def __init__(self, module: nn.Module, call: CompiledStep) -> None:
+        super().__init__()
+        self.module, self.call = module, call
+
+    def forward(self, *args: Any) -> Any:
+        return self.call(*args)
+
+
+def _callable(
+    module: nn.Module, compiled: CompiledStep | None, options: StepOptions
+) -> Callable[..., Any]:
+    """What a step calls: `module` or its compiled call; under torchrun, that wrapped in DDP."""
+    if options.ddp is None:
+        return compiled or module
+    return options.ddp(module if compiled is None else CompiledCall(module, compiled))
+
+
+class LossSums(nn.Module):
+    """The network and the model's fixed loss before normalisation: the part of a step that
+    `compile=true` compiles and that DDP wraps (the normalisation may need a collective).
+
+    forward(images [B, 3, H, W], boxes [B, M, 4] xyxy canvas px, labels [B, M], valid [B, M])
+    -> SSD: (Smooth-L1 sum, cross-entropy sum, foreground anchors), scalars over the B images;
+    RetinaNet: the same three per image, [B] each. The network runs under autocast when
+    `amp`; the loss in the anchors' precision (fp32) whatever autocast gave the network.
+    """
+
+    def __init__(self, model: FixedSSD, device: Device, amp: bool, amp_dtype: str | None):
+        super().__init__()
+        self.model, self.device, self.amp, self.amp_dtype = model, device, amp, amp_dtype
+
+    def forward(
+        self, images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        with self.device.autocast(self.amp, self.amp_dtype):
+            cls_logits, bbox_regression = self.model(images)
+        anchors = self.model.anchors
+        args = (cls_logits.to(anchors.dtype), bbox_regression.to(anchors.dtype), anchors)
+        if self.model.kind == "retinanet":
+            # labels are logit columns as given (COCO ids; column 0 never a target); the box
+            # loss is the detector's own ("l1" for v1, "giou" for v2)
+            loss_type = self.model.detector.head.regression_head._loss_type
+            return retinanet_loss_sums(*args, boxes, labels, valid, bbox_reg_loss_type=loss_type)
+        return ssd_loss_sums(*args, boxes, labels, valid)
+
+
 class FixedStep(TrainStep):
     """Loss of one FixedBatch: network (optionally autocast) + the model's fixed loss in fp32.
 
-    `options.network` is the module to call (DistributedDataParallel-wrapped under torchrun;
-    default `model`). In a world of several ranks the loss is what one process would compute
-    on the global batch, split into the ranks' shares: SSD divides by the foreground count of
-    the global batch (all-reduced); RetinaNet divides each image by its own foreground count
-    and averages over the global batch (B x world size images), as torchvision does.
-    Compiled, the forward and loss become one graph (`dynamic=False`: one compile per input
-    shape, exactly like an NPU's online operator compile); backward follows it.
+    The sums (`LossSums`) are compiled when asked, and DDP-wrapped under torchrun
+    (`options.ddp`); the normalisation runs after them, outside the compiled graph. In a world
+    of several ranks the loss is what one process would compute on the global batch, split
+    into the ranks' shares: SSD divides by the foreground count of the global batch
+    (all-reduced); RetinaNet divides each image by its own foreground count and averages over
+    the global batch (B x world size images), as torchvision does. Compiled, the forward and
+    the loss sums are one graph (`dynamic=False`: one compile per input shape, exactly like an
+    NPU's online operator compile), the same graph on every rank as in one process (with
+    sync_bn, BatchNorm's own all-reduces join it, which one process does not have); backward
+    follows it.
     """
 
     def __init__(self, model: FixedSSD, device: Device, options: StepOptions = StepOptions()):
         self.model, self.device, self.options = model, device, options
-        self.network = options.network or model
-        self.compiled = _compiled(self.losses, options)
+        self.sums = LossSums(model, device, options.amp, options.amp_dtype)
+        self.compiled = _compiled(self.sums, options)
+        self.network = _callable(self.sums, self.compiled, options)
 
     def losses(self, images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor) -> Losses:
         """images [B, 3, H, W]; boxes [B, M, 4] xyxy canvas px; labels [B, M]; valid [B, M]."""
-        with self.device.autocast(self.options.amp, self.options.amp_dtype):
-            cls_logits, bbox_regression = self.network(images)
-        # The loss runs in the anchors' precision (fp32) whatever autocast gave the network.
-        anchors = self.model.anchors
-        args = (cls_logits.to(anchors.dtype), bbox_regression.to(anchors.dtype), anchors)
+        bbox_sum, cls_sum, num_foreground = self.network(images, boxes, labels, valid)
+        world = self.options.world
         if self.model.kind == "retinanet":
-            return self._retinanet(args, boxes, labels, valid)
-        if not self.options.world.distributed:
-            return fixed_ssd_loss(*args, boxes, labels, valid)
-        bbox_sum, cls_sum, num_foreground = ssd_loss_sums(*args, boxes, labels, valid)
-        return normalise(bbox_sum, cls_sum, all_reduce(num_foreground))
-
-    def _retinanet(self, args: tuple, boxes: Tensor, labels: Tensor, valid: Tensor) -> Losses:
-        """RetinaNet: labels are logit columns as given (COCO ids; column 0 never a target);
-        the box loss is the detector's own ("l1" for v1, "giou" for v2)."""
-        loss_type = self.model.detector.head.regression_head._loss_type
-        sums = retinanet_loss_sums(*args, boxes, labels, valid, bbox_reg_loss_type=loss_type)
-        return retinanet_normalise(*sums, num_images=boxes.shape[0] * self.options.world.size)
+            return retinanet_normalise(
+                bbox_sum, cls_sum, num_foreground, num_images=boxes.shape[0] * world.size
+            )
+        # the global count is a collective: eager, after the compiled graph, on every rank
+        return normalise(
+            bbox_sum, cls_sum, all_reduce(num_foreground) if world.distributed else num_foreground
+        )
 
     def __call__(self, batch: FixedBatch) -> Losses:
-        fn = self.compiled or self.losses
-        return fn(batch.images, batch.boxes, batch.labels, batch.valid)
+        return self.losses(batch.images, batch.boxes, batch.labels, batch.valid)
 
 
 class DynamicStep(TrainStep):
     """torchvision's unmodified path: `detector(list_of_images, targets)` -> its loss dict.
 
-    `options.network`: the detector to call (DDP-wrapped under torchrun). Its loss is
-    normalised by each rank's own positives, as torchvision's reference does.
+    With `options.compile` the plain detector is compiled; under torchrun (`options.ddp`) DDP
+    wraps that call. Its loss is normalised by each rank's own positives, as torchvision's
+    reference does.
     """
 
     def __init__(self, model: FixedSSD, device: Device, options: StepOptions = StepOptions()):
         self.device, self.options = device, options
-        self.detector = options.network or model.detector
-        self.compiled = _compiled(self.detector, options)
+        self.compiled = _compiled(model.detector, options)
+        self.detector = _callable(model.detector, self.compiled, options)
 
     def __call__(self, batch: DynamicBatch) -> Losses:
-        fn = self.compiled or self.detector
         with self.device.autocast(self.options.amp, self.options.amp_dtype):
-            return fn(batch.images, batch.targets)
+            return self.detector(batch.images, batch.targets)

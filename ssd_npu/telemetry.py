@@ -9,6 +9,7 @@ import json
 import os
 import statistics
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 from torch import Tensor
@@ -85,6 +86,7 @@ class Telemetry:
         self.enabled = enabled
         self.step_ms: list[float] = []
         self.data_ms: list[float] = []
+        self.wall_s: list[float] = []  # host clock (perf_counter, s) when each step was logged
         self.batch_sizes: list[int] = []
         self.boxes_dropped = 0
         self.data_counts: dict[str, int] = {}  # degenerate / clipped boxes, skipped images, ...
@@ -109,6 +111,7 @@ class Telemetry:
         """One optimizer step. Times in ms; `losses` has total, bbox_regression, classification."""
         self.step_ms.append(step_ms)
         self.data_ms.append(data_ms)
+        self.wall_s.append(perf_counter())
         self.batch_sizes.append(batch_size)
         self.boxes_dropped += boxes_dropped
         for key, value in (data_counts or {}).items():
@@ -152,10 +155,34 @@ class Telemetry:
             "steady_images_per_s": batch * 1000.0 / steady if steady else None,
             "first_step_ms": self.step_ms[0] if self.step_ms else None,
             "steady_data_ms": steady_median(self.data_ms, warmup),
+            **self._wall_clock(warmup, batch),
             "boxes_dropped": self.boxes_dropped,
             "data_counts": dict(self.data_counts),
             "final_loss": self.last_losses.get("total"),
             **fields,
+        }
+
+    def _wall_clock(self, warmup: int, batch: float) -> dict[str, float | None]:
+        """Steady throughput by the host's clock, and the share of it spent waiting for data.
+
+        Steps are logged as their results are read, at the pace the device finishes them, so
+        the time from the first steady log to the last, over the steps between, is the steady
+        wall-clock step: data waits, host work and launch gaps included, which device time
+        (`steady_step_ms`) leaves out. Means, not medians: a wait that recurs (a new epoch's
+        first batch) is part of the throughput. `data_wait_pct` = steady data wait / that time.
+        """
+        start = max(warmup, 1)  # an interval needs the step before it
+        steps = len(self.wall_s) - start
+        if steps <= 0:
+            return {"steady_wall_step_ms": None, "steady_wall_images_per_s": None,
+                    "data_wait_pct": None}  # fmt: skip
+        wall_ms = 1000.0 * (self.wall_s[-1] - self.wall_s[start - 1]) / steps
+        return {
+            "steady_wall_step_ms": wall_ms,
+            "steady_wall_images_per_s": batch * 1000.0 / wall_ms if wall_ms > 0 else None,
+            "data_wait_pct": 100.0 * statistics.fmean(self.data_ms[start:]) / wall_ms
+            if wall_ms > 0
+            else None,
         }
 
     def write_summary(self, summary: dict[str, Any]) -> Path | None:

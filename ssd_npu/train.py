@@ -54,7 +54,7 @@ def run(cfg: Any) -> dict[str, Any]:
     evaluator = Evaluator(t.model, t.data.val, t.data.val_set.coco, t.device, cfg.shape, cfg.amp)
     # rank 0 (the TensorBoard writer) pictures the first show.images val images at each eval
     sheet = detection_sheet(cfg, t) if main else None
-    stop = StopSignalHook(t.device)
+    stop = StopSignalHook()
     checkpoints = CheckpointHook(state, ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints, main)
     evals = EvalHook(
         evaluator, telemetry, cfg.eval_every, cfg.epochs, final=cfg.eval, stop=stop, sheet=sheet
@@ -86,6 +86,7 @@ def run(cfg: Any) -> dict[str, Any]:
                 hooks,
                 scaler=t.scaler,
                 world=t.world,
+                optimizer_step=t.optimizer_step,
             )
             progress = loop.run(cfg.epochs, cfg.max_steps, progress)
     except NonFiniteLoss as err:
@@ -103,6 +104,8 @@ def run(cfg: Any) -> dict[str, Any]:
         recompiles=t.step.recompiles,
         # dynamo's guard failures (which tensor changed), the first few, for the user to read
         recompile_reasons=t.step.recompile_reasons[:5],
+        graph_breaks=t.step.compiled.graph_breaks if t.step.compiled else None,
+        cudagraph_skips=t.step.compiled.cudagraph_skips if t.step.compiled else None,
         device=str(t.device.torch),
         shape=cfg.shape,
         model=cfg.model.name,

@@ -2,16 +2,26 @@
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from ssd_npu.checkpoint import list_checkpoints, load_checkpoint, save_atomic, save_checkpoint
+from ssd_npu.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    save_checkpoint,
+    set_rng_state,
+)
 from ssd_npu.engine import NonFiniteLoss
 from ssd_npu.train import run
 from tests.helpers import FAST, REPO, losses, run_train, tiny_cfg, tiny_overrides
@@ -81,6 +91,7 @@ def test_checkpoint_holds_the_training_state(tiny_coco, tmp_path):
     state = load_checkpoint(found[-1])
     assert {"model", "optimizer", "scheduler", "scaler", "progress", "config", "rng"} <= set(state)
     assert state["progress"] == {"epoch": 0, "batch": 3, "step": 3}
+    assert len(state["rng"]) == 1 and {"python", "numpy", "torch"} <= set(state["rng"][0])
     assert state["optimizer"]["state"]  # momentum buffers are saved
     assert state["config"]["max_boxes"] == 8
 
@@ -186,3 +197,130 @@ def test_same_seed_same_losses_with_workers(tiny_coco, tmp_path):
     for out in (a, b):
         run(tiny_cfg(tiny_coco, out, *FAST, "num_workers=2", "max_steps=20", "augment=true"))
     assert losses(a) == losses(b) and len(losses(a)) == 20
+
+
+# The CUDA generator's state: seed (uint64) and offset (int64), 16 bytes.
+CUDA_STATE_BYTES = 16
+
+
+def cuda_state(r: int) -> torch.Tensor:
+    return torch.tensor([r] + [0] * (CUDA_STATE_BYTES - 1), dtype=torch.uint8)
+
+
+def seed(n: int) -> None:
+    random.seed(n)
+    np.random.seed(n)
+    torch.manual_seed(n)
+
+
+def seeded_state(n: int) -> dict:
+    seed(n)
+    return rng_state()
+
+
+def draws() -> list[float]:
+    return [random.random(), float(np.random.rand()), float(torch.rand(1))]
+
+
+def eight_gpu_checkpoint(layout: str) -> dict:
+    """The `rng` of a checkpoint written on 8 GPUs: `ranks` (8 ranks, one CUDA state each)
+    or `old` (the earlier format: rank 0's states, `cuda` one state per visible GPU)."""
+    if layout == "ranks":
+        return {"rng": [{**seeded_state(100 + r), "cuda": cuda_state(r)} for r in range(8)]}
+    return {"rng": {**seeded_state(100), "cuda": [cuda_state(r) for r in range(8)]}}
+
+
+@pytest.mark.parametrize("layout", ["ranks", "old"])
+@pytest.mark.parametrize("gpus", [1, 0])
+def test_a_checkpoint_with_8_cuda_states_resumes_with_1_gpu_or_none(
+    tmp_path, monkeypatch, capsys, layout, gpus
+):
+    saved = eight_gpu_checkpoint(layout)
+    seed(100)
+    expected = draws()  # rank 0's draws right after the checkpoint
+    path = save_atomic(saved, tmp_path / "step.pt")
+    loaded = load_checkpoint(path)  # weights_only=True reads both layouts
+
+    seed(7)  # a fresh process's seeding (before the seam: manual_seed would seed CUDA too)
+    # The seam: this process's CUDA (one GPU, device 0, in use; or none at all).
+    restored: list[tuple[torch.Tensor, int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s, device)))
+    set_rng_state(loaded["rng"])
+
+    assert draws() == expected  # python, numpy and torch: rank 0's
+    if gpus:  # exactly one state, this device's (rank 0 / GPU 0), to this device
+        assert len(restored) == 1 and restored[0][1] == 0
+        assert torch.equal(restored[0][0], cuda_state(0))
+    else:
+        assert restored == []
+    note = capsys.readouterr().out
+    assert ("RNG states of 8 rank(s), this run has 1" in note) == (layout == "ranks")
+
+
+RANK_SCRIPT = """
+import json, random, sys
+from pathlib import Path
+import numpy as np
+import torch, torch.distributed as dist
+from ssd_npu import distributed
+from ssd_npu.checkpoint import TrainState, load_checkpoint, set_rng_state
+from ssd_npu.device import Device
+from ssd_npu.engine import Progress
+from ssd_npu.hooks import CheckpointHook
+
+def draws():
+    return [random.random(), float(np.random.rand()), float(torch.rand(1))]
+
+rank = int(sys.argv[1])
+distributed.init(Device("cpu", None))  # gloo; RANK, WORLD_SIZE, MASTER_* from the env
+model = torch.nn.Linear(2, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+hook = CheckpointHook(
+    TrainState(model, optimizer, scheduler, None, {}), Path(sys.argv[2]), 1, 1, rank == 0
+)
+random.seed(10 + rank), np.random.seed(10 + rank), torch.manual_seed(10 + rank)  # its own
+hook.save(Progress(step=1))  # every rank calls it: the RNG gather is a collective
+expected = draws()  # what this rank draws right after the checkpoint
+dist.barrier()  # the file is written
+saved = load_checkpoint(hook.last)
+draws()  # training went on
+set_rng_state(saved["rng"])
+print(json.dumps({"expected": expected, "resumed": draws(), "ranks": len(saved["rng"])}))
+distributed.shutdown()
+"""
+
+
+@pytest.mark.slow  # two processes
+def test_each_rank_saves_and_restores_its_own_rng_states(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        args = [sys.executable, "-c", RANK_SCRIPT, str(rank), str(tmp_path)]
+        procs.append(
+            subprocess.Popen(
+                args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=180)  # a rank missing the gather hangs here
+            assert proc.returncode == 0, err[-2000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            proc.kill()  # only ours, and a no-op for those that ended
+    assert [r["ranks"] for r in results] == [2, 2]  # one entry per rank in the file
+    for r in results:
+        assert r["resumed"] == r["expected"]  # each rank continues its own stream
+    assert results[0]["expected"] != results[1]["expected"]  # and the streams differ

@@ -6,6 +6,7 @@ backend to "npu", register `torch.npu` with the functions our code calls) and re
 calls. Everything above it (ssd_npu.device, distributed, engine) is the real code.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -81,6 +82,7 @@ dist.init_process_group = lambda backend, **kw: seen.setdefault("backend", backe
 dist.is_initialized = lambda: "backend" in seen
 dist.get_rank = lambda group=None: 1
 dist.get_world_size = lambda group=None: 2
+dist.new_group = lambda **kw: seen.setdefault("host_group", kw["backend"])
 world = distributed.init(dev)
 with dev.autocast(True):
     autocast_device = torch.get_autocast_dtype("npu")
@@ -182,3 +184,83 @@ def test_missing_torch_npu_names_the_requirements_file(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", None)  # import raises ModuleNotFoundError
     with pytest.raises(DeviceError, match="requirements-npu.txt"):
         import_torch_npu()
+
+
+AUTOLOAD = "TORCH_DEVICE_BACKEND_AUTOLOAD"
+
+
+def _imported(node: ast.stmt) -> list[str]:
+    """The top-level package names an import statement loads ([] for any other statement)."""
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".")[0] for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return [node.module.split(".")[0]]
+    return []
+
+
+def _sets_autoload(node: ast.stmt) -> bool:
+    """`os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", ...)` or
+    `os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = ...`."""
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        func, args = node.value.func, node.value.args
+        return (
+            ast.unparse(func) == "os.environ.setdefault"
+            and bool(args)
+            and isinstance(args[0], ast.Constant)
+            and args[0].value == AUTOLOAD
+        )
+    if isinstance(node, ast.Assign):
+        return any(
+            isinstance(t, ast.Subscript)
+            and ast.unparse(t.value) == "os.environ"
+            and isinstance(t.slice, ast.Constant)
+            and t.slice.value == AUTOLOAD
+            for t in node.targets
+        )
+    return False
+
+
+def _module_level(body: list[ast.stmt]):
+    """The statements that run when the module is imported, in order: into if / try / with
+    blocks, not into functions or classes (their imports run later, after the header's)."""
+    for node in body:
+        yield node
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        for name in ("body", "orelse", "finalbody"):
+            yield from _module_level(getattr(node, name, []))
+        for handler in getattr(node, "handlers", []):
+            yield from _module_level(handler.body)
+
+
+def torch_before_autoload_off(path: Path) -> str | None:
+    """The first torch / torchvision import that runs before ssd_npu is imported or the
+    autoload switch is set (None if there is none): that import would autoload torch_npu."""
+    for node in _module_level(ast.parse(path.read_text()).body):
+        if _sets_autoload(node) or "ssd_npu" in _imported(node):
+            return None
+        if {"torch", "torchvision"} & set(_imported(node)):
+            return f"{path.name}:{node.lineno}: {ast.unparse(node)}"
+    return None
+
+
+def test_no_script_imports_torch_before_switching_autoload_off():
+    scripts = sorted((REPO / "scripts").glob("*.py")) + [REPO / "train.py"]
+    assert len(scripts) > 5
+    early = [hit for path in scripts if (hit := torch_before_autoload_off(path))]
+    assert early == [], "import ssd_npu (or set TORCH_DEVICE_BACKEND_AUTOLOAD=0) before torch"
+
+
+def test_the_import_order_check_catches_an_early_torch(tmp_path):
+    cases = {
+        "import torch\nimport ssd_npu\n": True,
+        "import sys\nif sys:\n    from torchvision import ops\nimport ssd_npu\n": True,
+        "import ssd_npu\nimport torch\n": False,
+        f"import os\nos.environ.setdefault({AUTOLOAD!r}, '0')\nimport torch\n": False,
+        f"import os\nos.environ[{AUTOLOAD!r}] = '0'\nimport torch\n": False,
+        "def f():\n    import torch\nimport ssd_npu\n": False,  # runs after the header
+    }
+    for i, (source, early) in enumerate(cases.items()):
+        path = tmp_path / f"case_{i}.py"
+        path.write_text(source)
+        assert (torch_before_autoload_off(path) is not None) == early, source

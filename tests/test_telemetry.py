@@ -85,3 +85,21 @@ def test_read_scalar_series_reads_a_run_back(tmp_path):
         read_scalar_series(tmp_path, "time/step_ms")
     with pytest.raises(UserError, match="is not a folder"):
         read_scalar_series(tmp_path / "missing", "loss/total")
+
+
+def test_wall_clock_throughput_counts_recurring_data_waits(tmp_path):
+    """Steady wall-clock img/s and data wait % are means over the steady steps: a batch that
+    waits 300 ms for data (a new epoch's first) lowers the throughput, as it does by the clock."""
+    t = Telemetry(tmp_path, 4, enabled=False)
+    for step, (step_ms, data_ms) in enumerate(
+        [(1000.0, 0.0), (10.0, 0.0), (10.0, 0.0), (10.0, 300.0)]
+    ):
+        losses = {"total": 1.0, "bbox_regression": 0.5, "classification": 0.5}
+        t.log_step(step + 1, step_ms, data_ms, batch_size=4, losses=losses, lr=0.1, boxes_dropped=0)
+    t.wall_s = [0.0, 0.02, 0.04, 0.36]  # when each step was read, s
+    s = t.summary()
+    assert s["warmup_steps"] == 1
+    assert s["steady_wall_step_ms"] == pytest.approx(120.0)  # (0.36 - 0.0) s / 3 steps
+    assert s["steady_wall_images_per_s"] == pytest.approx(4 * 1000.0 / 120.0)
+    assert s["data_wait_pct"] == pytest.approx(100.0 * 100.0 / 120.0)  # mean wait 100 ms
+    assert s["steady_images_per_s"] == pytest.approx(400.0)  # device time: 10 ms steps

@@ -75,6 +75,7 @@ def run_audit(cfg: Any) -> ShapeReport:
     if cfg.compile:
         print("audit: compile=true ignored; the audit records the eager ops a compiler would get")
         cfg.compile = False
+        cfg.compiler.optimizer = False  # it needs compile=true
     t = build_training(cfg)
     telemetry = Telemetry(cfg.out_dir, 0, enabled=False)
     loop = TrainLoop(

@@ -1,0 +1,29 @@
+"""cuDNN's algorithm search (`torch.backends.cudnn.benchmark`): on for the fixed path on cuda,
+where every shape is static and the search is paid once; off for the dynamic path, where
+each new image shape would pay it again, and off where there is no cuDNN."""
+
+import pytest
+import torch
+
+from ssd_npu.build import build_training
+from ssd_npu.device import cudnn_benchmark
+from tests.helpers import FAST, tiny_cfg
+
+
+@pytest.mark.parametrize(
+    ("device_type", "shape", "on"),
+    [
+        ("cuda", "fixed", True),
+        ("cuda", "dynamic", False),
+        ("cpu", "fixed", False),
+        ("npu", "fixed", False),
+    ],
+)
+def test_benchmark_only_for_fixed_shapes_on_cuda(device_type, shape, on):
+    assert cudnn_benchmark(device_type, shape) is on
+
+
+def test_build_sets_the_flag_from_the_device_and_shape(tiny_coco, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # left on by an earlier run
+    build_training(tiny_cfg(tiny_coco, tmp_path, *FAST))
+    assert torch.backends.cudnn.benchmark is False  # device=cpu: set, and off

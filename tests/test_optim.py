@@ -1,0 +1,264 @@
+"""The optimizer step: fp16's GradScaler without a per-step host read (fused SGD on cuda), and
+the compiled optimizer (compiler.optimizer=true): same losses, one graph, counted in the step's.
+
+The fast compiled-optimizer test uses dynamo's "eager" backend on a toy model (seconds): the
+graph capture, guards and recompiles are dynamo's whatever the backend. The slow one trains
+the real model on the tiny set with inductor through TrainLoop, as train.py does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ssd_npu.build import Training, build_training
+from ssd_npu.compiler import CompiledStep, reset
+from ssd_npu.config import ConfigError, validate
+from ssd_npu.engine import Hook, Progress, StepRecord, TrainLoop
+from ssd_npu.optim import (
+    OptimizerStep,
+    build_optimizer,
+    build_scheduler,
+    fused_sgd_available,
+    use_fused_sgd,
+)
+from ssd_npu.step import CompileOptions
+from ssd_npu.telemetry import Telemetry
+from tests.helpers import compose_cfg, tiny_cfg
+
+
+class HostReads(TorchDispatchMode):
+    """Counts `aten._local_scalar_dense`: every `.item()`, `float(t)` or `bool(t)` of a tensor,
+    the op that makes the host wait for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def toy_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
+
+
+def scaled_steps(fused: bool, steps: int = 3) -> tuple[list[int], list[torch.Tensor]]:
+    """`steps` fp32 steps of the toy through a CPU GradScaler and OptimizerStep; the host reads
+    of each (backward, scaler step and update) and the final weights."""
+    model = toy_model()
+    optimizer = build_optimizer(model.parameters(), 0.1, 0.9, 4e-5, fused=fused)
+    update = OptimizerStep(optimizer, torch.amp.GradScaler("cpu"))
+    reads = []
+    for i in range(steps):
+        x, y = toy_batch(i)
+        loss = (model(x) - y).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        with HostReads() as counter:
+            update(loss)
+        reads.append(counter.count)
+    return reads, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.skipif(not fused_sgd_available(), reason="this torch's SGD has no fused kernel")
+def test_grad_scaler_step_with_fused_sgd_reads_nothing_back():
+    plain_reads, plain = scaled_steps(fused=False)
+    fused_reads, fused = scaled_steps(fused=True)
+    # plain SGD: GradScaler reads found_inf on the host every step before it steps
+    assert plain_reads == [1, 1, 1]
+    # fused SGD takes grad_scale and found_inf as tensors: unscale and skip on the device
+    assert fused_reads == [0, 0, 0]
+    for a, b in zip(plain, fused, strict=True):  # and the same update
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_sgd_is_picked_exactly_for_cuda_with_a_grad_scaler():
+    assert use_fused_sgd("cuda", grad_scaler=True) == fused_sgd_available()
+    for device_type, scaler in (("cuda", False), ("cpu", True), ("cpu", False), ("npu", True)):
+        assert not use_fused_sgd(device_type, grad_scaler=scaler), (device_type, scaler)
+
+
+def test_cpu_fp16_build_keeps_plain_sgd(tiny_coco, tmp_path):
+    """The CPU build of an fp16 run: a GradScaler, and not the fused SGD (cuda only)."""
+    t = build_training(tiny_cfg(tiny_coco, tmp_path, "amp=true", "amp_dtype=fp16", "eval=false"))
+    assert t.scaler is not None and t.optimizer_step.scaler is t.scaler
+    assert not t.optimizer.param_groups[0]["fused"]
+    assert t.optimizer_step.compiled is None
+
+
+def test_compiled_optimizer_needs_compile():
+    cfg = compose_cfg("device=cpu", "compiler.optimizer=true")
+    with pytest.raises(ConfigError, match=r"compiler.optimizer=true .* needs compile=true"):
+        validate(cfg)
+    validate(compose_cfg("device=cpu", "compile=true", "compiler.optimizer=true"))
+
+
+def test_compiled_optimizer_with_a_grad_scaler_is_refused():
+    optimizer = build_optimizer(toy_model().parameters(), 0.1, 0.9, 0.0)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ConfigError, match=r"compiler.optimizer=true .* amp_dtype=bf16"):
+        OptimizerStep(optimizer, scaler, CompileOptions(backend="eager"))
+
+
+def train_toy(compile_update: bool, steps: int = 10) -> tuple[list[float], list[float], list]:
+    """`steps` steps of the toy (forward compiled with dynamo's eager backend), the update
+    compiled or not; the schedule changes lr every step. Returns losses, lrs and the forward
+    step's CompiledStep (which counts the optimizer's graphs too)."""
+    reset()
+    model = toy_model()
+    optimizer = build_optimizer(model.parameters(), 0.1, 0.9, 4e-5)
+    scheduler = build_scheduler(optimizer, warmup_steps=4, warmup_factor=0.1, total_steps=12)
+    options = CompileOptions(backend="eager", fail_on_recompile=True)
+    forward = CompiledStep(lambda x, y: (model(x) - y).pow(2).mean(), "eager", True)
+    update = OptimizerStep(optimizer, None, options if compile_update else None, forward)
+    losses, lrs = [], []
+    for i in range(steps):
+        loss = forward(*toy_batch(i))
+        optimizer.zero_grad(set_to_none=True)
+        update(loss)
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+        scheduler.step()
+        losses.append(loss.item())
+    return losses, lrs, forward, update
+
+
+def test_compiled_optimizer_same_losses_one_graph_counted_in_the_step():
+    eager_losses, eager_lrs, eager_forward, _ = train_toy(compile_update=False)
+    losses, lrs, forward, update = train_toy(compile_update=True)
+    assert len(set(lrs)) == len(lrs)  # lr changed every step: a float lr would recompile
+    assert lrs == eager_lrs  # the schedule is untouched by the tensor lr (no aliasing)
+    # fp32 update arithmetic in both; the compiled graph multiplies by lr in its own order
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    # fail_on_recompile is on: a recompile would have raised; one graph in the first step
+    assert update.compiled.graphs_per_call == [1] + [0] * 9
+    assert update.compiled.recompiles == 0
+    # the step's counters (summary.json's graphs_compiled) hold the forward's and the update's
+    assert forward.graphs_per_call == [2] + [0] * 9 and forward.recompiles == 0
+    assert eager_forward.graphs_per_call == [1] + [0] * 9
+
+
+class Records(Hook):
+    """Each step's total loss, lr and graphs compiled, as the loop read them."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.graphs: list[int] = []
+
+    def after_step(self, record: StepRecord, progress: Progress) -> None:
+        self.losses.append(record.values["total"])
+        self.lrs.append(record.lr)
+        self.graphs.append(record.graphs)
+
+
+def train_tiny(
+    root, out, compile_update: bool
+) -> tuple[Records, Training, torch.Tensor, torch.Tensor]:
+    """10 steps of ssdlite on the tiny set (64 px canvas, batch 2), forward compiled with
+    inductor, as train.py runs them (TrainLoop with the built OptimizerStep). Returns the
+    records, the built run and all weights (flat) before and after."""
+    reset()
+    cfg = tiny_cfg(
+        root,
+        out,
+        "canvas=[64,64]",
+        "max_boxes=8",
+        "augment=false",
+        "eval=false",
+        "epochs=2",
+        "max_steps=10",
+        "compile=true",
+        "compiler.fail_on_recompile=true",  # a recompile after step 1 raises
+        f"compiler.optimizer={str(compile_update).lower()}",
+    )
+    t = build_training(cfg)
+    start = torch.cat([p.detach().flatten() for p in t.model.parameters()])
+    records = Records()
+    loop = TrainLoop(
+        t.step,
+        t.optimizer,
+        t.scheduler,
+        t.data.train,
+        t.data.train_sampler,
+        t.device,
+        Telemetry(out, 0, enabled=False),
+        [records],
+        optimizer_step=t.optimizer_step,
+    )
+    loop.run(cfg.epochs, cfg.max_steps)
+    return records, t, start, torch.cat([p.detach().flatten() for p in t.model.parameters()])
+
+
+@pytest.mark.slow
+def test_compiled_optimizer_trains_the_model_as_the_eager_one(tiny_coco, tmp_path):
+    eager, _, start, eager_end = train_tiny(tiny_coco, tmp_path / "eager", compile_update=False)
+    compiled, t, _, end = train_tiny(tiny_coco, tmp_path / "compiled", compile_update=True)
+    assert len(compiled.losses) == 10 and len(set(compiled.lrs)) == 10  # lr changes each step
+    assert compiled.lrs == eager.lrs
+    # Same data, same forward graph; only the update's fp32 rounding may differ (inductor's
+    # kernel computes p - lr * buf in its own order): a few ulp per weight per step. Over 10
+    # steps that stays far below 1e-5 relative (equal bit for bit on a 2-core x86 CPU); a
+    # wrong update (lr, momentum, weight decay) is orders of magnitude more.
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5), (compiled.losses, eager.losses)
+    # the weights after 10 updates: equal to that tolerance, and moved far more than it
+    torch.testing.assert_close(end, eager_end, rtol=1e-5, atol=1e-7)
+    # (a weight moved 1e-4: 100x what the tolerance allows a weight of 0.1, the typical size)
+    assert (eager_end - start).abs().max() > 1e-4
+    optimizer_graphs = t.optimizer_step.compiled.graphs_per_call
+    assert optimizer_graphs[0] >= 1 and optimizer_graphs[1:] == [0] * 9
+    # the run's graphs (summary.json graphs_compiled) are the forward's and the update's
+    assert compiled.graphs[0] == eager.graphs[0] + optimizer_graphs[0]
+    assert compiled.graphs[1:] == [0] * 9 and t.step.recompiles == 0
+    assert t.step.graphs == compiled.graphs[0]
+
+
+def test_another_functions_graphs_and_recompiles_count_in_the_steps_last_call():
+    """What OptimizerStep does with its graphs: a second compiled function's calls are folded
+    into the step's latest call, recompiles and their reasons included."""
+    reset()
+    step = CompiledStep(lambda x: x * 2, "eager")
+    other = CompiledStep(lambda x: x + 1, "eager")
+    for n in (3, 4, 4):
+        step(torch.ones(3))
+        other(torch.ones(n))  # a new shape in the second call: a recompile of `other`
+        step.add_last_call_of(other)
+    assert other.graphs_per_call == [1, 1, 0] and other.recompiles == 1
+    assert step.graphs_per_call == [2, 1, 0] and step.recompiles_per_call == [0, 1, 0]
+    assert step.recompile_reasons == other.recompile_reasons
+    assert "size mismatch at index 0. expected 3, actual 4" in step.recompile_reasons[0]
+
+
+def test_fused_sgd_after_a_step_the_scaler_skipped_equals_plain_sgd(monkeypatch):
+    """fp16's first steps overflow and GradScaler skips them; fused SGD's first momentum
+    buffers (torch's `empty_like`, filled by the kernel) must not stay uninitialised then.
+    Uninitialised memory is made visible here: empty_like returns NaNs."""
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(
+        torch, "empty_like", lambda t, *a, **k: real_empty_like(t, *a, **k).fill_(float("nan"))
+    )
+
+    def train(fused: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(5))
+        optimizer = build_optimizer([weight], lr=0.1, momentum=0.9, weight_decay=4e-5, fused=fused)
+        scaler = torch.amp.GradScaler("cpu")
+        for grad in (torch.full((5,), float("inf")), torch.ones(5)):  # skipped, then a real step
+            optimizer.zero_grad()
+            scaler.scale((weight * grad).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return weight.detach()
+
+    plain, fused = train(fused=False), train(fused=True)
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, plain)
