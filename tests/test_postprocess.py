@@ -1,0 +1,137 @@
+"""The fixed postprocess equals each detector's own `postprocess_detections` (the host path,
+ssd_npu.evaluate.postprocess_fixed): the same boxes, scores and labels, bit for bit, on random
+head outputs with distinct scores, for ssdlite320, ssd300 and RetinaNet v1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch._dynamo.utils import counters
+
+from ssd_npu.evaluate import postprocess_fixed
+from ssd_npu.model import FixedSSD, build_detector
+from ssd_npu.postprocess import Detections, as_dicts, fixed_postprocess
+
+BATCH = 3
+# model name -> (canvas, num_classes): small canvases, few classes, to stay fast
+MODELS = {
+    "ssdlite320_mobilenet_v3_large": ((128, 128), 6),  # 522 anchors, up to 5 x 300 candidates
+    "ssd300_vgg16": ((300, 300), 4),  # 8732 anchors, up to 3 x 400 candidates
+    "retinanet_resnet50_fpn": ((64, 64), 4),  # 774 anchors, up to 1792 candidates
+}
+# (low, high, background bias) of the random logits: "many" gives torchvision's batched_nms
+# more than 1000 candidates (its nms-per-class path), "few" at most 1000 (its shifted path)
+REGIMES = {
+    "ssdlite320_mobilenet_v3_large": {"many": (-2.0, 2.0, 0.0), "few": (-2.0, 2.0, 4.0)},
+    "ssd300_vgg16": {"many": (-2.0, 2.0, 0.0), "few": (-2.0, 2.0, 3.0)},
+    "retinanet_resnet50_fpn": {"many": (-2.5, 2.5, 0.0), "few": (-6.0, -1.0, 0.0)},
+}
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, FixedSSD]:
+    torch.manual_seed(0)
+    return {
+        name: FixedSSD(build_detector(classes, canvas, name), canvas).eval()
+        for name, (canvas, classes) in MODELS.items()
+    }
+
+
+def head_outputs(
+    model: FixedSSD, low: float, high: float, background: float, seed: int
+) -> tuple[Tensor, Tensor]:
+    """Random cls_logits [B, A, C] (each image a permutation of evenly spaced values in
+    [low, high], so all distinct; column 0 + background for SSD) and bbox_regression [B, A, 4]
+    (deltas ~ N(0, 0.5): boxes overlapping their neighbours, clipped at the border)."""
+    g = torch.Generator().manual_seed(seed)
+    anchors, classes = model.anchors.shape[0], MODELS[model.detector.model_name][1]
+    grid = torch.linspace(low, high, anchors * classes)
+    logits = torch.stack([grid[torch.randperm(grid.numel(), generator=g)] for _ in range(BATCH)])
+    logits = logits.view(BATCH, anchors, classes)
+    if model.kind == "ssd":
+        logits[..., 0] += background
+    return logits, torch.randn(BATCH, anchors, 4, generator=g) * 0.5
+
+
+def candidate_scores(model: FixedSSD, logits: Tensor) -> list[Tensor]:
+    """Per image, the scores torchvision's postprocess hands to batched_nms (threshold, then
+    top-k per class for SSD, per level for RetinaNet)."""
+    detector, out = model.detector, []
+    for image in logits:
+        if model.kind == "ssd":
+            groups = list(torch.softmax(image, dim=-1)[:, 1:].T)
+        else:
+            groups = [torch.sigmoid(p).flatten() for p in image.split(model.anchors_per_level)]
+        kept = [s[s > detector.score_thresh] for s in groups]
+        out.append(torch.cat([s.topk(min(len(s), detector.topk_candidates)).values for s in kept]))
+    return out
+
+
+def assert_equal_to_torchvision(model: FixedSSD, logits: Tensor, regression: Tensor) -> None:
+    """fixed_postprocess == postprocess_detections image by image, bit for bit."""
+    fixed = fixed_postprocess(model, logits, regression)
+    d = model.detector.detections_per_img
+    assert isinstance(fixed, Detections)
+    assert fixed.boxes.shape == (BATCH, d, 4) and fixed.valid.shape == (BATCH, d)
+    assert fixed.scores.shape == fixed.labels.shape == (BATCH, d)
+    assert torch.equal(fixed.valid, fixed.valid.cummin(dim=1).values)  # a prefix of True
+    assert not fixed.scores[~fixed.valid].any() and not fixed.boxes[~fixed.valid].any()
+    want = postprocess_fixed(model, logits, regression)
+    for b, (got, ref) in enumerate(zip(as_dicts(fixed), want, strict=True)):
+        assert len(ref["scores"]) > 0, "a case with no detection tests nothing"
+        for key in ("boxes", "scores", "labels"):
+            assert got[key].dtype == ref[key].dtype, key
+            assert torch.equal(got[key], ref[key]), f"image {b}: {key}"
+
+
+@pytest.mark.parametrize("regime", ["many", "few"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fixed_postprocess_equals_torchvisions(models, name, regime):
+    model = models[name]
+    logits, regression = head_outputs(model, *REGIMES[name][regime], seed=len(regime))
+    candidates = candidate_scores(model, logits)
+    for scores in candidates:  # the preconditions: distinct scores, the intended NMS path
+        assert scores.unique().numel() == scores.numel()
+        assert (scores.numel() > 1000) == (regime == "many"), scores.numel()
+    assert_equal_to_torchvision(model, logits, regression)
+
+
+def test_fewer_candidates_than_detections_are_padded(models):
+    """ssdlite with one foreground class: fewer candidates than detections_per_img (300), so
+    every image has invalid slots at the end, and the valid ones still equal torchvision's."""
+    canvas = (64, 64)
+    model = FixedSSD(build_detector(2, canvas, "ssdlite320_mobilenet_v3_large"), canvas).eval()
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(BATCH, model.anchors.shape[0], 2, generator=g)
+    regression = torch.randn(BATCH, model.anchors.shape[0], 4, generator=g) * 0.5
+    fixed = fixed_postprocess(model, logits, regression)
+    assert (fixed.valid.sum(dim=1) < 144).all() and fixed.valid[:, 0].all()
+    want = postprocess_fixed(model, logits, regression)
+    for got, ref in zip(as_dicts(fixed), want, strict=True):
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("name", ["ssdlite320_mobilenet_v3_large", "retinanet_resnet50_fpn"])
+def test_fixed_postprocess_compiles_to_one_graph(models, name):
+    """torch.compile(dynamic=False) of the whole postprocess: one graph, no break, and the
+    same detections as eager and torchvision on two batches (a small top-k keeps it quick)."""
+    model = models[name]
+    detector = model.detector
+    saved = detector.topk_candidates, detector.detections_per_img
+    detector.topk_candidates, detector.detections_per_img = 12, 10
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(fixed_postprocess, backend="aot_eager", dynamic=False)
+        for seed in (1, 2):
+            logits, regression = head_outputs(model, *REGIMES[name]["many"], seed=seed)
+            got = compiled(model, logits, regression)
+            want = fixed_postprocess(model, logits, regression)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        assert counters["stats"]["unique_graphs"] == 1
+        assert sum(counters["graph_break"].values()) == 0
+        assert_equal_to_torchvision(model, logits, regression)
+    finally:
+        detector.topk_candidates, detector.detections_per_img = saved
+        torch._dynamo.reset()
