@@ -22,7 +22,7 @@ from ssd_npu.evaluate import Evaluator
 from ssd_npu.interrupt import StopOnSignal
 from ssd_npu.telemetry import Telemetry
 
-DETECTIONS_TAG = "eval/detections"  # TensorBoard image tag (a public contract, DESIGN.md)
+DETECTIONS_TAG = "eval/detections"  # TensorBoard image tag (a public contract, README)
 
 
 class StopSignalHook(Hook):

@@ -1,6 +1,6 @@
 """Step timing, warm-up detection, TensorBoard scalars and images, progress bar, summary.json.
 
-Tags and summary keys are public contracts (DESIGN.md): keep their names.
+Tags and summary keys are public contracts (README, "What a run writes"): keep their names.
 """
 
 from __future__ import annotations
