@@ -12,6 +12,7 @@ training loop"):
     FixSample           the per-sample transform (fit + pad) for a Dataset
     FixedBatch          a batch of static shapes; collate_fixed stacks FixSample outputs
     find_dynamic_shapes record any step function and report the ops whose shapes change
+    fixed_batched_nms   torchvision's batched_nms with static shapes: [B, K] indices + a mask
 
 Names are imported on first use, so that `import ssd_npu.data...` stays light (the training
 input path never loads the model, the compiler or the tools).
@@ -37,6 +38,7 @@ _API = {
     "FixedBatch": "ssd_npu.data.fixed_shape",
     "collate_fixed": "ssd_npu.data.fixed_shape",
     "find_dynamic_shapes": "ssd_npu.tools.shapes",
+    "fixed_batched_nms": "ssd_npu.nms",
 }
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "build_detector",
     "collate_fixed",
     "find_dynamic_shapes",
+    "fixed_batched_nms",
     "fit_to_canvas",
     "fixed_ssd_loss",
     "pad_targets",
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
     )
     from ssd_npu.loss import fixed_ssd_loss
     from ssd_npu.model import FixedSSD, build_detector
+    from ssd_npu.nms import fixed_batched_nms
     from ssd_npu.tools.shapes import find_dynamic_shapes
 
 

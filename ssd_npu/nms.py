@@ -19,7 +19,9 @@ steps (N unrolled steps in a compiled graph: keep N in the hundreds or low thous
 
 When it is exact (for distinct scores): `keep[b][keep_valid[b]]` equals
 `torchvision.ops.batched_nms(boxes[b][v], scores[b][v], idxs[b][v], iou_threshold)[:K]` on
-the CPU, mapped to indices of N (v the valid candidates), bit for bit in the IoU tests:
+the CPU, mapped to indices of N (v the valid candidates), because every IoU decision is
+made from the same float operations, rounded the same way (in eager mode; a compiler that
+fuses a multiply-add may round an IoU at the threshold differently):
 - the IoU is the kernel's: area = (x2 - x1) * (y2 - y1), inter = max(0, w) * max(0, h),
   ovr = inter / (area_i + area_j - inter), suppressed iff ovr > iou_threshold, compared in
   double (a float32 IoU of fl(0.55) suppresses at threshold 0.55). A zero-area pair gives

@@ -85,7 +85,9 @@ def recipe_of(detector: torch.nn.Module) -> Recipe:
     )
 
 
-def fixed_postprocess(model: FixedDetector, cls_logits: Tensor, bbox_regression: Tensor) -> Detections:
+def fixed_postprocess(
+    model: FixedDetector, cls_logits: Tensor, bbox_regression: Tensor
+) -> Detections:
     """The detector's own postprocess of FixedDetector head outputs, every shape static.
 
     cls_logits [B, A, C], bbox_regression [B, A, 4] (computed in float32, or float64 if given)

@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLIC = (
+    "fixed_batched_nms",
     "fixed_ssd_loss",
     "FixedSSD",
     "build_detector",

@@ -160,8 +160,16 @@ def test_edge_cases():
     # no candidate present
     keep, keep_valid = fixed_batched_nms(same, scores, zeros, 0.5, 3, torch.zeros(1, 6).bool())
     assert not keep_valid.any() and not keep.any()
+    # absent candidates may hold anything, NaN included: they change nothing
+    junk_boxes, junk_scores = same.clone(), scores.clone()
+    junk_boxes[0, 3], junk_scores[0, 1] = float("nan"), float("nan")
+    absent = torch.tensor([[True, False, True, False, True, True]])
+    keep, keep_valid = fixed_batched_nms(junk_boxes, junk_scores, classes, 0.5, 6, absent)
+    assert keep[keep_valid].tolist() == [4, 2, 5, 0]
     # N = 0
-    keep, keep_valid = fixed_batched_nms(torch.zeros(2, 0, 4), torch.zeros(2, 0), zeros[:, :0], 0.5, 3)
+    keep, keep_valid = fixed_batched_nms(
+        torch.zeros(2, 0, 4), torch.zeros(2, 0), zeros[:, :0], 0.5, 3
+    )
     assert keep.shape == (2, 3) and not keep_valid.any()
     # zero-area boxes: a point, a line inside the big box, two identical points
     flat = torch.tensor(

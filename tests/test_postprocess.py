@@ -20,12 +20,13 @@ MODELS = {
     "ssd300_vgg16": ((300, 300), 4),  # 8732 anchors, up to 3 x 400 candidates
     "retinanet_resnet50_fpn": ((64, 64), 4),  # 774 anchors, up to 1792 candidates
 }
-# (low, high, background bias) of the random logits: "many" gives torchvision's batched_nms
-# more than 1000 candidates (its nms-per-class path), "few" at most 1000 (its shifted path)
+# (low, high, background bias, seed) of the random logits: "many" gives torchvision's
+# batched_nms more than 1000 candidates per image (its nms-per-class path), "few" at most 1000
+# (its class-shifted path). The seeds give distinct candidate scores (softmax can tie).
 REGIMES = {
-    "ssdlite320_mobilenet_v3_large": {"many": (-2.0, 2.0, 0.0), "few": (-2.0, 2.0, 4.0)},
-    "ssd300_vgg16": {"many": (-2.0, 2.0, 0.0), "few": (-2.0, 2.0, 3.0)},
-    "retinanet_resnet50_fpn": {"many": (-2.5, 2.5, 0.0), "few": (-6.0, -1.0, 0.0)},
+    "ssdlite320_mobilenet_v3_large": {"many": (-2.0, 2.0, 0.0, 4), "few": (-2.0, 2.0, 8.0, 3)},
+    "ssd300_vgg16": {"many": (-2.0, 2.0, 0.0, 1), "few": (-2.0, 2.0, 7.6, 3)},
+    "retinanet_resnet50_fpn": {"many": (-2.5, 2.5, 0.0, 4), "few": (-8.0, -2.0, 0.0, 3)},
 }
 
 
@@ -89,11 +90,14 @@ def assert_equal_to_torchvision(model: FixedSSD, logits: Tensor, regression: Ten
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fixed_postprocess_equals_torchvisions(models, name, regime):
     model = models[name]
-    logits, regression = head_outputs(model, *REGIMES[name][regime], seed=len(regime))
-    candidates = candidate_scores(model, logits)
-    for scores in candidates:  # the preconditions: distinct scores, the intended NMS path
+    logits, regression = head_outputs(model, *REGIMES[name][regime])
+    want = postprocess_fixed(model, logits, regression)
+    top = model.detector.detections_per_img
+    # the preconditions: distinct scores, the intended NMS path, and NMS changes the result
+    for scores, ref in zip(candidate_scores(model, logits), want, strict=True):
         assert scores.unique().numel() == scores.numel()
         assert (scores.numel() > 1000) == (regime == "many"), scores.numel()
+        assert not torch.equal(scores.sort(descending=True).values[:top], ref["scores"])
     assert_equal_to_torchvision(model, logits, regression)
 
 
@@ -125,7 +129,8 @@ def test_fixed_postprocess_compiles_to_one_graph(models, name):
         counters.clear()
         compiled = torch.compile(fixed_postprocess, backend="aot_eager", dynamic=False)
         for seed in (1, 2):
-            logits, regression = head_outputs(model, *REGIMES[name]["many"], seed=seed)
+            low, high, background, _ = REGIMES[name]["many"]
+            logits, regression = head_outputs(model, low, high, background, seed)
             got = compiled(model, logits, regression)
             want = fixed_postprocess(model, logits, regression)
             assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
