@@ -17,11 +17,14 @@ Prints a markdown table and writes converge.json (converge.out, or <out_dir>/con
 
     {"runs": [{"path", "seed", "mAP", "mAP50", "wall_s"}, ...],
      "paths": {path: {"mAP": {"mean", "std"}, "mAP50": {"mean", "std"}}},
-     "difference": {metric: {"mean", "std", "within_spread"}}, "config": {...}}
+     "difference": {metric: {"mean", "std", "ci95", "seeds", "within_spread"}},
+     "config": {...}}
 
 `difference` is fixed minus dynamic, paired by seed: its mean, the standard deviation of the
-paired differences, and whether |mean| is within the seed-to-seed spread (the larger of the
-two paths' standard deviations over seeds). Exit status 2 on a bad config value.
+paired differences, a 95% percentile-bootstrap confidence interval of the mean (10,000
+resamples of the seeds, fixed generator: the same rows give the same interval), and whether
+|mean| is within the seed-to-seed spread (the larger of the two paths' standard deviations
+over seeds). Exit status 2 on a bad config value.
 """
 
 import copy
@@ -80,6 +83,18 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def bootstrap_ci(values: list[float], level: float = 0.95, resamples: int = 10_000) -> list[float]:
+    """Percentile-bootstrap interval of the mean of `values` (resampled with replacement)."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return [float(low), float(high)]
+
+
 def compare(rows: list[dict]) -> dict:
     """Per-path mean and spread over seeds, and the paired fixed - dynamic difference."""
     paths = {
@@ -108,6 +123,7 @@ def compare(rows: list[dict]) -> dict:
         difference[m] = {
             "mean": mean,
             "std": _std(diffs),
+            "ci95": bootstrap_ci(diffs),
             "seeds": paired,
             "within_spread": abs(mean) <= spread,
         }
@@ -131,6 +147,8 @@ def table(rows: list[dict], result: dict) -> str:
             f"{diff['mAP']['std']:.3f} | {diff['mAP50']['mean']:+.3f} ± "
             f"{diff['mAP50']['std']:.3f} | |"
         )
+        ci = {m: "[{:+.3f}, {:+.3f}]".format(*diff[m]["ci95"]) for m in METRICS}
+        lines.append(f"| fixed - dynamic | 95% CI (bootstrap) | {ci['mAP']} | {ci['mAP50']} | |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -34,6 +35,8 @@ def test_compare_pairs_by_seed():
     diff = result["difference"]["mAP50"]
     assert diff["mean"] == pytest.approx(0.02) and diff["seeds"] == [0, 1]
     assert diff["std"] == pytest.approx(0.0565685, rel=1e-4)
+    # two seeds: the bootstrap means are -0.02, 0.02 or 0.06 (each seed drawn 0, 1 or 2 times)
+    assert diff["ci95"] == [pytest.approx(-0.02), pytest.approx(0.06)]
     # spread: the larger seed-to-seed std (0.0424 for fixed mAP50) covers |0.02|
     assert diff["within_spread"] is True
     far = converge.compare([_row("fixed", 0, 0.5, 0.9), _row("dynamic", 0, 0.1, 0.2),
@@ -41,6 +44,20 @@ def test_compare_pairs_by_seed():
     assert far["difference"]["mAP50"]["within_spread"] is False
     # an unpaired seed (a stopped comparison) is left out of the difference
     assert converge.compare(rows[:3])["difference"]["mAP"]["seeds"] == [0]
+
+
+def test_bootstrap_ci_of_the_paired_mean():
+    assert converge.bootstrap_ci([0.02] * 5) == [pytest.approx(0.02), pytest.approx(0.02)]
+    diffs = [0.10, -0.05, 0.02, 0.07, -0.01]
+    low, high = converge.bootstrap_ci(diffs)
+    assert low < sum(diffs) / 5 < high and converge.bootstrap_ci(diffs) == [low, high]
+    # many seeds: the interval approaches the normal one, mean +- 1.96 sigma / sqrt(n)
+    rng = np.random.default_rng(1)
+    sample = rng.normal(0.1, 0.05, size=400)
+    low, high = converge.bootstrap_ci(sample.tolist())
+    half = 1.96 * sample.std(ddof=1) / np.sqrt(len(sample))
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+    assert (low + high) / 2 == pytest.approx(sample.mean(), abs=0.1 * half)
 
 
 def test_converge_runs_both_paths_and_resumes(tiny_coco, tmp_path):
