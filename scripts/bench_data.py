@@ -98,9 +98,9 @@ def _reference(base):
 
     def run(index: int):
         img_id = base.ids[index]
-        with Image.open(base.img_dir / base.coco.imgs[img_id]["file_name"]) as img:
+        with Image.open(base.img_dir / str(base.file_names[index])) as img:
             pil = img.convert("RGB")
-        t = base._target(img_id, pil.size[1], pil.size[0])
+        t = base.target(index, pil.size[1], pil.size[0])
         return preset(pil, {"boxes": t["boxes"], "labels": t["labels"], "image_id": img_id})
 
     return run
@@ -110,7 +110,7 @@ def _decode_only(base):
     from ssd_npu.data.decode import load_rgb
 
     def run(index: int):
-        return load_rgb(base.img_dir / base.coco.imgs[base.ids[index]]["file_name"])
+        return load_rgb(base.img_dir / str(base.file_names[index]))
 
     return run
 
@@ -143,11 +143,10 @@ def _variants(cfg, root: Path) -> dict:
 
 def _images(cfg, root: Path) -> list[int]:
     """Indices of the first OPTS.images train images with at least one (non-crowd) box."""
-    from ssd_npu.data.box_table import box_table
     from ssd_npu.data.coco import CocoDetectionDataset
 
     base = CocoDetectionDataset(root, cfg.data.train_split)
-    counts = box_table(base.coco, base.ids).counts
+    counts = base.box_counts
     return [i for i in range(len(base.ids)) if counts[i] > 0][: OPTS.images]
 
 

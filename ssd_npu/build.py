@@ -7,7 +7,9 @@ overrides.
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,6 +60,22 @@ class Training:
     data: Loaders
     data_root: Path
     total_steps: int  # optimizer steps this run trains (epochs x batches, or max_steps)
+    data_s: float = 0.0  # seconds building the data sets and loaders (JSON parse, arrays, checks)
+
+
+_START = time.monotonic()  # fallback origin where the process's own start time is unknown
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: /proc, so the interpreter's start and the
+    imports count); elsewhere since this module was imported."""
+    try:
+        # field 22 of stat (after the parenthesised name: index 19), clock ticks after boot
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _START
 
 
 def resolve_data_root(cfg: Any) -> Path:
@@ -142,7 +160,9 @@ def build_training(cfg: Any) -> Training:
     # Rank 0's initial weights reach every rank through DDP; other randomness differs per rank.
     seed_everything(cfg.seed + world.rank)
     data_root = resolve_data_root(cfg)
+    data_start = time.perf_counter()
     data = build_loaders(loader_spec(cfg, world, device), data_root)
+    data_s = time.perf_counter() - data_start
 
     canvas = (int(cfg.canvas[0]), int(cfg.canvas[1]))
     detector = build_detector(cfg.data.num_classes, canvas, cfg.model.name)
@@ -188,6 +208,7 @@ def build_training(cfg: Any) -> Training:
         data=data,
         data_root=data_root,
         total_steps=total_steps,
+        data_s=data_s,
     )
 
 

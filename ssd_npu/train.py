@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ssd_npu.build import Training, build_training, detection_sheet
+from ssd_npu.build import Training, build_training, detection_sheet, process_age_s
 from ssd_npu.checkpoint import TrainState, find_resume, list_checkpoints, load_checkpoint
 from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
@@ -70,6 +70,9 @@ def run(cfg: Any) -> dict[str, Any]:
     if cfg.profile_steps and main and not cfg.eval_only:
         hooks.append(ProfilerHook(t.device, out_dir / "profile", cfg.profile_steps))
 
+    # launch to the loop: imports, config, data sets (JSON parse, arrays, checks, the bucket
+    # sampler's counts), model, resume; the first batch's wait is the first step's data time
+    startup_s = round(process_age_s(), 3)
     failure: NonFiniteLoss | None = None
     try:
         if cfg.eval_only:
@@ -113,6 +116,8 @@ def run(cfg: Any) -> dict[str, Any]:
         max_boxes=cfg.max_boxes if isinstance(cfg.max_boxes, int) else list(cfg.max_boxes),
         fit=cfg.fit,
         batch_size=cfg.batch_size,
+        startup_s=startup_s,
+        data_s=round(t.data_s, 3),
         global_step=progress.step,
         checkpoint=str(checkpoints.last) if checkpoints.last else None,
         interrupted=stop.requested,
@@ -144,7 +149,8 @@ def _banner(cfg: Any, t: Training, out_dir: Path) -> str:
         f"ssd-npu: device={t.device.torch} ranks={t.world.size} shape={cfg.shape} "
         f"model={cfg.model.name} canvas={list(cfg.canvas)} max_boxes={cfg.max_boxes} fit={cfg.fit} "
         f"batch={cfg.batch_size}x{t.world.size} steps={t.total_steps} "
-        f"anchors={t.model.anchors.shape[0]} data={t.data_root} out={out_dir}"
+        f"anchors={t.model.anchors.shape[0]} data={t.data_root} out={out_dir} "
+        f"data_s={t.data_s:.1f} startup_s={process_age_s():.1f}"
     )
 
 

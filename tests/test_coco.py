@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
+import ssd_npu.data.coco as coco_module
+from ssd_npu.build import build_training
+from ssd_npu.data.box_table import box_table, load_coco
 from ssd_npu.data.coco import CocoDetectionDataset, check_num_classes
 from ssd_npu.data.transforms import train_augmentation
 from ssd_npu.errors import DataError
+from ssd_npu.tools.memory import CocoIndexTargets
+from tests.helpers import tiny_cfg
 
 CATS = [{"id": 1, "name": "a", "supercategory": "s"}, {"id": 3, "name": "b", "supercategory": "s"}]
 
@@ -160,3 +166,93 @@ def test_annotation_for_unknown_image(tmp_path):
     root = _write_set(tmp_path / "img", {"a.jpg": _rgb()}, anns)
     with pytest.raises(DataError, match=r"instances_val\.json: annotation 1 points to image_id 9"):
         CocoDetectionDataset(root, "val")
+
+
+def _same_target(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        if isinstance(want[k], torch.Tensor):
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+            if isinstance(want[k], tv_tensors.BoundingBoxes):
+                assert got[k].canvas_size == want[k].canvas_size
+        else:
+            assert got[k] == want[k] and type(got[k]) is type(want[k]), k
+
+
+@pytest.mark.parametrize("split", ["train2017", "val2017"])
+def test_flat_targets_equal_the_pycocotools_reader_synthetic(tiny_coco, split):
+    ds = CocoDetectionDataset(tiny_coco, split)
+    ref = CocoIndexTargets(ds.ann_file, ds.img_dir)
+    assert ds.ids == ref.ids
+    for i in range(len(ds)):
+        image, t = ds[i]  # the decoded size, as training reads it
+        h, w = t["orig_size"]
+        _same_target({k: v for k, v in t.items() if k != "skipped"}, ref.target(i, h, w))
+        for size in ((h // 2, w // 3), (h, w // 2)):  # smaller: more clipped and degenerate
+            _same_target(ds.target(i, *size), ref.target(i, *size))
+
+
+def test_flat_targets_equal_the_pycocotools_reader_crowd_degenerate_outside(tmp_path):
+    anns = [  # file order interleaves images: grouping must keep each image's order
+        {"image_id": 2, "category_id": 3, "bbox": [1.5, 2.25, 3.1, 4.7]},
+        {"image_id": 1, "category_id": 1, "bbox": [10.0, 5.0, 20.0, 10.0]},
+        {"image_id": 2, "category_id": 1, "bbox": [0.1, 0.2, 100.3, 7.0]},  # outside: clipped
+        {"image_id": 1, "category_id": 3, "bbox": [50.0, 40.0, 30.0, 30.0]},
+        {"image_id": 1, "category_id": 3, "bbox": [70.0, 10.0, 5.0, 5.0]},  # outside: degenerate
+        {"image_id": 1, "category_id": 1, "bbox": [5.0, 5.0, 0.0, 8.0]},  # zero width
+        {"image_id": 1, "category_id": 1, "bbox": [0.0, 0.0, 30.0, 30.0], "iscrowd": 1},
+        {"image_id": 3, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 4.0], "iscrowd": 1},
+        {"image_id": 2, "category_id": 3, "bbox": [-4.0, -3.0, 10.0, 9.0]},  # negative corner
+        {"image_id": 2, "category_id": 1, "bbox": [33.333333333, 1e-9, 0.1, 1e-7]},  # rounding
+    ]
+    root = _write_set(tmp_path / "edge", {"a.jpg": _rgb(), "b.png": _rgb(), "c.jpg": _rgb()}, anns)
+    ds = CocoDetectionDataset(root, "val")
+    ref = CocoIndexTargets(ds.ann_file, ds.img_dir)
+    assert ds.ids == ref.ids == [1, 2, 3]
+    for i in range(3):
+        for size in ((48, 64), (20, 30), (5, 3)):
+            _same_target(ds.target(i, *size), ref.target(i, *size))
+    assert ds.box_counts.tolist() == box_table(ref.coco).counts.tolist() == [2, 4, 0]
+
+
+def test_training_set_keeps_flat_arrays_and_parses_once(tiny_coco, tmp_path, monkeypatch):
+    parsed = []
+    real = coco_module._load_json
+    monkeypatch.setattr(
+        coco_module, "_load_json", lambda p, **kw: parsed.append(p.name) or real(p, **kw)
+    )
+    t = build_training(tiny_cfg(tiny_coco, tmp_path, "max_boxes=[3,6,32]", "eval=false"))
+    # one parse per file, though the bucket sampler and val's ground truth read them too
+    assert sorted(parsed) == ["instances_train2017.json", "instances_val2017.json"]
+    train, val = t.data.train_set, t.data.val_set
+    assert train._coco is None and val._coco is not None  # val keeps pycocotools for eval
+    # nothing per annotation survives in the training set: arrays, paths, scalars, ids
+    for name, value in vars(train).items():
+        assert not isinstance(value, (dict, COCO)), name
+        assert not isinstance(value, list) or name in ("ids", "category_ids"), name
+    want = box_table(load_coco(train.ann_file), train.ids).counts
+    assert np.array_equal(train.box_counts, want)  # the bucket sampler's counts
+
+
+def test_boxes_only_parse_drops_segmentation_and_nothing_else(tmp_path):
+    anns = [
+        {"id": 1, "bbox": [1, 2, 3, 4], "segmentation": [[1.5, 2.0, 3.25, 4.0, 5.0, 6.0]]},
+        {"id": 2, "bbox": [1, 2, 3, 4], "segmentation": [[1, 2, 3, 4, 5, 6], [7, 8, 9, 1, 2, 3]]},
+        {"id": 3, "bbox": [0, 0, 1, 1], "segmentation": {"counts": "]\\[1o`0]]", "size": [4, 4]}},
+        {"id": 4, "bbox": [0, 0, 1, 1], "segmentation": {"size": [2, 2], "counts": [0, 3, 1]}},
+        {"id": 5, "bbox": [9, 9, 1, 1], "segmentation": []},
+    ]
+    data = {"info": {"note": 'a "segmentation": [[ in a string'}, "images": [], "annotations": anns}
+    data["categories"] = CATS
+    want = json.loads(json.dumps(data))
+    for a in want["annotations"]:
+        a["segmentation"] = None
+    path = tmp_path / "a.json"
+    for separators in ((",", ":"), (", ", ": ")):  # compact and json.dumps' default
+        path.write_text(json.dumps(data, separators=separators))
+        assert coco_module._load_json(path, boxes_only=True) == want
+        assert coco_module._load_json(path) == json.loads(json.dumps(data))
+    path.write_text(json.dumps(data, indent=1))  # pretty-printed: not cut, parsed whole
+    with pytest.raises(ValueError, match="unexpected form"):
+        coco_module._without_segmentation(path.read_bytes())
+    assert coco_module._load_json(path, boxes_only=True) == json.loads(json.dumps(data))

@@ -7,6 +7,7 @@ Determinism: every sample's randomness (augmentation, box subset) is seeded from
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ssd_npu.data.box_table import box_table
 from ssd_npu.data.buckets import BucketBatchSampler
 from ssd_npu.data.coco import CocoDetectionDataset, check_num_classes
 from ssd_npu.data.dynamic import collate_dynamic, to_dynamic_sample
@@ -83,6 +83,10 @@ class SampleDataset(Dataset):
 
 
 def _worker_init(worker_id: int) -> None:
+    # The objects inherited from the main process (the val set's pycocotools index, ...):
+    # out of the collector's reach, so a full collection here does not write to (and so
+    # copy) every page they lie on. freeze() only moves list heads: no page is touched.
+    gc.freeze()
     # DataLoader seeds torch per worker; python and numpy too, for any code that uses them
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
@@ -125,9 +129,8 @@ class Loaders:
 
 def _bucket_batches(spec: LoaderSpec, train_ds: CocoDetectionDataset) -> BucketBatchSampler:
     """Box-count bucket batches for max_boxes=[...], from the annotation counts (no decoding)."""
-    counts = box_table(train_ds.coco, train_ds.ids).counts
     batches = BucketBatchSampler(
-        counts,
+        train_ds.box_counts,  # counted when the data set read its file: no second parse
         spec.max_boxes,
         spec.batch_size,
         spec.seed,
@@ -159,7 +162,8 @@ def build_loaders(spec: LoaderSpec, data_root: Path) -> Loaders:
         raise ValueError(f"shape={spec.shape!r}; choose fixed or dynamic")
     reading = {"on_bad_image": spec.on_bad_image, "decode": spec.decode}
     train_ds = CocoDetectionDataset(data_root, spec.train_split, **reading)
-    val_ds = CocoDetectionDataset(data_root, spec.val_split, **reading)
+    # evaluation's ground truth: val keeps its pycocotools index (built from the same parse)
+    val_ds = CocoDetectionDataset(data_root, spec.val_split, **reading, ground_truth=True)
     check_num_classes(train_ds, spec.num_classes)
     check_num_classes(val_ds, spec.num_classes)
     buckets = spec.shape == "fixed" and len(spec.max_boxes) > 1

@@ -11,6 +11,7 @@ to drop the batches an interrupted run already trained on (`ResumableSampler`).
 
 from __future__ import annotations
 
+import itertools
 from abc import abstractmethod
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -59,9 +60,9 @@ class EpochSampler(ResumableSampler):
         epoch, self.epoch = self.epoch, self.epoch + 1
         skipped, self.skipped = self.skipped, 0
         self.inner.set_epoch(epoch)  # DistributedSampler reshuffles per epoch
-        for position, i in enumerate(self.inner):
-            if position >= skipped:
-                yield SampleKey(int(i), epoch)
+        # the skipped positions are dropped from the index list: no sample is read for them
+        for i in itertools.islice(self.inner, skipped, None):
+            yield SampleKey(int(i), epoch)
 
 
 class PaddedSequentialSampler(Sampler):

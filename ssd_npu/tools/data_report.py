@@ -3,7 +3,7 @@
 Reads `instances_<split>.json` with pycocotools and never decodes an image, so it runs in
 seconds even on COCO train2017 (118k images, 860k boxes): every statistic is a numpy
 expression over flat arrays. Boxes are counted as training targets, with the same rules as
-`CocoDetectionDataset._target`: crowd annotations excluded, boxes clipped to the image,
+`CocoDetectionDataset.target`: crowd annotations excluded, boxes clipped to the image,
 boxes empty after clipping dropped ("degenerate").
 
 Units: image and box sizes in pixels; a box's size is sqrt(w * h); shares in percent.
