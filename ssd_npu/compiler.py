@@ -33,6 +33,9 @@ def _limit_keys() -> tuple[str, str]:
     return "cache_size_limit", "fail_on_cache_limit_hit"
 
 
+NO_REASON = "(this torch records no recompile reason: rerun with TORCH_LOGS=recompiles)"
+
+
 def recompile_reasons(records: list) -> list[str]:
     """dynamo's guard-failure texts of compile records (`get_compilation_metrics()`); torch 2.6
     records have no `recompile_reason` field, so there they are unknown (empty)."""
@@ -179,9 +182,7 @@ class CompiledStep:
             if not text.startswith(_DYNAMO_FAIL_PREFIX):
                 raise
             # torch < 2.10 gives no guard text: then point to the log that has it
-            reason = text.removeprefix(_DYNAMO_FAIL_PREFIX).lstrip(". ") or (
-                "(this torch does not report it here: rerun with TORCH_LOGS=recompiles)"
-            )
+            reason = text.removeprefix(_DYNAMO_FAIL_PREFIX).lstrip(". ") or NO_REASON
             raise RecompileError(
                 f"compiler.fail_on_recompile=true: call {len(self.graphs_per_call) + 1} would "
                 "compile a new graph (a shape changed since the first step; on an NPU this is an "
@@ -194,5 +195,8 @@ class CompiledStep:
             self.graphs_per_call.append(graphs_compiled() - before)
             new = [m for m in get_compilation_metrics() if id(m) not in seen]
             reasons = recompile_reasons(new)
+            if new and len(self.graphs_per_call) > 1 and not hasattr(new[0], "recompile_reason"):
+                # torch < 2.7 records no reason: a compile after the first call is a recompile
+                reasons = [NO_REASON] * len(new)
             self.recompiles_per_call.append(len(reasons))
             self.recompile_reasons.extend(reasons)
