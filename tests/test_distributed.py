@@ -47,13 +47,7 @@ def free_port() -> int:
 def worker(rank: int, world: int, port: int, root: str, out: str, steps: int, dtype: str):
     """One rank (or the single process when world == 1): train `steps`, save what we compare."""
     if world > 1:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-        )
+        join(rank, world, port)
     torch.set_num_threads(1)
     torch.set_default_dtype(getattr(torch, dtype))
     out_dir = Path(out) / f"world{world}"

@@ -100,6 +100,32 @@ def _load_json(path: Path, boxes_only: bool = False) -> dict[str, Any]:
     return data
 
 
+def target_from_xywh(
+    xywh: np.ndarray, labels: np.ndarray, image_id: int, h: int, w: int
+) -> dict[str, Any]:
+    """A training target from COCO boxes: xywh float32 [N, 4] px and labels int64 [N] of an
+    h x w px image -> boxes [K, 4] XYXY clipped to the image, labels [K], with the N - K
+    degenerate boxes (empty after clipping) dropped and counted, and the clipped ones counted.
+    """
+    # numpy, then one tensor per field: torch ops on a few boxes cost more in overhead
+    raw = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    boxes = raw.copy()
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    clipped = (boxes != raw).any(axis=1) & keep
+    return {
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.from_numpy(boxes[keep]), format="XYXY", canvas_size=(h, w)
+        ),
+        "labels": torch.from_numpy(labels[keep]),
+        "image_id": image_id,
+        "orig_size": (h, w),
+        "degenerate": int((~keep).sum()),
+        "clipped": int(clipped.sum()),  # kept, but reached outside the image
+    }
+
+
 class CocoDetectionDataset(torch.utils.data.Dataset):
     """COCO detection samples: `(image, target)`.
 
@@ -201,26 +227,10 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     def target(self, index: int, h: int, w: int) -> dict[str, Any]:
         """Image `index`'s target for an image of h x w px (the decoded size), without decoding:
         boxes float32 [N, 4] XYXY clipped, labels int64 [N] (see the class docstring)."""
-        # numpy, then one tensor per field: torch ops on a few boxes cost more in overhead
         lo, hi = self._start[index], self._start[index + 1]
-        xywh = self._xywh[lo:hi]
-        raw = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        boxes = raw.copy()
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        clipped = (boxes != raw).any(axis=1) & keep
-        labels = self._labels[lo:hi]
-        return {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.from_numpy(boxes[keep]), format="XYXY", canvas_size=(h, w)
-            ),
-            "labels": torch.from_numpy(labels[keep]),
-            "image_id": int(self.image_ids[index]),
-            "orig_size": (h, w),
-            "degenerate": int((~keep).sum()),
-            "clipped": int(clipped.sum()),  # kept, but reached outside the image
-        }
+        return target_from_xywh(
+            self._xywh[lo:hi], self._labels[lo:hi], int(self.image_ids[index]), h, w
+        )
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image | DeferredImage, dict[str, Any]]:
         skipped = 0

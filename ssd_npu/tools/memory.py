@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pycocotools.coco import COCO
-from torchvision import tv_tensors
+
+from ssd_npu.data.coco import target_from_xywh
 
 if TYPE_CHECKING:
     from ssd_npu.data.coco import CocoDetectionDataset
@@ -103,25 +103,11 @@ class CocoIndexTargets:
 
     def target(self, index: int, h: int, w: int) -> dict[str, Any]:
         img_id = self.ids[index]
+        # the per-annotation Python objects of the COCO index: what this baseline measures
         anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
-        raw = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        boxes = raw.copy()
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        clipped = (boxes != raw).any(axis=1) & keep
         labels = np.array([a["category_id"] for a in anns], dtype=np.int64)
-        return {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.from_numpy(boxes[keep]), format="XYXY", canvas_size=(h, w)
-            ),
-            "labels": torch.from_numpy(labels[keep]),
-            "image_id": int(img_id),
-            "orig_size": (h, w),
-            "degenerate": int((~keep).sum()),
-            "clipped": int(clipped.sum()),
-        }
+        return target_from_xywh(xywh, labels, int(img_id), h, w)
 
     def read(self, index: int) -> None:
         """One epoch step of a worker without decoding: the file's path and size, the target."""
