@@ -58,7 +58,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from ssd_npu.cli import run_folder, user_errors  # noqa: E402
+from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
 VARIANTS = {  # name: (shape, compile, compiler.mode; None: the command line's)
@@ -114,7 +114,7 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
     steps = int(base.bench.steps)
     cfg = copy.deepcopy(base)
     with open_dict(cfg):
-        cfg.shape, cfg.compile, cfg.max_steps, cfg.eval = shape, compile, steps, False
+        cfg.shape, cfg.compile, cfg.max_steps, cfg.eval.enabled = shape, compile, steps, False
         # compiler.optimizer=true compiles the optimizer in the compiled variants only
         cfg.compiler.optimizer = bool(cfg.compiler.optimizer) and compile
         if mode is not None:
@@ -286,4 +286,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_argv()
     main()

@@ -53,7 +53,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ssd_npu.cli import run_folder, user_errors  # noqa: E402
+from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
 FITS = ("stretch", "letterbox", "pad")
@@ -277,5 +277,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_argv()
     _pop_flags()
     main()

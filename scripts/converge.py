@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from ssd_npu.cli import run_folder, user_errors  # noqa: E402
+from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
 PATHS = ("fixed", "dynamic")
@@ -59,7 +59,7 @@ def train_one(base: DictConfig, path: str, seed: int, out_dir: Path) -> dict:
             return _row(path, seed, summary, wall_s)
     cfg = copy.deepcopy(base)
     with open_dict(cfg):
-        cfg.shape, cfg.seed, cfg.out_dir, cfg.eval = path, seed, str(run_dir), True
+        cfg.shape, cfg.seed, cfg.out_dir, cfg.eval.enabled = path, seed, str(run_dir), True
         cfg.resume = None
     start = time.perf_counter()
     summary = run(cfg)
@@ -176,4 +176,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_argv()
     main()

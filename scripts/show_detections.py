@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ssd_npu.cli import run_folder, user_errors  # noqa: E402
+from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
 from ssd_npu.config import ConfigError, config_dir  # noqa: E402
 
 
@@ -44,4 +44,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_argv()
     main()

@@ -28,6 +28,7 @@ from ssd_npu.detections import DetectionSheet
 from ssd_npu.device import Device, cudnn_benchmark, resolve_device, use_deterministic_kernels
 from ssd_npu.distributed import World
 from ssd_npu.errors import DataError
+from ssd_npu.evaluate import DeviceDetect, Evaluator, resolve_postprocess
 from ssd_npu.model import FixedSSD, build_detector, load_weights
 from ssd_npu.optim import (
     OptimizerStep,
@@ -210,6 +211,18 @@ def build_training(cfg: Any) -> Training:
         total_steps=total_steps,
         data_s=data_s,
     )
+
+
+def build_evaluator(cfg: Any, t: Training) -> Evaluator:
+    """COCO evaluation on the val loader; `eval.postprocess` resolved for the device (auto:
+    the device on cuda/npu, the host on cpu). The device postprocess is compiled once under
+    compile=true, with the training step's compiler options."""
+    detect = None
+    if resolve_postprocess(cfg.eval.postprocess, t.device.type, cfg.shape) == "device":
+        compile_options = step_options(cfg, t.device, t.world, None).compile
+        detect = DeviceDetect(t.model, t.device, cfg.amp, compile_options)
+    coco = t.data.val_set.coco
+    return Evaluator(t.model, t.data.val, coco, t.device, cfg.shape, cfg.amp, detect=detect)
 
 
 def detection_sheet(cfg: Any, t: Training) -> DetectionSheet:

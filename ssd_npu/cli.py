@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ssd_npu.config import config_dir, register_configs
+from ssd_npu.config import config_dir, expand_short_forms, register_configs
 from ssd_npu.errors import UserError
 
 register_configs()
@@ -37,8 +37,20 @@ def user_errors() -> Iterator[None]:
         sys.exit(err.exit_code)
 
 
+def expand_argv() -> None:
+    """Spell out the command line's short forms (`eval=false` is `eval.enabled=false`) before
+    Hydra parses it; every Hydra entry calls this first."""
+    sys.argv[1:] = expand_short_forms(sys.argv[1:])
+
+
+def main() -> None:
+    """`python train.py` / `ssd-npu-train`: train (or evaluate) as the overrides say."""
+    expand_argv()
+    train_main()
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> None:
+def train_main(cfg: DictConfig) -> None:
     from ssd_npu.distributed import shutdown
     from ssd_npu.train import run
 

@@ -25,6 +25,9 @@ DATASETS = ("synthetic", "coco")
 ON_BAD_IMAGE = ("fail", "skip")
 DECODES = ("exact", "reduced")
 AMP_DTYPES = ("bf16", "fp16")
+# where evaluation's postprocess (score threshold, top-k, NMS) runs on the fixed path; auto:
+# the device on cuda and npu, the host on the cpu (faster there: docs/bench.md)
+POSTPROCESS = ("auto", "device", "host")
 # torch.compile's `mode` (its docstring; inductor only): reduce-overhead and max-autotune use
 # CUDA graphs on cuda, possible here because every shape of the fixed step is fixed
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -86,6 +89,8 @@ class AuditConfig:
     steps: int = 6  # training steps recorded by scripts/audit_shapes.py
     out: str | None = None  # report path; None: <out_dir>/dynamic_shapes.json
     fail_on_dynamic: bool = False  # exit 1 when a dynamic op or in-step host sync is found
+    # train: the training step; eval: the evaluation forward as eval.postprocess places it
+    target: str = "train"
 
 
 @dataclass
@@ -105,7 +110,8 @@ class CompilerConfig:
 @dataclass
 class BenchConfig:
     steps: int = 30  # training steps per variant in scripts/bench.py
-    out: str | None = None  # bench.json path; None: <out_dir>/bench.json
+    out: str | None = None  # bench.json path; None: <out_dir>/bench.json (bench_eval.json)
+    eval_rounds: int = 5  # timed passes over the val set per variant in scripts/bench_eval.py
 
 
 @dataclass
@@ -121,6 +127,13 @@ class ShowConfig:
     images: int = 6  # the first N val images (by image id)
     score: float = 0.3  # predictions drawn: score >= this
     height: int = 256  # pixels per picture (aspect kept)
+
+
+@dataclass
+class EvalConfig:
+    # `eval=true|false` on the command line is kept as a short form of eval.enabled
+    enabled: bool = True  # COCO evaluation at the end of training (and every eval_every epochs)
+    postprocess: str = "auto"  # auto | device | host (the fixed path; see POSTPROCESS)
 
 
 @dataclass
@@ -164,7 +177,7 @@ class TrainConfig:
     profile_steps: int = 0  # >0: profiler trace of that many steps into <run>/profile
     augment: bool = True
     weights: str | None = None
-    eval: bool = True  # COCO evaluation at the end of training (and every eval_every epochs)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     eval_every: int = 0  # epochs between evaluations; 0: only at the end
     eval_only: bool = False  # evaluate `weights` without training
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at the end (and on stop)
@@ -196,6 +209,15 @@ def register_configs() -> None:
     cs.store(group="device", name="device_schema", node=DeviceConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
+
+
+def expand_short_forms(overrides: list[str]) -> list[str]:
+    """Command-line words with the short forms spelled out: `eval=true|false` (an older bool
+    key, still the documented way to skip evaluation) is `eval.enabled=true|false`."""
+    return [
+        "eval.enabled=" + o.split("=", 1)[1] if o.split("=", 1)[0] in ("eval", "+eval") else o
+        for o in overrides
+    ]
 
 
 def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -246,6 +268,12 @@ def validate(cfg: Any) -> None:
     _one_of("data", cfg.data.name, DATASETS)
     _one_of("data.on_bad_image", cfg.data.on_bad_image, ON_BAD_IMAGE)
     _one_of("data.decode", cfg.data.decode, DECODES)
+    _one_of("eval.postprocess", cfg.eval.postprocess, POSTPROCESS)
+    if cfg.eval.postprocess == "device" and cfg.shape != "fixed":
+        raise ConfigError(
+            "eval.postprocess=device needs shape=fixed; the dynamic baseline evaluates with "
+            "torchvision's own inference: use eval.postprocess=auto (or host) with shape=dynamic."
+        )
     if cfg.data.decode == "reduced" and cfg.shape != "fixed":
         raise ConfigError(
             "data.decode=reduced needs shape=fixed (it sends uint8 canvases); the dynamic "

@@ -1,7 +1,13 @@
 """COCO box mAP for the fixed path and for torchvision's dynamic baseline, on the same weights.
 
-Fixed path: the device runs only the static graph (`FixedSSD`: `[B, 3, H, W]` -> head outputs).
-Everything data-dependent runs on the HOST: the detector's own `postprocess_detections`
+Fixed path, `eval.postprocess=device` (`DeviceDetect`): the device runs the network AND the
+detector's postprocess in fixed shapes (`ssd_npu.postprocess.fixed_postprocess`: [B, D]
+detections and a valid mask, D = detections_per_img) as one static function, compiled once
+under compile=true; the host receives one [B, D, 7] tensor per batch and only maps boxes back
+(`unfit_boxes`) and writes the COCO records.
+
+Fixed path, `eval.postprocess=host`: the device runs only the static graph (`FixedSSD`:
+`[B, 3, H, W]` -> head outputs). Everything data-dependent runs on the HOST: the detector's own `postprocess_detections`
 (SSD: softmax over all anchors; RetinaNet: sigmoid per FPN level, so the head outputs and
 anchors are split per level as `RetinaNet.forward` does; then box decoding, score threshold,
 top-k, batched NMS; the number of boxes kept varies
@@ -28,10 +34,13 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from ssd_npu import distributed
+from ssd_npu.compiler import CompiledStep
 from ssd_npu.data.fixed_shape import FixedBatch, unfit_boxes
 from ssd_npu.device import Device
 from ssd_npu.model import Detector, FixedSSD, eval_mode
 from ssd_npu.model_specs import DEFAULT_MODEL
+from ssd_npu.postprocess import Detections, as_dicts, fixed_postprocess
+from ssd_npu.step import CompileOptions
 
 # torchvision's ssdlite320 evaluation recipe (its builder's defaults)
 EVAL_RECIPE = {
@@ -95,6 +104,75 @@ def postprocess_fixed(model: FixedSSD, cls_logits: Tensor, bbox_regression: Tens
     return model.detector.postprocess_detections(head, [anchors] * n, [canvas] * n)
 
 
+def resolve_postprocess(choice: str, device_type: str, shape: str) -> str:
+    """`eval.postprocess` -> "device" | "host". auto: the device on cuda and npu (the host path
+    copies every head output and runs NMS in Python; torchvision's nms has no NPU kernel), the
+    host on the cpu, where both are the same processor and the host path is faster
+    (docs/bench.md). The dynamic baseline is torchvision's own inference: always "host"."""
+    if shape != "fixed":
+        return "host"
+    if choice == "auto":
+        return "device" if device_type in ("cuda", "npu") else "host"
+    return choice
+
+
+def pack_detections(detections: Detections) -> Tensor:
+    """Detections -> [B, D, 7] float32 (x1, y1, x2, y2, score, label, valid), so the host reads a
+    batch's detections in one copy. Labels (< 2^24) and the 0/1 mask are exact in float32."""
+    columns = (detections.scores, detections.labels, detections.valid)
+    return torch.cat([detections.boxes.float(), *(c.float()[..., None] for c in columns)], dim=-1)
+
+
+def unpack_detections(packed: Tensor) -> list[dict[str, Tensor]]:
+    """[B, D, 7] from `pack_detections` -> per image {"boxes" [n, 4], "scores" [n], "labels" [n]}
+    of the valid slots (n varies: host only), the format of `postprocess_detections`."""
+    valid = packed[..., 6] > 0.5
+    return as_dicts(Detections(packed[..., :4], packed[..., 4], packed[..., 5].long(), valid))
+
+
+class DeviceDetect:
+    """The fixed path's evaluation forward with the postprocess on the device.
+
+    `detect(images [B, 3, H, W] on the device)` -> [B, D, 7] float32 packed detections
+    (`pack_detections`; boxes in canvas pixels, D = detections_per_img): the network (under
+    autocast with `amp`) and `fixed_postprocess` in float32, every shape static. With
+    `compile_options` it runs under torch.compile(dynamic=False): one graph for the whole val set
+    (its last batch is filled to the batch size), counted in `graphs`.
+    """
+
+    def __init__(
+        self,
+        model: FixedSSD,
+        device: Device,
+        amp: bool = False,
+        compile_options: CompileOptions | None = None,
+    ) -> None:
+        self.model, self.device, self.amp = model, device, amp
+        self.compiled: CompiledStep | None = None
+        if compile_options is not None:
+            self.compiled = CompiledStep(
+                self.forward,
+                compile_options.backend,
+                fail_on_recompile=compile_options.fail_on_recompile,
+                recompile_limit=compile_options.recompile_limit,
+                mode=compile_options.mode,
+            )
+
+    def forward(self, images: Tensor) -> Tensor:
+        with self.device.autocast(self.amp):
+            cls_logits, bbox_regression = self.model(images)
+        detections = fixed_postprocess(self.model, cls_logits.float(), bbox_regression.float())
+        return pack_detections(detections)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.compiled(images) if self.compiled is not None else self.forward(images)
+
+    @property
+    def graphs(self) -> int | None:
+        """Graphs compiled so far (None: not compiled)."""
+        return self.compiled.graphs if self.compiled is not None else None
+
+
 def _as_device(device: Device | torch.device | str) -> Device:
     if isinstance(device, Device):
         return device
@@ -156,8 +234,11 @@ def fixed_detections(
     loader: Iterable[FixedBatch],
     device: Device | torch.device | str,
     amp: bool = False,
+    detect: DeviceDetect | None = None,
 ) -> tuple[list[dict], list[int]]:
-    """COCO records and evaluated image ids for every FixedBatch of `loader` (eval mode)."""
+    """COCO records and evaluated image ids for every FixedBatch of `loader` (eval mode).
+
+    With `detect` the postprocess runs on the device (`DeviceDetect`); without, on the host."""
     dev = _as_device(device)
     check_eval_recipe(model.detector)
     records: list[dict] = []
@@ -165,10 +246,13 @@ def fixed_detections(
     with eval_mode(model):
         for batch in loader:
             images = batch.images.to(dev.torch, non_blocking=True)
-            with dev.autocast(amp):
-                cls_logits, bbox_regression = model(images)
-            # NMS keeps a data-dependent number of boxes: run it on the host, in fp32
-            detections = postprocess_fixed(model, cls_logits, bbox_regression)
+            if detect is not None:
+                detections = unpack_detections(detect(images).cpu())  # one copy per batch
+            else:
+                with dev.autocast(amp):
+                    cls_logits, bbox_regression = model(images)
+                # NMS keeps a data-dependent number of boxes: run it on the host, in fp32
+                detections = postprocess_fixed(model, cls_logits, bbox_regression)
             records += fixed_batch_records(batch, detections)
             image_ids += [i for i in batch.image_ids.tolist() if i >= 0]
     return records, image_ids
@@ -194,7 +278,8 @@ def dynamic_detections(
 
 
 class Evaluator:
-    """COCO mAP on a val loader: the fixed path, or torchvision's own for shape="dynamic".
+    """COCO mAP on a val loader: the fixed path (postprocess on the device with `detect`, else
+    on the host), or torchvision's own for shape="dynamic".
 
     Each rank runs its share of the val set; rank 0 gathers every rank's detections and runs
     COCOeval (`run` returns None on the other ranks; in one process it always returns).
@@ -208,14 +293,23 @@ class Evaluator:
         device: Device | torch.device | str,
         shape: str = "fixed",
         amp: bool = False,
+        detect: DeviceDetect | None = None,
     ) -> None:
         self.model, self.loader, self.coco = model, loader, coco
         self.device, self.shape, self.amp = _as_device(device), shape, amp
+        self.detect = detect  # the fixed path's postprocess on the device; None: on the host
+
+    @property
+    def postprocess(self) -> str:
+        """Where the postprocess runs: "device" or "host" (the dynamic path's is torchvision's)."""
+        return "device" if self.detect is not None else "host"
 
     def detections(self) -> tuple[list[dict], list[int]]:
         """This rank's COCO records and evaluated image ids."""
         if self.shape == "fixed":
-            return fixed_detections(self.model, self.loader, self.device, amp=self.amp)
+            return fixed_detections(
+                self.model, self.loader, self.device, amp=self.amp, detect=self.detect
+            )
         return dynamic_detections(self.model.detector, self.loader, self.device)
 
     def run(self) -> dict[str, Any] | None:

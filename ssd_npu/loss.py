@@ -10,19 +10,28 @@ rounding: only the order of the summation differs).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou
 
-# Below any real IoU (>= 0): padding rows never win a max and never pass the threshold.
-_PADDING_IOU = -1.0
+from ssd_npu.loss_common import clean_padding, gather_matched, padded_iou
 
 
 def ssd_box_coder() -> BoxCoder:
     """torchvision's SSD box coding: weights (10, 10, 5, 5) for (x, y, w, h)."""
     return BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+
+
+@dataclass(frozen=True)
+class SSDLossOptions:
+    """How `ssd_loss_sums` computes torchvision's `SSD.compute_loss`; the defaults are its own."""
+
+    box_coder: BoxCoder = field(default_factory=ssd_box_coder)  # weights (10, 10, 5, 5)
+    iou_threshold: float = 0.5  # SSDMatcher's foreground IoU
+    neg_to_pos_ratio: int = 3  # hard negatives kept per positive, per image
 
 
 def match_anchors(
@@ -32,17 +41,16 @@ def match_anchors(
 
     Args:
         anchors: [A, 4] xyxy, canvas pixels.
-        boxes: [B, M, 4] xyxy, canvas pixels; rows where `valid` is False are ignored.
+        boxes: [B, M, 4] xyxy, canvas pixels; rows where `valid` is False are ignored (they
+            may hold anything, even NaN).
         valid: [B, M] bool.
     Returns:
         matched: [B, A] int64, index into M of the box matched to each anchor, or -1
         (background). Anchors between thresholds do not exist here: SSDMatcher uses one.
     """
-    batch, max_boxes = valid.shape
+    max_boxes = valid.shape[1]
     num_anchors = anchors.shape[0]
-    # box_iou is [M, A] per image; flattening the batch keeps one call and one shape.
-    iou = box_iou(boxes.reshape(-1, 4), anchors).reshape(batch, max_boxes, num_anchors)
-    iou = torch.where(valid[:, :, None], iou, _PADDING_IOU)
+    iou = padded_iou(anchors, boxes, valid)  # [B, M, A]
 
     # Matcher: best box per anchor (first index on ties, as torch.max), below threshold -> -1.
     best_iou, matched = iou.max(dim=1)
@@ -87,10 +95,12 @@ def fixed_ssd_loss(
         {"bbox_regression": scalar, "classification": scalar}, each divided by
         max(1, foreground anchors in the batch), as torchvision's `SSD.compute_loss`.
     """
+    options = SSDLossOptions(
+        ssd_box_coder() if box_coder is None else box_coder, iou_threshold, neg_to_pos_ratio
+    )
     bbox_sum, cls_sum, num_foreground = ssd_loss_sums(
-        cls_logits, bbox_regression, anchors, boxes, labels, valid,
-        box_coder=box_coder, iou_threshold=iou_threshold, neg_to_pos_ratio=neg_to_pos_ratio,
-    )  # fmt: skip
+        cls_logits, bbox_regression, anchors, boxes, labels, valid, options
+    )
     return normalise(bbox_sum, cls_sum, num_foreground)
 
 
@@ -107,45 +117,37 @@ def ssd_loss_sums(
     boxes: Tensor,
     labels: Tensor,
     valid: Tensor,
-    *,
-    box_coder: BoxCoder | None = None,
-    iou_threshold: float = 0.5,
-    neg_to_pos_ratio: int = 3,
+    options: SSDLossOptions = SSDLossOptions(),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The un-normalised loss: (bbox Smooth-L1 sum, classification CE sum, foreground count).
 
-    Same arguments as `fixed_ssd_loss`. Split out so that data-parallel training can divide
-    by the foreground count of the *global* batch, as one process would.
+    The tensors are `fixed_ssd_loss`'s; `options` its keywords. Split out so that
+    data-parallel training can divide by the foreground count of the *global* batch, as one
+    process would.
     """
-    box_coder = box_coder or ssd_box_coder()
-    # Padding rows are arbitrary: replace them before they reach any arithmetic, so a NaN
-    # there cannot leak into a max, a sum or a gradient.
-    boxes = torch.where(valid[:, :, None], boxes, anchors.new_zeros(()))
-    labels = torch.where(valid, labels, 0)
-    matched = match_anchors(anchors, boxes, valid, iou_threshold)  # [B, A]
-    foreground = matched >= 0
+    boxes, labels = clean_padding(boxes, labels, valid)
+    matched = match_anchors(anchors, boxes, valid, options.iou_threshold)  # [B, A]
+    target_of = gather_matched(anchors, boxes, labels, matched)
+    foreground = target_of.foreground
     num_foreground = foreground.sum()
-    gather_index = matched.clamp(min=0)
 
-    # Regression: encode every anchor against its matched box; background anchors get the
-    # anchor itself (a zero target) so nothing non-finite appears, then they are masked out.
-    matched_boxes = torch.gather(boxes, 1, gather_index[:, :, None].expand(-1, -1, 4))
-    anchors_b = anchors.expand_as(matched_boxes)
-    matched_boxes = torch.where(foreground[:, :, None], matched_boxes, anchors_b)
-    target = box_coder.encode_single(matched_boxes.reshape(-1, 4), anchors_b.reshape(-1, 4))
-    target = target.reshape_as(bbox_regression)
+    # Regression: encode every anchor against its matched box (background anchors: a zero
+    # target), then mask the background out.
+    target = options.box_coder.encode_single(
+        target_of.boxes.reshape(-1, 4), target_of.anchors.reshape(-1, 4)
+    ).reshape_as(bbox_regression)
     smooth_l1 = F.smooth_l1_loss(bbox_regression, target, reduction="none")
     bbox_loss = torch.where(foreground[:, :, None], smooth_l1, 0.0).sum()
 
     # Classification: cross entropy on every anchor, then hard negative mining exactly as
     # torchvision does it (sort, rank, keep the top 3 x positives per image).
-    cls_targets = torch.where(foreground, torch.gather(labels, 1, gather_index), 0)
+    cls_targets = target_of.labels  # 0 (background) where no box matched
     num_classes = cls_logits.shape[-1]
     cls_loss = F.cross_entropy(
         cls_logits.reshape(-1, num_classes), cls_targets.reshape(-1), reduction="none"
     ).reshape(cls_targets.shape)
     positive = cls_targets > 0
-    num_negative = neg_to_pos_ratio * positive.sum(1, keepdim=True)
+    num_negative = options.neg_to_pos_ratio * positive.sum(1, keepdim=True)
     negative_loss = torch.where(positive, -float("inf"), cls_loss)
     _, order = negative_loss.sort(1, descending=True)
     negative = order.sort(1)[1] < num_negative

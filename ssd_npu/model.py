@@ -19,7 +19,7 @@ from torchvision.models import detection
 from torchvision.models.detection.image_list import ImageList
 
 from ssd_npu.errors import UserError
-from ssd_npu.model_specs import DEFAULT_MODEL, model_spec
+from ssd_npu.model_specs import DEFAULT_MODEL, MODELS, ModelSpec, model_spec
 
 # SSD or RetinaNet: both have backbone, head (cls_logits, bbox_regression), anchor_generator,
 # transform and postprocess_detections.
@@ -49,9 +49,27 @@ def build_detector(
     return detector
 
 
+def detector_spec(detector: Detector) -> ModelSpec:
+    """The spec of the detector's `model_name` (set by `build_detector`).
+
+    A torchvision SSD built elsewhere, without the name, is taken as the default model (all
+    SSDs share one loss); any other unnamed detector raises ValueError: its loss options (a
+    RetinaNet's box loss type) cannot be told from its class.
+    """
+    name = getattr(detector, "model_name", None)
+    if name is None:
+        if not isinstance(detector, detection.ssd.SSD):
+            raise ValueError(
+                f"{type(detector).__name__} has no model_name: build it with build_detector, "
+                f"or set detector.model_name to one of: {', '.join(MODELS)}."
+            )
+        name = DEFAULT_MODEL
+    return model_spec(name)
+
+
 def model_kind(detector: Detector) -> str:
-    """ "ssd" or "retinanet": which loss and postprocess the detector takes."""
-    return "retinanet" if isinstance(detector, detection.RetinaNet) else "ssd"
+    """ "ssd" or "retinanet": which loss and postprocess the detector takes (its spec's)."""
+    return detector_spec(detector).kind
 
 
 @contextlib.contextmanager
@@ -111,7 +129,8 @@ class FixedDetector(nn.Module):
         super().__init__()
         self.detector = detector
         self.canvas = tuple(canvas)
-        self.kind = model_kind(detector)
+        self.spec = detector_spec(detector)  # loss kind, box loss, eval recipe
+        self.kind = self.spec.kind
         anchors, self.anchors_per_level = canvas_anchors_per_level(detector, self.canvas)
         self.register_buffer("anchors", anchors, persistent=False)
         dtype = anchors.dtype  # the detector's (float64 for a .double() detector: exact mean)

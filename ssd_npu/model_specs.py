@@ -1,4 +1,5 @@
-"""The detectors `model=` can name: torchvision builder, kind of loss, default canvas, canvas rule.
+"""The detectors `model=` can name: torchvision builder, kind of loss, box loss, eval recipe,
+default canvas, canvas rule.
 
 Light on purpose (no torch import): the config check reads the canvas rules from here before
 anything is built. `ssd_npu.model` builds what a spec names.
@@ -13,6 +14,11 @@ Canvas rules (checked against torchvision 0.29):
 - retinanet_resnet50_fpn(_v2): `GeneralizedRCNNTransform(size_divisible=32)` pads every batch
   to multiples of 32, so a canvas divisible by 32 is exactly what torchvision's own path sees
   (nothing padded); FPN levels P3-P7, strides 8..128.
+
+Box loss and eval recipe: what each torchvision builder sets (0.29): retinanet_resnet50_fpn
+keeps `RetinaNetRegressionHead._loss_type = "l1"`, retinanet_resnet50_fpn_v2 sets "giou";
+ssdlite320 passes its own postprocess defaults (score 0.001, NMS 0.55, 300 detections, top
+300), ssd300 keeps `SSD`'s (0.01, 0.45, 200, 400), RetinaNet `RetinaNet`'s (0.05, 0.5, 300, 1000).
 """
 
 from __future__ import annotations
@@ -23,12 +29,32 @@ KINDS = ("ssd", "retinanet")
 
 
 @dataclass(frozen=True)
+class EvalRecipe:
+    """The detector's postprocess settings, as its torchvision builder sets them (the
+    attributes of the same names on the built detector)."""
+
+    score_thresh: float  # drop detections scoring below
+    nms_thresh: float  # IoU above which NMS suppresses
+    detections_per_img: int  # kept per image after NMS
+    topk_candidates: int  # best-scoring candidates kept before NMS (per level for RetinaNet)
+
+
+SSDLITE_RECIPE = EvalRecipe(0.001, 0.55, 300, 300)
+SSD_RECIPE = EvalRecipe(0.01, 0.45, 200, 400)
+RETINANET_RECIPE = EvalRecipe(0.05, 0.5, 300, 1000)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """One detector: its torchvision builder name, loss kind, default canvas (H, W) and rule."""
+    """One detector: its torchvision builder name, loss kind, box loss, eval recipe, default
+    canvas (H, W) and canvas rule."""
 
     name: str  # torchvision.models.detection builder, e.g. "ssd300_vgg16"
     kind: str  # "ssd" (SSD.compute_loss) | "retinanet" (RetinaNet.compute_loss)
     canvas: tuple[int, int]  # default [H, W] pixels
+    eval_recipe: EvalRecipe
+    # RetinaNet's bbox_reg_loss_type ("l1" | "giou"); None for SSD (its Smooth-L1 is fixed)
+    box_loss_type: str | None = None
     divisor: int = 32  # each side divisible by this
     min_side: int = 64  # each side at least this, pixels
     exact: tuple[int, int] | None = None  # the only canvas allowed, when the anchors demand it
@@ -52,10 +78,11 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("ssdlite320_mobilenet_v3_large", "ssd", (320, 320)),
-        ModelSpec("ssd300_vgg16", "ssd", (300, 300), exact=(300, 300)),
-        ModelSpec("retinanet_resnet50_fpn", "retinanet", (512, 512)),
-        ModelSpec("retinanet_resnet50_fpn_v2", "retinanet", (512, 512)),
+        ModelSpec("ssdlite320_mobilenet_v3_large", "ssd", (320, 320), SSDLITE_RECIPE),
+        ModelSpec("ssd300_vgg16", "ssd", (300, 300), SSD_RECIPE, exact=(300, 300)),
+        # RetinaNet: its box loss type last (torchvision's `_loss_type`)
+        ModelSpec("retinanet_resnet50_fpn", "retinanet", (512, 512), RETINANET_RECIPE, "l1"),
+        ModelSpec("retinanet_resnet50_fpn_v2", "retinanet", (512, 512), RETINANET_RECIPE, "giou"),
     )
 }
 DEFAULT_MODEL = "ssdlite320_mobilenet_v3_large"

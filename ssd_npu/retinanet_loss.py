@@ -15,24 +15,47 @@ over the images of the batch. Unlike SSD's, this normaliser needs no count from 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder, Matcher
-from torchvision.ops import box_iou, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
+
+from ssd_npu.loss_common import clean_padding, gather_matched, padded_iou
 
 # torchvision's `_box_loss` accepts these; RetinaNet uses "l1" (v1, the default) and "giou" (v2).
 BOX_LOSS_TYPES = ("l1", "smooth_l1", "ciou", "diou", "giou")
 # `_box_loss` defaults when it is called without `cnf`, as RetinaNet calls it.
 _SMOOTH_L1_BETA = 1.0
 _IOU_LOSS_EPS = 1e-7
-# Below any real IoU (>= 0): padding rows never win a max, never pass a threshold.
-_PADDING_IOU = -1.0
 
 
 def retinanet_box_coder() -> BoxCoder:
     """torchvision's RetinaNet box coding: weights (1, 1, 1, 1) for (x, y, w, h)."""
     return BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+
+
+@dataclass(frozen=True)
+class RetinaNetLossOptions:
+    """How `retinanet_loss_sums` computes torchvision's `RetinaNet.compute_loss`; the defaults
+    are retinanet_resnet50_fpn's (v2 differs only in `bbox_reg_loss_type="giou"`)."""
+
+    box_coder: BoxCoder = field(default_factory=retinanet_box_coder)  # weights (1, 1, 1, 1)
+    bbox_reg_loss_type: str = "l1"  # one of BOX_LOSS_TYPES
+    fg_iou_thresh: float = 0.5  # the Matcher's: foreground at or above
+    bg_iou_thresh: float = 0.4  # background below; in between ignored by the loss
+    allow_low_quality_matches: bool = True  # each box keeps its best anchors
+    focal_alpha: float = 0.25  # sigmoid_focal_loss's (torchvision calls it with defaults)
+    focal_gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        # fail when the options are built (at model set-up), not at the first loss
+        if self.bbox_reg_loss_type not in BOX_LOSS_TYPES:
+            raise ValueError(
+                f"bbox_reg_loss_type {self.bbox_reg_loss_type!r}: use one of {BOX_LOSS_TYPES}"
+            )
 
 
 def match_anchors_retinanet(
@@ -55,12 +78,7 @@ def match_anchors_retinanet(
         `bg_iou_thresh`: background) or -2 (best IoU in [bg, fg): ignored by the loss). An
         image with no valid box is all -1, as `RetinaNet.compute_loss` makes it.
     """
-    batch, max_boxes = valid.shape
-    num_anchors = anchors.shape[0]
-    boxes = torch.where(valid[:, :, None], boxes, anchors.new_zeros(()))
-    # box_iou is [M, A] per image; flattening the batch keeps one call and one shape.
-    iou = box_iou(boxes.reshape(-1, 4), anchors).reshape(batch, max_boxes, num_anchors)
-    iou = torch.where(valid[:, :, None], iou, _PADDING_IOU)
+    iou = padded_iou(anchors, boxes, valid)  # [B, M, A]
 
     # Best box per anchor (first index on ties, as torch.max), then the two thresholds.
     best_iou, all_matches = iou.max(dim=1)  # [B, A]
@@ -111,13 +129,14 @@ def fixed_retinanet_loss(
         max(1, that image's foreground anchors); then the mean over the B images, as
         torchvision's `RetinaNet.compute_loss`.
     """
-    bbox_sums, cls_sums, num_foreground = retinanet_loss_sums(
-        cls_logits, bbox_regression, anchors, boxes, labels, valid,
-        box_coder=box_coder, bbox_reg_loss_type=bbox_reg_loss_type,
-        fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
-        allow_low_quality_matches=allow_low_quality_matches,
-        focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+    options = RetinaNetLossOptions(
+        retinanet_box_coder() if box_coder is None else box_coder,
+        bbox_reg_loss_type, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches,
+        focal_alpha, focal_gamma,
     )  # fmt: skip
+    bbox_sums, cls_sums, num_foreground = retinanet_loss_sums(
+        cls_logits, bbox_regression, anchors, boxes, labels, valid, options
+    )
     return retinanet_normalise(bbox_sums, cls_sums, num_foreground)
 
 
@@ -153,54 +172,44 @@ def retinanet_loss_sums(
     boxes: Tensor,
     labels: Tensor,
     valid: Tensor,
-    *,
-    box_coder: BoxCoder | None = None,
-    bbox_reg_loss_type: str = "l1",
-    fg_iou_thresh: float = 0.5,
-    bg_iou_thresh: float = 0.4,
-    allow_low_quality_matches: bool = True,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
+    options: RetinaNetLossOptions = RetinaNetLossOptions(),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The un-normalised loss per image: (box-loss sums [B], focal-loss sums [B], foreground
     anchors [B] int64).
 
-    Same arguments as `fixed_retinanet_loss`. Split out so that data-parallel training can
-    choose what the per-image losses are averaged over (see `retinanet_normalise`).
+    The tensors are `fixed_retinanet_loss`'s; `options` its keywords. Split out so that
+    data-parallel training can choose what the per-image losses are averaged over (see
+    `retinanet_normalise`).
     """
-    if bbox_reg_loss_type not in BOX_LOSS_TYPES:
-        raise ValueError(f"bbox_reg_loss_type {bbox_reg_loss_type!r}: use one of {BOX_LOSS_TYPES}")
-    box_coder = box_coder or retinanet_box_coder()
-    # Padding rows are arbitrary: replace them before they reach any arithmetic, so a NaN
-    # there cannot leak into a max, a sum or a gradient.
-    boxes = torch.where(valid[:, :, None], boxes, anchors.new_zeros(()))
-    labels = torch.where(valid, labels, 0)
+    boxes, labels = clean_padding(boxes, labels, valid)
+    thresholds = (options.fg_iou_thresh, options.bg_iou_thresh)
     matched = match_anchors_retinanet(
-        anchors, boxes, valid, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches
+        anchors, boxes, valid, *thresholds, options.allow_low_quality_matches
     )  # [B, A]
-    foreground, batch = matched >= 0, matched.shape[0]
+    target_of = gather_matched(anchors, boxes, labels, matched)
+    foreground, batch = target_of.foreground, matched.shape[0]
     num_foreground = foreground.sum(dim=1)
-    gather_index = matched.clamp(min=0)
 
     # Classification: one-hot target of the matched box's label on foreground anchors, zeros
     # on background; anchors between the thresholds (-2) are left out of the sum.
     classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)
-    anchor_labels = torch.gather(labels, 1, gather_index)  # [B, A]
-    one_hot = (anchor_labels[:, :, None] == classes) & foreground[:, :, None]
+    one_hot = (target_of.labels[:, :, None] == classes) & foreground[:, :, None]
+    alpha, gamma = options.focal_alpha, options.focal_gamma
     focal = sigmoid_focal_loss(
-        cls_logits, one_hot.to(cls_logits.dtype), focal_alpha, focal_gamma, reduction="none"
+        cls_logits, one_hot.to(cls_logits.dtype), alpha, gamma, reduction="none"
     )  # [B, A, C]
     counted = matched != Matcher.BETWEEN_THRESHOLDS
     cls_sums = torch.where(counted[:, :, None], focal, 0.0).sum(dim=(1, 2))
 
-    # Regression over every anchor; background anchors get the anchor itself as their box
-    # (a finite target, a non-degenerate IoU) and are masked out of the sum.
-    matched_boxes = torch.gather(boxes, 1, gather_index[:, :, None].expand(-1, -1, 4))
-    anchors_b = anchors.expand_as(matched_boxes)
-    matched_boxes = torch.where(foreground[:, :, None], matched_boxes, anchors_b)
-    flat = (anchors_b.reshape(-1, 4), matched_boxes.reshape(-1, 4), bbox_regression.reshape(-1, 4))
-    per_anchor = _box_loss_per_anchor(bbox_reg_loss_type, box_coder, *flat).reshape(batch, -1)
-    bbox_sums = torch.where(foreground, per_anchor, 0.0).sum(dim=1)
+    # Regression over every anchor (background: the anchor itself as its box, a finite
+    # target and a non-degenerate IoU), masked out of the sum on background.
+    flat = (
+        target_of.anchors.reshape(-1, 4),
+        target_of.boxes.reshape(-1, 4),
+        bbox_regression.reshape(-1, 4),
+    )
+    per_anchor = _box_loss_per_anchor(options.bbox_reg_loss_type, options.box_coder, *flat)
+    bbox_sums = torch.where(foreground, per_anchor.reshape(batch, -1), 0.0).sum(dim=1)
     return bbox_sums, cls_sums, num_foreground
 
 

@@ -27,9 +27,10 @@ from ssd_npu.data.dynamic import DynamicBatch
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device
 from ssd_npu.distributed import World, all_reduce
-from ssd_npu.loss import normalise, ssd_loss_sums
+from ssd_npu.loss import SSDLossOptions, normalise, ssd_loss_sums
 from ssd_npu.model import FixedSSD
-from ssd_npu.retinanet_loss import retinanet_loss_sums, retinanet_normalise
+from ssd_npu.model_specs import ModelSpec
+from ssd_npu.retinanet_loss import RetinaNetLossOptions, retinanet_loss_sums, retinanet_normalise
 
 Losses = dict[str, Tensor]
 Wrap = Callable[[nn.Module], nn.Module]  # e.g. functools.partial(DistributedDataParallel, ...)
@@ -122,6 +123,15 @@ def _callable(
     return options.ddp(module if compiled is None else CompiledCall(module, compiled))
 
 
+def loss_options(spec: ModelSpec) -> SSDLossOptions | RetinaNetLossOptions:
+    """The fixed loss's options for a model: torchvision's own, with a RetinaNet's box loss
+    type from its spec ("l1" for v1, "giou" for v2)."""
+    if spec.kind == "retinanet":
+        # a spec that names no box loss type: torchvision's RetinaNet default
+        return RetinaNetLossOptions(bbox_reg_loss_type=spec.box_loss_type or "l1")
+    return SSDLossOptions()
+
+
 class LossSums(nn.Module):
     """The network and the model's fixed loss before normalisation: the part of a step that
     `compile=true` compiles and that DDP wraps (the normalisation may need a collective).
@@ -130,11 +140,13 @@ class LossSums(nn.Module):
     -> SSD: (Smooth-L1 sum, cross-entropy sum, foreground anchors), scalars over the B images;
     RetinaNet: the same three per image, [B] each. The network runs under autocast when
     `amp`; the loss in the anchors' precision (fp32) whatever autocast gave the network.
+    The loss options are built once, from the model's spec.
     """
 
     def __init__(self, model: FixedSSD, device: Device, amp: bool, amp_dtype: str | None):
         super().__init__()
         self.model, self.device, self.amp, self.amp_dtype = model, device, amp, amp_dtype
+        self.loss_options = loss_options(model.spec)
 
     def forward(
         self, images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor
@@ -143,12 +155,11 @@ class LossSums(nn.Module):
             cls_logits, bbox_regression = self.model(images)
         anchors = self.model.anchors
         args = (cls_logits.to(anchors.dtype), bbox_regression.to(anchors.dtype), anchors)
-        if self.model.kind == "retinanet":
-            # labels are logit columns as given (COCO ids; column 0 never a target); the box
-            # loss is the detector's own ("l1" for v1, "giou" for v2)
-            loss_type = self.model.detector.head.regression_head._loss_type
-            return retinanet_loss_sums(*args, boxes, labels, valid, bbox_reg_loss_type=loss_type)
-        return ssd_loss_sums(*args, boxes, labels, valid)
+        options = self.loss_options
+        if isinstance(options, RetinaNetLossOptions):
+            # labels are logit columns as given (COCO ids; column 0 never a target)
+            return retinanet_loss_sums(*args, boxes, labels, valid, options)
+        return ssd_loss_sums(*args, boxes, labels, valid, options)
 
 
 class FixedStep(TrainStep):

@@ -14,12 +14,17 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ssd_npu.build import Training, build_training, detection_sheet, process_age_s
+from ssd_npu.build import (
+    Training,
+    build_evaluator,
+    build_training,
+    detection_sheet,
+    process_age_s,
+)
 from ssd_npu.checkpoint import TrainState, find_resume, list_checkpoints, load_checkpoint
 from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.errors import Interrupted
-from ssd_npu.evaluate import Evaluator
 from ssd_npu.hooks import BucketCountHook, CheckpointHook, EvalHook, ProfilerHook, StopSignalHook
 from ssd_npu.prefetch import DevicePrefetcher
 from ssd_npu.telemetry import Telemetry
@@ -51,13 +56,19 @@ def run(cfg: Any) -> dict[str, Any]:
 
     steps_left = 0 if cfg.eval_only else t.total_steps - progress.step
     telemetry = Telemetry(out_dir, steps_left, enabled=main)
-    evaluator = Evaluator(t.model, t.data.val, t.data.val_set.coco, t.device, cfg.shape, cfg.amp)
+    evaluator = build_evaluator(cfg, t)
     # rank 0 (the TensorBoard writer) pictures the first show.images val images at each eval
     sheet = detection_sheet(cfg, t) if main else None
     stop = StopSignalHook()
     checkpoints = CheckpointHook(state, ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints, main)
     evals = EvalHook(
-        evaluator, telemetry, cfg.eval_every, cfg.epochs, final=cfg.eval, stop=stop, sheet=sheet
+        evaluator,
+        telemetry,
+        cfg.eval_every,
+        cfg.epochs,
+        final=cfg.eval.enabled,
+        stop=stop,
+        sheet=sheet,
     )
     # torchvision's dynamic batches have no box-count bucket: counted on the fixed path only
     buckets = None
@@ -129,6 +140,9 @@ def run(cfg: Any) -> dict[str, Any]:
         last_eval = evals.history[-1]
         summary["eval"] = {"mAP": last_eval["mAP"], "mAP50": last_eval["mAP50"]}
         summary["eval"]["history"] = evals.history
+        summary["eval"]["postprocess"] = evaluator.postprocess
+        # the device postprocess under compile=true: graphs compiled for evaluation (1 expected)
+        summary["eval"]["graphs_compiled"] = evaluator.detect.graphs if evaluator.detect else None
     telemetry.write_summary(summary)
     if failure is not None:
         raise failure

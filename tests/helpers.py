@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import box_iou
 
-from ssd_npu.config import config_dir, register_configs
+from ssd_npu.config import config_dir, expand_short_forms, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 register_configs()
@@ -25,7 +25,7 @@ FAST = ("canvas=[128,128]", "max_boxes=8", "eval=false")
 def compose_cfg(*overrides: str):
     """The train config composed through Hydra with `overrides` (the command line's words)."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name="train", overrides=expand_short_forms(list(overrides)))
 
 
 def tiny_overrides(root: Path, *overrides: str) -> list[str]:
@@ -106,3 +106,21 @@ def train_step(t, batch) -> dict[str, torch.Tensor]:
     sum(batch_losses.values()).backward()
     t.optimizer.step()
     return batch_losses
+
+
+def calibrate_batchnorm(model, loader) -> None:
+    """Give an untrained model image-dependent outputs: BatchNorm running stats from `loader`.
+
+    With fresh running stats (mean 0, var 1) an untrained SSDLite's eval-mode features decay to
+    ~1e-13, every image gets the same detections and a comparison would prove nothing.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for batch in loader:
+            model(batch.images)
+    for m in norms:
+        m.momentum = 0.03  # torchvision ssdlite's BatchNorm momentum

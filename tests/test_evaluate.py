@@ -20,25 +20,7 @@ from ssd_npu.evaluate import (
     fixed_batch_records,
     fixed_detections,
 )
-from tests.helpers import tiny_cfg
-
-
-def calibrate_batchnorm(model, loader) -> None:
-    """Give an untrained model image-dependent outputs: BatchNorm running stats from `loader`.
-
-    With fresh running stats (mean 0, var 1) an untrained SSDLite's eval-mode features decay to
-    ~1e-13, every image gets the same detections and a comparison would prove nothing.
-    """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for batch in loader:
-            model(batch.images)
-    for m in norms:
-        m.momentum = 0.03  # torchvision ssdlite's BatchNorm momentum
+from tests.helpers import calibrate_batchnorm, tiny_cfg
 
 
 @pytest.mark.parametrize("fit", ["stretch", "letterbox", "pad"])

@@ -8,9 +8,11 @@ targets)`; compiled, one graph over varied batches (slow). Canvases and batches 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from torchvision.models.detection import RetinaNet
 
 from ssd_npu import find_dynamic_shapes
 from ssd_npu.compiler import reset
@@ -19,8 +21,9 @@ from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device
 from ssd_npu.distributed import World
 from ssd_npu.evaluate import postprocess_fixed
-from ssd_npu.model import FixedSSD, build_detector, canvas_anchors
-from ssd_npu.step import CompileOptions, FixedStep, StepOptions
+from ssd_npu.model import FixedSSD, build_detector, canvas_anchors, detector_spec
+from ssd_npu.model_specs import DEFAULT_MODEL, MODELS, EvalRecipe
+from ssd_npu.step import CompileOptions, FixedStep, StepOptions, loss_options
 from ssd_npu.tools.data_report import data_report, smallest_anchor
 from tests.helpers import compose_cfg
 
@@ -210,3 +213,25 @@ def test_data_report_measures_each_models_own_anchors(tiny_coco):
     assert smallest_anchor((128, 128), NUM_CLASSES, "retinanet_resnet50_fpn") > smallest_anchor(
         (128, 128), NUM_CLASSES
     )  # RetinaNet's smallest anchors are 32 px at any canvas; ssdlite's scale with it
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_spec_facts_are_what_torchvisions_builder_sets(name):
+    """Kind, box loss type and eval recipe on the spec equal the built detector's own, and the
+    fixed loss gets that box loss type; a detector without a name: SSD -> the default spec,
+    RetinaNet -> an error (its box loss type cannot be told from its class)."""
+    spec = MODELS[name]
+    detector = build_detector(NUM_CLASSES, spec.exact or (128, 128), name)
+    assert spec.kind == ("retinanet" if isinstance(detector, RetinaNet) else "ssd")
+    for field in dataclasses.fields(EvalRecipe):
+        assert getattr(spec.eval_recipe, field.name) == getattr(detector, field.name), field.name
+    # SSD's regression head has no `_loss_type`: its Smooth-L1 is fixed (spec: None)
+    assert spec.box_loss_type == getattr(detector.head.regression_head, "_loss_type", None)
+    options = loss_options(spec)
+    assert getattr(options, "bbox_reg_loss_type", None) == spec.box_loss_type
+    del detector.model_name
+    if spec.kind == "retinanet":
+        with pytest.raises(ValueError, match="no model_name"):
+            detector_spec(detector)
+    else:
+        assert detector_spec(detector) == MODELS[DEFAULT_MODEL]

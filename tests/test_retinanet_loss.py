@@ -16,6 +16,7 @@ from torchvision.ops import box_iou
 
 from ssd_npu.retinanet_loss import (
     BOX_LOSS_TYPES,
+    RetinaNetLossOptions,
     fixed_retinanet_loss,
     match_anchors_retinanet,
     retinanet_loss_sums,
@@ -273,6 +274,28 @@ def test_unknown_box_loss_type_is_refused(anchors):
             anchors, torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.int64),
             torch.zeros(1, 1, dtype=torch.bool), bbox_reg_loss_type="iou",
         )  # fmt: skip
+    # the options object refuses it when built, before any loss is computed
+    with pytest.raises(ValueError, match="bbox_reg_loss_type 'iou'"):
+        RetinaNetLossOptions(bbox_reg_loss_type="iou")
+
+
+def test_sums_take_the_options_object(anchors):
+    """`retinanet_loss_sums(..., options)` is `fixed_retinanet_loss` with those keywords."""
+    boxes, labels = random_batch(4, batch=2, max_boxes=5)
+    g = torch.Generator().manual_seed(4)
+    garbage, _, labels_t, valid = pad(boxes, labels, 5, g)
+    logits = torch.randn(2, anchors.shape[0], NUM_CLASSES, generator=g)
+    deltas = torch.randn(2, anchors.shape[0], 4, generator=g)
+    tensors = (logits, deltas, anchors, garbage, labels_t, valid)
+    keywords = {"bbox_reg_loss_type": "giou", "bg_iou_thresh": 0.3, "focal_gamma": 1.5}
+    whole = fixed_retinanet_loss(*tensors, **keywords)
+    from_options = retinanet_normalise(
+        *retinanet_loss_sums(*tensors, RetinaNetLossOptions(**keywords))
+    )
+    default = retinanet_normalise(*retinanet_loss_sums(*tensors))
+    for key in whole:
+        torch.testing.assert_close(from_options[key], whole[key], rtol=0, atol=0)
+        assert not torch.equal(default[key], whole[key])  # the options were not ignored
 
 
 # Ops whose output size or Python result depends on tensor values (a device-to-host sync).

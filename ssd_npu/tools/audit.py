@@ -1,10 +1,17 @@
-"""The app's shape audit: `find_dynamic_shapes` on the real training step of a config.
+"""The app's shape audit: `find_dynamic_shapes` on the real training step of a config, or on
+its evaluation forward.
 
 `run_audit(cfg)` builds the pipeline exactly as train.py does (`build_training`, same
 overrides) and records `audit.steps` real steps of the loop (`TrainLoop.run_step`: forward,
 loss, backward, optimizer step) with `ssd_npu.tools.shapes.find_dynamic_shapes`; the loop's
 own reads of the losses (`TrainLoop.finish`, made one step late and outside the step) are
 recorded apart as logging syncs. Data loading and the copy to the device run unrecorded.
+
+With `audit.target=eval` it records `audit.steps` val batches of the evaluation forward instead,
+as `eval.postprocess` places it: `device` records the network and the fixed postprocess (what
+stays on the device; the one copy of the [B, D, 7] result to the host is outside), `host`
+records the network and torchvision's own `postprocess_detections` (what the host path runs,
+data-dependent shapes and all).
 """
 
 from __future__ import annotations
@@ -14,11 +21,15 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from ssd_npu.build import build_training
+import torch
+
+from ssd_npu.build import Training, build_training
 from ssd_npu.config import ConfigError
 from ssd_npu.data.loader import Loaders
 from ssd_npu.device import Device
 from ssd_npu.engine import Progress, StepRecord, TrainLoop
+from ssd_npu.evaluate import DeviceDetect, postprocess_fixed
+from ssd_npu.model import eval_mode
 from ssd_npu.telemetry import Telemetry
 from ssd_npu.tools.shapes import ShapeReport, find_dynamic_shapes
 
@@ -67,16 +78,63 @@ def summarise_data(batches: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+TARGETS = ("train", "eval")
+
+
+def _audit_info(cfg: Any, t: Training) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "shape": cfg.shape,
+        "device": str(t.device.torch),
+        "canvas": list(cfg.canvas),
+        "batch_size": int(cfg.batch_size),
+        "target": cfg.audit.target,
+    }
+
+
+def audit_eval(cfg: Any, t: Training, steps: int) -> ShapeReport:
+    """Record `steps` val batches of the fixed path's evaluation forward (`eval.postprocess`:
+    device = network + fixed postprocess; host or auto = network + torchvision's postprocess)."""
+    if cfg.shape != "fixed":
+        raise ConfigError("audit.target=eval audits the fixed path's evaluation: use shape=fixed.")
+    if cfg.eval.postprocess == "device":
+        detect = DeviceDetect(t.model, t.device, cfg.amp)
+
+        def forward(images: Any) -> Any:
+            return detect(images)
+    else:
+
+        def forward(images: Any) -> Any:
+            with t.device.autocast(cfg.amp):
+                cls_logits, bbox_regression = t.model(images)
+            return postprocess_fixed(t.model, cls_logits, bbox_regression)
+
+    batches = (batch.images.to(t.device.torch) for batch in t.data.val)
+    with eval_mode(t.model), torch.no_grad():
+        report = find_dynamic_shapes(
+            forward, itertools.islice(batches, steps), info=_audit_info(cfg, t)
+        )
+    report.info["postprocess"] = "device" if cfg.eval.postprocess == "device" else "host"
+    return report
+
+
 def run_audit(cfg: Any) -> ShapeReport:
-    """Record `cfg.audit.steps` training steps of the configured pipeline; return the report."""
+    """Record `cfg.audit.steps` training steps (or val batches of the evaluation forward, with
+    `audit.target=eval`) of the configured pipeline; return the report."""
     steps = int(cfg.audit.steps)
     if steps < 2:
         raise ConfigError(f"audit.steps={steps} is not valid; give an integer >= 2 to compare.")
+    if cfg.audit.target not in TARGETS:
+        raise ConfigError(
+            f"audit.target={cfg.audit.target!r} is not valid; choose one of: {', '.join(TARGETS)}."
+        )
     if cfg.compile:
         print("audit: compile=true ignored; the audit records the eager ops a compiler would get")
         cfg.compile = False
         cfg.compiler.optimizer = False  # it needs compile=true
     t = build_training(cfg)
+    if cfg.audit.target == "eval":
+        return audit_eval(cfg, t, steps)
     telemetry = Telemetry(cfg.out_dir, 0, enabled=False)
     loop = TrainLoop(
         t.step, t.optimizer, t.scheduler, t.data.train, None, t.device, telemetry, world=t.world
@@ -91,13 +149,7 @@ def run_audit(cfg: Any) -> ShapeReport:
         lambda batch: loop.run_step(batch, progress),
         itertools.islice(probe, steps),
         read=read,
-        info={
-            "model": cfg.model.name,
-            "shape": cfg.shape,
-            "device": str(t.device.torch),
-            "canvas": list(cfg.canvas),
-            "batch_size": int(cfg.batch_size),
-        },
+        info=_audit_info(cfg, t),
     )
     report.info["data"] = summarise_data(probe.batches)
     return report
