@@ -24,6 +24,7 @@ Both produce COCO result records (`image_id`, `category_id`, `bbox` xywh origina
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from collections.abc import Iterable
 from typing import Any
@@ -37,47 +38,20 @@ from ssd_npu import distributed
 from ssd_npu.compiler import CompiledStep
 from ssd_npu.data.fixed_shape import FixedBatch, unfit_boxes
 from ssd_npu.device import Device
-from ssd_npu.model import Detector, FixedSSD, eval_mode
-from ssd_npu.model_specs import DEFAULT_MODEL
+from ssd_npu.model import Detector, FixedSSD, detector_spec, eval_mode
 from ssd_npu.postprocess import Detections, as_dicts, fixed_postprocess
 from ssd_npu.step import CompileOptions
 
-# torchvision's ssdlite320 evaluation recipe (its builder's defaults)
-EVAL_RECIPE = {
-    "score_thresh": 0.001,
-    "nms_thresh": 0.55,
-    "detections_per_img": 300,
-    "topk_candidates": 300,
-}
-# Each model's recipe: what its torchvision builder sets (checked against torchvision 0.29).
-EVAL_RECIPES = {
-    "ssdlite320_mobilenet_v3_large": EVAL_RECIPE,
-    "ssd300_vgg16": {  # SSD's defaults
-        "score_thresh": 0.01,
-        "nms_thresh": 0.45,
-        "detections_per_img": 200,
-        "topk_candidates": 400,
-    },
-    **dict.fromkeys(
-        ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"),
-        {
-            "score_thresh": 0.05,
-            "nms_thresh": 0.5,
-            "detections_per_img": 300,
-            "topk_candidates": 1000,
-        },
-    ),
-}
-
 
 def check_eval_recipe(detector: Detector) -> None:
-    """Raise ValueError if the detector's postprocess settings differ from its model's recipe."""
-    model = getattr(detector, "model_name", DEFAULT_MODEL)
-    for name, want in EVAL_RECIPES.get(model, {}).items():
+    """Raise ValueError if the detector's postprocess settings differ from its model's recipe
+    (`ModelSpec.eval_recipe`: what its torchvision builder sets)."""
+    spec = detector_spec(detector)
+    for name, want in dataclasses.asdict(spec.eval_recipe).items():
         got = getattr(detector, name)
         if got != want:
             raise ValueError(
-                f"detector.{name}={got}, but the {model} eval recipe uses {want}; "
+                f"detector.{name}={got}, but the {spec.name} eval recipe uses {want}; "
                 "mAP would not be comparable to torchvision's published number."
             )
 
