@@ -30,7 +30,7 @@ from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="audit")
 def main(cfg: DictConfig) -> None:
     from ssd_npu.tools.audit import run_audit
 

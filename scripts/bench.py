@@ -243,7 +243,7 @@ def table(runs: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
 def main(cfg: DictConfig) -> None:
     out_dir = run_folder(cfg)
     # inductor keeps compiled kernels on disk; a fresh cache makes first_step_ms a cold compile

@@ -53,10 +53,10 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from ssd_npu.choices import DECODES, FITS  # noqa: E402
 from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
-FITS = ("stretch", "letterbox", "pad")
 OPTS = argparse.Namespace(repeats=5, images=120, workers=None, make_photos=None)
 
 
@@ -134,7 +134,7 @@ def _variants(cfg, root: Path) -> dict:
 
     base = CocoDetectionDataset(root, cfg.data.train_split)
     out = {"decode_only": _decode_only(base), "torchvision_reference": _reference(base)}
-    for decode in ("exact", "reduced"):
+    for decode in DECODES:
         for fit in FITS:
             name = f"fixed_{fit}" if decode == "exact" else f"fixed_{fit}_{decode}"
             out[name] = _ours(cfg, root, fit, decode)[1]

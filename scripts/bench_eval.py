@@ -135,7 +135,7 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
 def main(cfg: DictConfig) -> None:
     out_dir = run_folder(cfg)
     with user_errors():

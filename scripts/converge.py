@@ -40,7 +40,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
-from ssd_npu.config import config_dir  # noqa: E402
+from ssd_npu.config import check_seeds, config_dir  # noqa: E402
 
 PATHS = ("fixed", "dynamic")
 METRICS = ("mAP", "mAP50")
@@ -152,7 +152,7 @@ def table(rows: list[dict], result: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="converge")
 def main(cfg: DictConfig) -> None:
     out_dir = run_folder(cfg)
     seeds = [int(s) for s in cfg.converge.seeds]
@@ -160,6 +160,7 @@ def main(cfg: DictConfig) -> None:
     rows: list[dict] = []
     result: dict = {}
     with user_errors():
+        check_seeds(seeds)
         for seed in seeds:
             for path in PATHS:
                 rows.append(train_one(cfg, path, seed, out_dir))

@@ -25,7 +25,7 @@ from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="report")
 def main(cfg: DictConfig) -> None:
     from ssd_npu.build import resolve_data_root
     from ssd_npu.config import validate

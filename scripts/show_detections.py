@@ -27,7 +27,7 @@ from ssd_npu.config import ConfigError, config_dir  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    from ssd_npu.build import build_training, detection_sheet
+    from ssd_npu.build import build_evaluator, build_training, detection_sheet
     from ssd_npu.detections import save_png
 
     out_dir = run_folder(cfg)
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
                 "(e.g. weights=outputs/<date>/<time>/checkpoints/<step>.pt)."
             )
         t = build_training(cfg)
-        sheet = detection_sheet(cfg, t)
+        sheet = detection_sheet(cfg, t, build_evaluator(cfg, t))
         path = save_png(sheet.render(), cfg.show.out or out_dir / "detections.png")
     print(path)
 

@@ -13,22 +13,30 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ssd_npu import distributed
-from ssd_npu.config import check_compile_mode, validate
+from ssd_npu.choices import Canvas
+from ssd_npu.config import TrainConfig, check_compile_mode, validate
 from ssd_npu.data.buckets import bucket_sizes
-from ssd_npu.data.loader import Loaders, LoaderSpec, build_loaders
+from ssd_npu.data.dynamic import collate_dynamic, to_dynamic_sample
+from ssd_npu.data.fixed_shape import FixSample, collate_fixed
+from ssd_npu.data.loader import BatchForm, Loaders, LoaderSpec, build_loaders
 from ssd_npu.data.synthetic import ensure_synthetic_coco
 from ssd_npu.detections import DetectionSheet
 from ssd_npu.device import Device, cudnn_benchmark, resolve_device, use_deterministic_kernels
 from ssd_npu.distributed import World
 from ssd_npu.errors import DataError
-from ssd_npu.evaluate import DeviceDetect, Evaluator, resolve_postprocess
+from ssd_npu.evaluate import (
+    DetectFn,
+    DeviceDetect,
+    Evaluator,
+    dynamic_detections,
+    fixed_detections,
+)
 from ssd_npu.model import FixedSSD, build_detector, load_weights
 from ssd_npu.optim import (
     OptimizerStep,
@@ -53,6 +61,7 @@ class Training:
     device: Device
     world: World
     model: FixedSSD  # the plain module (checkpoints, evaluation); the step may call a DDP wrapper
+    path: ShapePath  # shape=fixed|dynamic: what differs between the two, built once
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None  # for fp16 autocast, else None
@@ -79,7 +88,7 @@ def process_age_s() -> float:
         return time.monotonic() - _START
 
 
-def resolve_data_root(cfg: Any) -> Path:
+def resolve_data_root(cfg: TrainConfig) -> Path:
     """The data set folder: the synthetic cache (generated on first use) or data.root for coco."""
     if cfg.data.name == "synthetic":
         root = Path(cfg.data.root) if cfg.data.root else None
@@ -95,18 +104,75 @@ def resolve_data_root(cfg: Any) -> Path:
     return root
 
 
-def loader_spec(cfg: Any, world: World, device: Device) -> LoaderSpec:
+@dataclass(frozen=True)
+class ShapePath:
+    """One of the two training paths (`shape=fixed|dynamic`), built once here; nothing below
+    this module branches on `shape`, it is handed the pieces instead.
+
+    fixed: every sample fitted to the canvas with M box rows (`FixSample`), `FixedBatch`es of
+    exactly batch_size, the fixed-shape step and loss, evaluation through `FixedSSD` (+ the
+    postprocess on the host or the device). dynamic: torchvision's own `model(images, targets)`
+    on `DynamicBatch`es and its own inference. `static`: every device shape is static (cuDNN's
+    algorithm search pays off once; box-count buckets are counted per graph).
+    """
+
+    name: str  # "fixed" | "dynamic"
+    batches: BatchForm
+    step_type: type[TrainStep]
+    static: bool
+
+    def detections(
+        self, model: FixedSSD, device: Device, amp: bool, detect: DeviceDetect | None
+    ) -> DetectFn:
+        """Evaluation's detections over a val loader: (COCO records, image ids) of this rank."""
+        if self.static:
+            return partial(fixed_detections, model, device=device, amp=amp, detect=detect)
+        return partial(dynamic_detections, model.detector, device=device)
+
+
+def canvas_of(cfg: TrainConfig) -> Canvas:
+    """The config's canvas as (H, W) pixels: the one conversion from the config's list."""
+    return Canvas.of(cfg.canvas)
+
+
+def shape_path(cfg: TrainConfig) -> ShapePath:
+    """The path `cfg.shape` names, with its sample finishing, collate and step class."""
+    if cfg.shape == "dynamic":
+        return ShapePath(
+            "dynamic",
+            BatchForm(to_dynamic_sample, collate_dynamic, static=False),
+            DynamicStep,
+            static=False,
+        )
+    sizes = bucket_sizes(cfg.max_boxes)  # one M, or box-count buckets
+    # buckets: samples are padded to the largest, each batch cut to its bucket on collate
+    finish = FixSample(canvas_of(cfg), sizes[-1], cfg.fit, float(cfg.pad_value), int(cfg.seed))
+    buckets = sizes if len(sizes) > 1 else None
+    collate = partial(collate_fixed, buckets=sizes) if buckets else collate_fixed
+    return ShapePath(
+        "fixed", BatchForm(finish, collate, static=True, buckets=buckets), FixedStep, static=True
+    )
+
+
+def resolve_postprocess(choice: str, device_type: str, path: ShapePath) -> str:
+    """`eval.postprocess` -> "device" | "host". auto: the device on cuda and npu (the host path
+    copies every head output and runs NMS in Python; torchvision's nms has no NPU kernel), the
+    host on the cpu, where both are the same processor and the host path is faster
+    (docs/bench.md). The dynamic baseline is torchvision's own inference: always "host"."""
+    if not path.static:
+        return "host"
+    if choice == "auto":
+        return "device" if device_type in ("cuda", "npu") else "host"
+    return choice
+
+
+def loader_spec(cfg: TrainConfig, world: World, device: Device) -> LoaderSpec:
     return LoaderSpec(
-        shape=cfg.shape,
-        canvas=(int(cfg.canvas[0]), int(cfg.canvas[1])),
-        max_boxes=bucket_sizes(cfg.max_boxes),
-        fit=cfg.fit,
         batch_size=int(cfg.batch_size),
         num_classes=int(cfg.data.num_classes),
         train_split=cfg.data.train_split,
         val_split=cfg.data.val_split,
         on_bad_image=cfg.data.on_bad_image,
-        pad_value=float(cfg.pad_value),
         augment=bool(cfg.augment),
         num_workers=int(cfg.num_workers),
         seed=int(cfg.seed),
@@ -117,7 +183,7 @@ def loader_spec(cfg: Any, world: World, device: Device) -> LoaderSpec:
     )
 
 
-def step_options(cfg: Any, device: Device, world: World, ddp: Wrap | None) -> StepOptions:
+def step_options(cfg: TrainConfig, device: Device, world: World, ddp: Wrap | None) -> StepOptions:
     compile_options = None
     if cfg.compile:
         backend = cfg.compiler.backend or device.compile_backend
@@ -145,16 +211,17 @@ def uses_channels_last(setting: bool | None, device_type: str, amp: bool) -> boo
     return device_type == "cpu" and not amp
 
 
-def build_training(cfg: Any) -> Training:
+def build_training(cfg: TrainConfig) -> Training:
     """Validate the config and build everything; under torchrun, join the process group.
 
     Data parallel: each rank takes `batch_size` images of a DistributedSampler's share, so
     the global batch is batch_size x world size and the recipe lr is scaled to it.
     """
     validate(cfg)
+    path = shape_path(cfg)
     device = resolve_device(cfg.device.name, cfg.device.index, cfg.device.jit_compile)
     deterministic = cfg.device.deterministic
-    torch.backends.cudnn.benchmark = cudnn_benchmark(device.type, cfg.shape) and not deterministic
+    torch.backends.cudnn.benchmark = cudnn_benchmark(device.type, path.static) and not deterministic
     if deterministic:
         use_deterministic_kernels()
     world = distributed.init(device, cfg.dist_timeout_min)
@@ -162,10 +229,10 @@ def build_training(cfg: Any) -> Training:
     seed_everything(cfg.seed + world.rank)
     data_root = resolve_data_root(cfg)
     data_start = time.perf_counter()
-    data = build_loaders(loader_spec(cfg, world, device), data_root)
+    data = build_loaders(loader_spec(cfg, world, device), path.batches, data_root)
     data_s = time.perf_counter() - data_start
 
-    canvas = (int(cfg.canvas[0]), int(cfg.canvas[1]))
+    canvas = canvas_of(cfg)
     detector = build_detector(cfg.data.num_classes, canvas, cfg.model.name)
     if cfg.weights:
         load_weights(detector, cfg.weights)
@@ -191,9 +258,8 @@ def build_training(cfg: Any) -> Training:
     fused = use_fused_sgd(device.type, scaler is not None)  # fp16 on cuda: no per-step sync
     optimizer = build_optimizer(model.parameters(), lr, o.momentum, o.weight_decay, fused=fused)
     scheduler = build_scheduler(optimizer, o.warmup_steps, o.warmup_factor, schedule_steps)
-    step_type = FixedStep if cfg.shape == "fixed" else DynamicStep
     options = step_options(cfg, device, world, ddp)
-    step = step_type(model, device, options)
+    step = path.step_type(model, device, options)
     # after the scheduler: the compiled optimizer's tensor lr must not exist when it is built
     compile_update = options.compile if cfg.compiler.optimizer else None
     optimizer_step = OptimizerStep(optimizer, scaler, compile_update, counted_in=step.compiled)
@@ -201,6 +267,7 @@ def build_training(cfg: Any) -> Training:
         device=device,
         world=world,
         model=model,
+        path=path,
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
@@ -213,28 +280,26 @@ def build_training(cfg: Any) -> Training:
     )
 
 
-def build_evaluator(cfg: Any, t: Training) -> Evaluator:
+def build_evaluator(cfg: TrainConfig, t: Training) -> Evaluator:
     """COCO evaluation on the val loader; `eval.postprocess` resolved for the device (auto:
     the device on cuda/npu, the host on cpu). The device postprocess is compiled once under
     compile=true, with the training step's compiler options."""
     detect = None
-    if resolve_postprocess(cfg.eval.postprocess, t.device.type, cfg.shape) == "device":
+    if resolve_postprocess(cfg.eval.postprocess, t.device.type, t.path) == "device":
         compile_options = step_options(cfg, t.device, t.world, None).compile
         detect = DeviceDetect(t.model, t.device, cfg.amp, compile_options)
-    coco = t.data.val_set.coco
-    return Evaluator(t.model, t.data.val, coco, t.device, cfg.shape, cfg.amp, detect=detect)
+    detections = t.path.detections(t.model, t.device, cfg.amp, detect)
+    return Evaluator(detections, t.data.val, t.data.val_set.coco, detect)
 
 
-def detection_sheet(cfg: Any, t: Training) -> DetectionSheet:
+def detection_sheet(cfg: TrainConfig, t: Training, evaluator: Evaluator) -> DetectionSheet:
     """The pictured val images (`show.*`): the first `show.images` of the val set, drawn with
-    predictions above `show.score`, tiles `show.height` px high."""
+    predictions above `show.score` (evaluation's own detections), tiles `show.height` px high."""
     show = cfg.show
     return DetectionSheet.from_loader(
-        t.model,
+        evaluator.detections,
         t.data.val,
-        t.device,
-        shape=cfg.shape,
-        amp=cfg.amp,
+        fill=t.path.batches.static,
         images=show.images,
         score=show.score,
         height=show.height,

@@ -15,22 +15,20 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import ListConfig
 
+from ssd_npu.choices import (  # the allowed values, each listed once
+    AMP_DTYPES,
+    COMPILE_MODES,
+    DATASETS,
+    DECODES,
+    DEVICES,
+    FITS,
+    ON_BAD_IMAGE,
+    POSTPROCESS,
+    SHAPES,
+)
 from ssd_npu.errors import UserError
 from ssd_npu.model_specs import DEFAULT_MODEL, MODELS
 
-DEVICES = ("auto", "cpu", "cuda", "npu")
-FITS = ("stretch", "letterbox", "pad")
-SHAPES = ("fixed", "dynamic")
-DATASETS = ("synthetic", "coco")
-ON_BAD_IMAGE = ("fail", "skip")
-DECODES = ("exact", "reduced")
-AMP_DTYPES = ("bf16", "fp16")
-# where evaluation's postprocess (score threshold, top-k, NMS) runs on the fixed path; auto:
-# the device on cuda and npu, the host on the cpu (faster there: docs/bench.md)
-POSTPROCESS = ("auto", "device", "host")
-# torch.compile's `mode` (its docstring; inductor only): reduce-overhead and max-autotune use
-# CUDA graphs on cuda, possible here because every shape of the fixed step is fixed
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # The canvas rule is the model's own (ssd_npu/model_specs.py): ssdlite and RetinaNet take
 # sides >= 64 divisible by 32; ssd300_vgg16 takes exactly [300, 300].
 
@@ -184,12 +182,38 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept in <run>/checkpoints
     resume: str | None = None  # auto (newest in <run>/checkpoints) or a checkpoint path
     out_dir: str | None = None  # None: Hydra's run dir (train.py fills it in)
-    audit: AuditConfig = field(default_factory=AuditConfig)
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
     show: ShowConfig = field(default_factory=ShowConfig)
-    converge: ConvergeConfig = field(default_factory=ConvergeConfig)
+
+
+# The scripts' configs: train.py's, plus each script's own section (configs/<name>.yaml), so
+# `python train.py audit.steps=3` is an unknown key and each script's keys live with it.
+@dataclass
+class AuditRunConfig(TrainConfig):
+    audit: AuditConfig = field(default_factory=AuditConfig)  # scripts/audit_shapes.py
+
+
+@dataclass
+class BenchRunConfig(TrainConfig):
+    bench: BenchConfig = field(default_factory=BenchConfig)  # scripts/bench.py, bench_eval.py
+
+
+@dataclass
+class ReportRunConfig(TrainConfig):
+    report: ReportConfig = field(default_factory=ReportConfig)  # scripts/data_report.py
+
+
+@dataclass
+class ConvergeRunConfig(TrainConfig):
+    converge: ConvergeConfig = field(default_factory=ConvergeConfig)  # scripts/converge.py
+
+
+SCRIPT_SCHEMAS: dict[str, type[TrainConfig]] = {
+    "audit": AuditRunConfig,
+    "bench": BenchRunConfig,
+    "report": ReportRunConfig,
+    "converge": ConvergeRunConfig,
+}
 
 
 def config_dir() -> str:
@@ -206,6 +230,8 @@ def register_configs() -> None:
     """Register the schemas with Hydra; configs/*.yaml extend them via `defaults`."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    for name, schema in SCRIPT_SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=schema)
     cs.store(group="device", name="device_schema", node=DeviceConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
@@ -236,7 +262,16 @@ def check_compile_mode(mode: str | None, backend: str) -> None:
         )
 
 
-def _check_max_boxes(cfg: Any) -> None:
+def check_seeds(seeds: list[int]) -> None:
+    """converge.seeds: distinct integer seeds, at least one (scripts/converge.py)."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(
+            f"converge.seeds={seeds} is not valid; give distinct integer seeds, e.g. "
+            "converge.seeds=[0,1,2]."
+        )
+
+
+def _check_max_boxes(cfg: TrainConfig) -> None:
     value = cfg.max_boxes
     items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
     if (
@@ -260,7 +295,7 @@ def _check_max_boxes(cfg: Any) -> None:
         )
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: TrainConfig) -> None:
     """Check values Hydra's types cannot; raise ConfigError naming the key."""
     _one_of("device", cfg.device.name, DEVICES)
     _one_of("fit", cfg.fit, FITS)
@@ -338,12 +373,6 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             f"show.images={cfg.show.images} / show.height={cfg.show.height} / show.score="
             f"{cfg.show.score} are not valid; give images >= 1, height >= 16, score in [0, 1]."
-        )
-    seeds = list(cfg.converge.seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(
-            f"converge.seeds={seeds} is not valid; give distinct integer seeds, e.g. "
-            "converge.seeds=[0,1,2]."
         )
     if cfg.data.name == "coco" and not cfg.data.root:
         raise ConfigError(

@@ -1,9 +1,9 @@
 """Detections as pictures: a fixed set of val images with ground truth and predicted boxes.
 
 `DetectionSheet.render()` runs the model on the first N val images (the N smallest image
-ids, the same ones every time) exactly as evaluation does: fixed path, `FixedSSD` on the
-canvas, torchvision's `postprocess_detections` on the host and `unfit_boxes` back to the
-original image (`fixed_detections`); dynamic path, the detector's own inference
+ids, the same ones every time) with evaluation's own detections function: fixed path,
+`FixedSSD` on the canvas, the postprocess where `eval.postprocess` puts it and `unfit_boxes`
+back to the original image (`fixed_detections`); dynamic path, the detector's own inference
 (`dynamic_detections`). It draws on the ORIGINAL images, decoded by the data set's reader:
 ground truth thin in white, predictions with score >= `score` (at most `MAX_PER_IMAGE`) in
 a colour per class, labelled "name score". The tiles share one height (aspect kept) and
@@ -26,9 +26,7 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from ssd_npu.data.samplers import SampleKey
-from ssd_npu.device import Device
-from ssd_npu.evaluate import dynamic_detections, fixed_detections
-from ssd_npu.model import FixedSSD
+from ssd_npu.evaluate import DetectFn
 
 GT_COLOUR = (255, 255, 255)  # ground truth: white, 1 px
 # predictions: one colour per class id (id % len), none of them white
@@ -104,42 +102,41 @@ def tile_grid(tiles: Sequence[Tensor], pad: int = 4) -> Tensor:
 class DetectionSheet:
     """The first `images` val samples with ground truth and predictions, as one picture.
 
+    detections: evaluation's own (the path's `DetectFn`, bound to the model and device);
     samples: the val loader's data set (`SampleDataset`: `samples[SampleKey]` is a fixed or
     dynamic sample, `samples.base[i]` the original (image, target) from the reader);
-    collate / batch_size: the val loader's, so the device sees evaluation's batch shape
-    (the fixed path repeats samples to fill the batch). names: category id -> name.
+    collate / batch_size: the val loader's; `fill`: repeat samples to fill the last batch, so
+    the device sees evaluation's batch shape (the fixed path). names: category id -> name.
     """
 
     def __init__(
         self,
-        model: FixedSSD,
+        detections: DetectFn,
         samples: Any,
         collate: Callable[[list[Any]], Any],
         batch_size: int,
         names: dict[int, str],
-        device: Device,
-        shape: str = "fixed",
-        amp: bool = False,
+        fill: bool = True,
         images: int = 6,
         score: float = 0.3,
         height: int = 256,
     ) -> None:
-        self.model, self.samples, self.collate = model, samples, collate
-        self.batch_size, self.names, self.device = batch_size, names, device
-        self.shape, self.amp, self.score, self.height = shape, amp, score, height
+        self.detections, self.samples, self.collate = detections, samples, collate
+        self.batch_size, self.names, self.fill = batch_size, names, fill
+        self.score, self.height = score, height
         self.count = min(images, len(samples))
 
     @classmethod
-    def from_loader(cls, model: FixedSSD, loader: Any, device: Device, **kwargs: Any):
+    def from_loader(cls, detections: DetectFn, loader: Any, fill: bool, **kwargs: Any):
         """A sheet on a val DataLoader from `build_loaders` (its data set, collate, batch)."""
         names = {int(k): c["name"] for k, c in loader.dataset.base.coco.cats.items()}
         return cls(
-            model, loader.dataset, loader.collate_fn, loader.batch_size, names, device, **kwargs
+            detections, loader.dataset, loader.collate_fn, loader.batch_size, names, fill, **kwargs
         )
 
     def _batches(self) -> list[Any]:
         keys = [SampleKey(i) for i in range(self.count)]
-        if self.shape == "fixed":  # evaluation's batch shape: fill with repeats (image_id -1)
+        if self.fill:  # evaluation's batch shape: fill with repeats (image_id -1)
             fill = -len(keys) % self.batch_size
             keys += [SampleKey(i % self.count, pad=True) for i in range(fill)]
         step = self.batch_size
@@ -151,10 +148,7 @@ class DetectionSheet:
     def predictions(self) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
         """image_id -> (boxes [N, 4] xyxy original pixels, scores [N], labels [N] category ids),
         evaluation's own detections (score >= 0.001, NMS, at most 300 per image)."""
-        if self.shape == "fixed":
-            records, _ = fixed_detections(self.model, self._batches(), self.device, amp=self.amp)
-        else:
-            records, _ = dynamic_detections(self.model.detector, self._batches(), self.device)
+        records, _ = self.detections(self._batches())
         per_image: dict[int, list[dict]] = defaultdict(list)
         for r in records:
             per_image[r["image_id"]].append(r)

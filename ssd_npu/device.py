@@ -183,11 +183,11 @@ def import_torch_npu():
     return torch_npu
 
 
-def cudnn_benchmark(device_type: str, shape: str) -> bool:
+def cudnn_benchmark(device_type: str, static_shapes: bool) -> bool:
     """Whether cuDNN should time its convolution algorithms and keep the fastest
-    (`torch.backends.cudnn.benchmark`): on cuda with shape=fixed, where every shape is static
-    and the timing is paid once. Off for shape=dynamic: each new shape would be timed anew."""
-    return device_type == "cuda" and shape == "fixed"
+    (`torch.backends.cudnn.benchmark`): on cuda when every shape is static (the fixed path),
+    so the timing is paid once. Off for the dynamic path: each new shape would be timed anew."""
+    return device_type == "cuda" and static_shapes
 
 
 def use_deterministic_kernels() -> None:

@@ -9,17 +9,20 @@ time are copied/timed with marks and read one step late, after the next step has
 (`Device.mark`, `Device.to_host`). Under torchrun, what the ranks agree on from host numbers
 (the slowest rank's times, the stop vote) goes over a gloo side group
 (`distributed.host_all_reduce`), not through the device's queue. Steps a hook must see exactly
-(a checkpoint, the end of an epoch, the last step) are read at once instead (`Hook.sync_after`).
-A non-finite loss stops training when it is read, at most one step later, naming the step it
-came from.
+(a checkpoint, the end of an epoch, the last step) are read at once instead (a hook's
+`after_update` answers "now"). A non-finite loss stops training when it is read, at most one
+step later, naming the step it came from. No device tensor outlives its step: what the
+telemetry and the hooks read later of a batch (its size, its data counters, its box rows) is
+copied into the `StepRecord` as host ints when the step is queued.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import Literal
 
 import torch
 
@@ -39,6 +42,13 @@ Batch = FixedBatch | DynamicBatch
 # by fit=pad) summed into summary.json's `data_counts`.
 DATA_COUNTS = ("degenerate", "clipped", "skipped", "downscaled")
 
+# How training ended, for `Hook.after_train`: "done" (epochs or max_steps reached),
+# "interrupted" (a hook's `after_update` answered "stop", e.g. a stop signal), "failed" (raised).
+Outcome = Literal["done", "failed", "interrupted"]
+# When the loop reads a queued step, as a hook's `after_update` asks: "late" (after the next
+# step is queued), "now" (at once: the model is exactly as after it), "stop" (at once, then end).
+Read = Literal["late", "now", "stop"]
+
 
 class NonFiniteLoss(UserError):
     """Training produced a NaN or infinite loss; the message names the step and the terms."""
@@ -54,12 +64,35 @@ class Progress:
 
 
 @dataclass
+class BatchCounts:
+    """A batch's host counters, taken when its step is queued: no tensor kept, nothing read
+    from the device (they are host ints of the collated batch, or tensor shapes)."""
+
+    images: int  # B: images in this rank's batch
+    box_rows: int | None  # M of boxes [B, M, 4] (the box-count bucket); None: a DynamicBatch
+    boxes_dropped: int  # boxes cut by max_boxes in this batch
+    data: dict[str, int]  # DATA_COUNTS of this batch
+
+    @classmethod
+    def of(cls, batch: Batch) -> BatchCounts:
+        fixed = isinstance(batch, FixedBatch)
+        return cls(
+            images=len(batch.image_ids),
+            box_rows=int(batch.boxes.shape[1]) if fixed else None,
+            boxes_dropped=batch.boxes_dropped if fixed else 0,
+            data={k: int(getattr(batch, k, 0)) for k in DATA_COUNTS},
+        )
+
+
+@dataclass
 class StepRecord:
-    """One queued step, until its results are read: what the hooks and telemetry get."""
+    """One queued step, until its results are read: what the hooks and telemetry get.
+
+    It holds no tensor of the batch, so the batch's device memory is free once its step ran."""
 
     step: int  # 1-based optimizer step
     epoch: int
-    batch: Batch
+    counts: BatchCounts
     data_ms: float  # host wait for this batch
     lr: float
     start: Mark
@@ -72,38 +105,35 @@ class StepRecord:
 
 
 class Hook:
-    """A seam of the loop; override what you need (all no-ops here). Called in list order.
+    """A seam of the loop; override what you need (all no-ops here). Called in list order, on
+    every rank. A hook is built from explicit objects and holds no other hook: what one needs
+    to know of training (how it ended) the loop passes to it.
 
-    before_train(progress)      once, before the first batch (also when resuming)
-    before_step(progress)       the batch is on the device; the step is about to be queued
-    after_update(progress)      the step (forward, loss, backward, optimizer) is queued and
-                                nothing of it read yet: work after this is not the step's
-    sync_after(progress) -> bool  True: read this step's results at once (the model then is
-                                exactly as after it), e.g. to checkpoint it; else one step late
+    before_train(progress)        once, before the first batch (also when resuming)
+    after_update(progress) -> Read  a step (forward, loss, backward, optimizer) is queued and
+                                  nothing of it read yet (work here is not the step's); asked
+                                  of every hook, so a collective in one stays in step. "late":
+                                  read it after the next step is queued; "now": read it at once
+                                  (the model then is exactly as after it, e.g. to checkpoint
+                                  it); "stop": read it at once, then end training
     after_step(record, progress)  a step's results were read and logged (record.step may be
-                                progress.step - 1: the model is then one step further)
-    after_epoch(progress)       all of an epoch's steps read
-    should_stop() -> bool       asked once per queued step; True: read it, end training
-    after_train(progress, failed)  always; `failed`: training raised (a non-finite loss...)
+                                  progress.step - 1: the model is then one step further)
+    after_epoch(progress)         all of an epoch's steps read
+    after_train(progress, outcome)  always, last; outcome: "done", "interrupted" (a hook
+                                  answered "stop") or "failed" (training raised, e.g. a
+                                  non-finite loss)
     """
 
     def before_train(self, progress: Progress) -> None: ...
 
-    def before_step(self, progress: Progress) -> None: ...
-
-    def after_update(self, progress: Progress) -> None: ...
-
-    def sync_after(self, progress: Progress) -> bool:
-        return False
+    def after_update(self, progress: Progress) -> Read:
+        return "late"
 
     def after_step(self, record: StepRecord, progress: Progress) -> None: ...
 
     def after_epoch(self, progress: Progress) -> None: ...
 
-    def should_stop(self) -> bool:
-        return False
-
-    def after_train(self, progress: Progress, failed: bool) -> None: ...
+    def after_train(self, progress: Progress, outcome: Outcome) -> None: ...
 
 
 class TrainLoop:
@@ -145,52 +175,86 @@ class TrainLoop:
     ) -> Progress:
         """Train from `progress` (a resumed run's position); return where training stopped."""
         progress = progress or Progress()
-        failed = True
+        outcome: Outcome = "failed"  # unless the epochs return
         for hook in self.hooks:
             hook.before_train(progress)
         try:
-            self._epochs(progress, epochs, max_steps)
-            failed = False
+            outcome = self._epochs(progress, epochs, max_steps)
         finally:
             for hook in self.hooks:
-                hook.after_train(progress, failed)
+                hook.after_train(progress, outcome)
         return progress
 
-    def _epochs(self, progress: Progress, epochs: int, max_steps: int | None) -> None:
-        pending: StepRecord | None = None
+    def _epochs(self, progress: Progress, epochs: int, max_steps: int | None) -> Outcome:
+        """Epochs until `epochs` or `max_steps` ("done") or a hook's "stop" ("interrupted")."""
         while progress.epoch < epochs and (max_steps is None or progress.step < max_steps):
             if self.sampler is not None:
                 self.sampler.set_epoch(progress.epoch)
                 if progress.batch:
                     self.sampler.skip(progress.batch)
-            data_start = perf_counter()
-            for batch in self.loader:
-                record = self.run_step(batch, progress, (perf_counter() - data_start) * 1000.0)
-                if pending is not None:  # read the previous step while this one runs
-                    self.finish(pending, progress)
-                pending = record
-                last = max_steps is not None and progress.step >= max_steps
-                if last or any(hook.sync_after(progress) for hook in self.hooks):
-                    self.finish(pending, progress)
-                    pending = None
-                if last or any(hook.should_stop() for hook in self.hooks):
-                    if pending is not None:
-                        self.finish(pending, progress)
-                    return
-                data_start = perf_counter()
-            if pending is not None:
-                self.finish(pending, progress)
-                pending = None
+            ended = self._epoch(progress, max_steps)
+            if ended is not None:
+                return ended
             progress.epoch += 1
             progress.batch = 0
             for hook in self.hooks:
                 hook.after_epoch(progress)
+        return "done"
+
+    def _epoch(self, progress: Progress, max_steps: int | None) -> Outcome | None:
+        """One epoch's steps, each read one step late, or at once where a hook or the last step
+        asks. None: the loader ran out; else how training ended inside the epoch.
+
+        If the loader, a step or a hook raises, the step queued before is read (logged) first,
+        so that no step that ran goes unlogged: not under torchrun, where reading it joins a
+        collective the other ranks may never reach, and not on a KeyboardInterrupt (a second
+        Ctrl-C: do not wait for the device)."""
+        pending: StepRecord | None = None
+        batches = _timed(self.loader)
+        while True:
+            try:
+                queued = self._queue_next(batches, progress)
+            except Exception:
+                if pending is not None and not self.world.distributed:
+                    self.finish(pending, progress)
+                raise
+            if queued is None:
+                break
+            record, reads = queued
+            if pending is not None:  # read the previous step while this one runs
+                self.finish(pending, progress)
+            pending = record
+            last = max_steps is not None and progress.step >= max_steps
+            if last or reads & {"now", "stop"}:
+                pending = None
+                self.finish(record, progress)
+            if "stop" in reads:  # also on the last step: the stop was asked, say so
+                return "interrupted"
+            if last:
+                return "done"
+        if pending is not None:
+            self.finish(pending, progress)
+        return None
+
+    def _queue_next(
+        self, batches: Iterator[tuple[Batch, float]], progress: Progress
+    ) -> tuple[StepRecord, set[Read]] | None:
+        """Queue the next batch's step and ask every hook when to read it (all of them: a
+        collective inside one stays in step). None: the loader ran out."""
+        item = next(batches, None)
+        if item is None:
+            return None
+        batch, data_ms = item
+        record = self.run_step(batch, progress, data_ms)
+        return record, {hook.after_update(progress) for hook in self.hooks}
 
     def run_step(self, batch: Batch, progress: Progress, data_ms: float = 0.0) -> StepRecord:
-        """Queue one optimizer step on `batch` (moved to the device); nothing is read back."""
+        """Queue one optimizer step on `batch` (moved to the device); nothing is read back.
+
+        The record keeps the batch's host counters, not the batch: its device tensors are free
+        once the step ran."""
+        counts = BatchCounts.of(batch)  # host ints: before the move, no device read
         batch = batch.to(self.device.torch)
-        for hook in self.hooks:
-            hook.before_step(progress)
         start = self.device.mark()
         losses = self.step(batch)
         total = sum(losses.values())
@@ -203,13 +267,11 @@ class TrainLoop:
         self.scheduler.step()
         progress.step += 1
         progress.batch += 1
-        for hook in self.hooks:
-            hook.after_update(progress)
         stacked = torch.stack([total.detach(), *(v.detach() for v in losses.values())]).float()
         return StepRecord(
             step=progress.step,
             epoch=progress.epoch,
-            batch=batch,
+            counts=counts,
             data_ms=data_ms,
             lr=lr,
             start=start,
@@ -235,17 +297,26 @@ class TrainLoop:
                 f"finite ({terms}). Lower the learning rate (optim.lr) or check the data of "
                 "this batch."
             )
-        batch = record.batch
+        counts = record.counts
         self.telemetry.log_step(
             record.step,
             record.step_ms,
             data_ms,
-            batch_size=len(batch.image_ids) * self.world.size,
+            batch_size=counts.images * self.world.size,
             losses=record.values,
             lr=record.lr,
-            boxes_dropped=getattr(batch, "boxes_dropped", 0),
+            boxes_dropped=counts.boxes_dropped,
             graphs=self.step.graphs,
-            data_counts={k: getattr(batch, k, 0) for k in DATA_COUNTS},
+            data_counts=counts.data,
         )
         for hook in self.hooks:
             hook.after_step(record, progress)
+
+
+def _timed(loader: Iterable[Batch]) -> Iterator[tuple[Batch, float]]:
+    """`loader`'s batches, each with the host's wait for it in ms (the first also includes
+    starting the loader's iterator: its workers)."""
+    start = perf_counter()
+    for batch in loader:
+        yield batch, (perf_counter() - start) * 1000.0
+        start = perf_counter()  # resumed: the loop asks for the next batch

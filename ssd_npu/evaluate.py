@@ -7,12 +7,12 @@ under compile=true; the host receives one [B, D, 7] tensor per batch and only ma
 (`unfit_boxes`) and writes the COCO records.
 
 Fixed path, `eval.postprocess=host`: the device runs only the static graph (`FixedSSD`:
-`[B, 3, H, W]` -> head outputs). Everything data-dependent runs on the HOST: the detector's own `postprocess_detections`
-(SSD: softmax over all anchors; RetinaNet: sigmoid per FPN level, so the head outputs and
-anchors are split per level as `RetinaNet.forward` does; then box decoding, score threshold,
-top-k, batched NMS; the number of boxes kept varies
-per image, which would force a recompile on a shape-compiling device), then `unfit_boxes` maps
-canvas pixels back to the original image for whichever fit (stretch, letterbox, pad) was used.
+`[B, 3, H, W]` -> head outputs). Everything data-dependent runs on the HOST: the detector's
+own `postprocess_detections` (SSD: softmax over all anchors; RetinaNet: sigmoid per FPN level,
+so the head outputs and anchors are split per level as `RetinaNet.forward` does; then box
+decoding, score threshold, top-k, batched NMS; the number of boxes kept varies per image,
+which would force a recompile on a shape-compiling device), then `unfit_boxes` maps canvas
+pixels back to the original image for whichever fit (stretch, letterbox, pad) was used.
 
 Dynamic path: `detector(list_of_images)` in eval mode, torchvision's unmodified inference
 (its transform already maps boxes back to the input image).
@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -63,7 +63,7 @@ def postprocess_fixed(model: FixedSSD, cls_logits: Tensor, bbox_regression: Tens
     {"boxes" [N, 4] xyxy canvas pixels, "scores" [N], "labels" [N]} (N varies: host only).
     """
     anchors = model.anchors.detach().float().cpu()  # [A, 4] xyxy canvas px
-    canvas = (int(model.canvas[0]), int(model.canvas[1]))
+    canvas = model.canvas
     head = {
         "cls_logits": cls_logits.float().cpu(),
         "bbox_regression": bbox_regression.float().cpu(),
@@ -76,18 +76,6 @@ def postprocess_fixed(model: FixedSSD, cls_logits: Tensor, bbox_regression: Tens
             head, [list(anchors.split(split))] * n, [canvas] * n
         )
     return model.detector.postprocess_detections(head, [anchors] * n, [canvas] * n)
-
-
-def resolve_postprocess(choice: str, device_type: str, shape: str) -> str:
-    """`eval.postprocess` -> "device" | "host". auto: the device on cuda and npu (the host path
-    copies every head output and runs NMS in Python; torchvision's nms has no NPU kernel), the
-    host on the cpu, where both are the same processor and the host path is faster
-    (docs/bench.md). The dynamic baseline is torchvision's own inference: always "host"."""
-    if shape != "fixed":
-        return "host"
-    if choice == "auto":
-        return "device" if device_type in ("cuda", "npu") else "host"
-    return choice
 
 
 def pack_detections(detections: Detections) -> Tensor:
@@ -251,43 +239,35 @@ def dynamic_detections(
     return records, image_ids
 
 
+# A path's detections over a val loader: (COCO records, evaluated image ids) of this rank
+DetectFn = Callable[[Iterable], tuple[list[dict], list[int]]]
+
+
 class Evaluator:
-    """COCO mAP on a val loader: the fixed path (postprocess on the device with `detect`, else
-    on the host), or torchvision's own for shape="dynamic".
+    """COCO mAP on a val loader, from the path's `detections` (`ssd_npu.build` binds
+    `fixed_detections` or `dynamic_detections` to the model and device).
 
     Each rank runs its share of the val set; rank 0 gathers every rank's detections and runs
     COCOeval (`run` returns None on the other ranks; in one process it always returns).
+    `detect`: the fixed path's device postprocess when it is used (its graph count), else None.
     """
 
     def __init__(
         self,
-        model: FixedSSD,
+        detections: DetectFn,
         loader: Iterable,
         coco: COCO,
-        device: Device | torch.device | str,
-        shape: str = "fixed",
-        amp: bool = False,
         detect: DeviceDetect | None = None,
     ) -> None:
-        self.model, self.loader, self.coco = model, loader, coco
-        self.device, self.shape, self.amp = _as_device(device), shape, amp
-        self.detect = detect  # the fixed path's postprocess on the device; None: on the host
+        self.detections, self.loader, self.coco, self.detect = detections, loader, coco, detect
 
     @property
     def postprocess(self) -> str:
         """Where the postprocess runs: "device" or "host" (the dynamic path's is torchvision's)."""
         return "device" if self.detect is not None else "host"
 
-    def detections(self) -> tuple[list[dict], list[int]]:
-        """This rank's COCO records and evaluated image ids."""
-        if self.shape == "fixed":
-            return fixed_detections(
-                self.model, self.loader, self.device, amp=self.amp, detect=self.detect
-            )
-        return dynamic_detections(self.model.detector, self.loader, self.device)
-
     def run(self) -> dict[str, Any] | None:
-        gathered = distributed.gather_to_main(self.detections())
+        gathered = distributed.gather_to_main(self.detections(self.loader))
         if gathered is None:
             return None
         records = [r for part, _ in gathered for r in part]

@@ -1,8 +1,9 @@
 """The loop's hooks: checkpoints, evaluation, the profiler, bucket counting, stop signals.
 
 Each is a `ssd_npu.engine.Hook` built from explicit objects; `ssd_npu.train.run` puts them in
-a list. Only rank 0 writes (checkpoints, TensorBoard), but every rank runs every hook, so
-collectives (evaluation's gather, the stop vote) stay in step across ranks.
+a list. No hook holds another: how training ended reaches each as `after_train`'s outcome.
+Only rank 0 writes (checkpoints, TensorBoard), but every rank runs every hook, so collectives
+(evaluation's gather, the stop vote) stay in step across ranks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ssd_npu import distributed
 from ssd_npu.checkpoint import TrainState, checkpoint_path, gather_rng_states, save_checkpoint
 from ssd_npu.detections import DetectionSheet
 from ssd_npu.device import Device
-from ssd_npu.engine import Hook, NonFiniteLoss, Progress, StepRecord
+from ssd_npu.engine import Hook, NonFiniteLoss, Outcome, Progress, Read, StepRecord
 from ssd_npu.evaluate import Evaluator
 from ssd_npu.interrupt import StopOnSignal
 from ssd_npu.telemetry import Telemetry
@@ -26,7 +27,8 @@ DETECTIONS_TAG = "eval/detections"  # TensorBoard image tag (a public contract, 
 
 
 class StopSignalHook(Hook):
-    """SIGINT / SIGTERM stop training after the current step; every rank stops at the same one.
+    """SIGINT / SIGTERM stop training after the current step; every rank stops at the same one
+    (training then ends "interrupted").
 
     The ranks vote once per queued step over the host (gloo) group: the flag is a host bool,
     so the vote never waits for the device, and the step it stops after is the one just queued.
@@ -42,16 +44,17 @@ class StopSignalHook(Hook):
     def before_train(self, progress: Progress) -> None:
         self.signal.__enter__()
 
-    def should_stop(self) -> bool:
+    def after_update(self, progress: Progress) -> Read:
         # Every rank must stop after the same step, or one would wait forever in a collective.
-        return distributed.any_rank(self.signal.requested())
+        return "stop" if distributed.any_rank(self.signal.requested()) else "late"
 
-    def after_train(self, progress: Progress, failed: bool) -> None:
+    def after_train(self, progress: Progress, outcome: Outcome) -> None:
         self.signal.__exit__(None, None, None)
 
 
 class CheckpointHook(Hook):
-    """A checkpoint every `every` steps (0: none on the way) and one when training ends."""
+    """A checkpoint every `every` steps (0: none on the way) and one when training ends "done"
+    or "interrupted" (after a failure the last one written is the last good one)."""
 
     def __init__(self, state: TrainState, folder: Path, every: int, keep: int, main: bool):
         self.state, self.folder, self.every, self.keep, self.main = state, folder, every, keep, main
@@ -60,8 +63,9 @@ class CheckpointHook(Hook):
     def _due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def sync_after(self, progress: Progress) -> bool:
-        return self._due(progress.step)  # the checkpoint must hold the weights of that step
+    def after_update(self, progress: Progress) -> Read:
+        # the checkpoint must hold the weights of that step: read it before the next is queued
+        return "now" if self._due(progress.step) else "late"
 
     def after_step(self, record: StepRecord, progress: Progress) -> None:
         if self._due(record.step):
@@ -83,9 +87,9 @@ class CheckpointHook(Hook):
         else:
             self.saved.append(checkpoint_path(self.folder, progress.step))
 
-    def after_train(self, progress: Progress, failed: bool) -> None:
+    def after_train(self, progress: Progress, outcome: Outcome) -> None:
         # after a failure (a non-finite loss) the last checkpoint written is the last good one
-        if not failed and (
+        if outcome != "failed" and (
             not self.saved or self.saved[-1] != checkpoint_path(self.folder, progress.step)
         ):
             self.save(progress)
@@ -96,9 +100,9 @@ class CheckpointHook(Hook):
 
 
 class EvalHook(Hook):
-    """COCO mAP every `every_epochs` epochs (0: none on the way) and when training ends
-    (`final`, unless training failed or a stop signal ended it); logged as eval/mAP(50).
-    With a `sheet`, each evaluation also logs its picture as the image `eval/detections`."""
+    """COCO mAP every `every_epochs` epochs (0: none on the way) and when training ends "done"
+    (`final`; not when it failed or was interrupted); logged as eval/mAP(50). With a `sheet`,
+    each evaluation also logs its picture as the image `eval/detections`."""
 
     def __init__(
         self,
@@ -107,19 +111,18 @@ class EvalHook(Hook):
         every_epochs: int,
         epochs: int,
         final: bool = True,
-        stop: StopSignalHook | None = None,
         sheet: DetectionSheet | None = None,
     ) -> None:
         self.evaluator, self.telemetry, self.sheet = evaluator, telemetry, sheet
-        self.every, self.epochs, self.final, self.stop = every_epochs, epochs, final, stop
+        self.every, self.epochs, self.final = every_epochs, epochs, final
         self.history: list[dict[str, Any]] = []
 
     def after_epoch(self, progress: Progress) -> None:
         if self.every and progress.epoch % self.every == 0 and progress.epoch < self.epochs:
             self.evaluate(progress.step)
 
-    def after_train(self, progress: Progress, failed: bool) -> None:
-        if self.final and not failed and not (self.stop and self.stop.requested):
+    def after_train(self, progress: Progress, outcome: Outcome) -> None:
+        if self.final and outcome == "done":
             self.evaluate(progress.step)
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
@@ -144,10 +147,11 @@ class ProfilerHook(Hook):
     def before_train(self, progress: Progress) -> None:
         self.context.enter_context(self.profiler)
 
-    def after_update(self, progress: Progress) -> None:
+    def after_update(self, progress: Progress) -> Read:
         self.profiler.step()
+        return "late"
 
-    def after_train(self, progress: Progress, failed: bool) -> None:
+    def after_train(self, progress: Progress, outcome: Outcome) -> None:
         self.context.close()
 
 
@@ -160,7 +164,9 @@ class BucketCountHook(Hook):
         self.graphs = {m: 0 for m in sizes}
 
     def after_step(self, record: StepRecord, progress: Progress) -> None:
-        m = int(record.batch.boxes.shape[1])
+        m = record.counts.box_rows
+        if m is None:  # a DynamicBatch: no box-count bucket
+            return
         self.batches[m] = self.batches.get(m, 0) + 1
         self.graphs[m] = self.graphs.get(m, 0) + record.graphs
 

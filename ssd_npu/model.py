@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchvision.models import detection
 from torchvision.models.detection.image_list import ImageList
 
+from ssd_npu.choices import Canvas
 from ssd_npu.errors import UserError
 from ssd_npu.model_specs import DEFAULT_MODEL, MODELS, ModelSpec, model_spec
 
@@ -128,7 +129,7 @@ class FixedDetector(nn.Module):
     def __init__(self, detector: Detector, canvas: tuple[int, int]):
         super().__init__()
         self.detector = detector
-        self.canvas = tuple(canvas)
+        self.canvas = Canvas.of(canvas)  # (H, W) ints, whatever pair was given
         self.spec = detector_spec(detector)  # loss kind, box loss, eval recipe
         self.kind = self.spec.kind
         anchors, self.anchors_per_level = canvas_anchors_per_level(detector, self.canvas)

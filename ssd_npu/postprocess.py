@@ -93,7 +93,7 @@ def fixed_postprocess(
     cls_logits [B, A, C], bbox_regression [B, A, 4] (computed in float32, or float64 if given)
     -> Detections with D = the detector's detections_per_img, boxes in canvas pixels.
     """
-    detector, canvas = model.detector, (int(model.canvas[0]), int(model.canvas[1]))
+    detector, canvas = model.detector, model.canvas
     recipe = recipe_of(detector)
     if model.kind == "retinanet":
         return retinanet_postprocess(

@@ -22,6 +22,7 @@ from ssd_npu.build import (
     process_age_s,
 )
 from ssd_npu.checkpoint import TrainState, find_resume, list_checkpoints, load_checkpoint
+from ssd_npu.config import TrainConfig
 from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.errors import Interrupted
@@ -35,7 +36,7 @@ def _say(main: bool, text: str) -> None:
         print(text, flush=True)
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or only evaluate) as configured; return the summary, also in summary.json."""
     t = build_training(cfg)
     main = t.world.is_main
@@ -58,7 +59,7 @@ def run(cfg: Any) -> dict[str, Any]:
     telemetry = Telemetry(out_dir, steps_left, enabled=main)
     evaluator = build_evaluator(cfg, t)
     # rank 0 (the TensorBoard writer) pictures the first show.images val images at each eval
-    sheet = detection_sheet(cfg, t) if main else None
+    sheet = detection_sheet(cfg, t, evaluator) if main else None
     stop = StopSignalHook()
     checkpoints = CheckpointHook(state, ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints, main)
     evals = EvalHook(
@@ -67,14 +68,15 @@ def run(cfg: Any) -> dict[str, Any]:
         cfg.eval_every,
         cfg.epochs,
         final=cfg.eval.enabled,
-        stop=stop,
         sheet=sheet,
     )
     # torchvision's dynamic batches have no box-count bucket: counted on the fixed path only
     buckets = None
-    if cfg.shape == "fixed":
+    if t.path.static:
         buckets = BucketCountHook(bucket_sizes(cfg.max_boxes), count_graphs=cfg.compile)
-    # order matters: the checkpoint of the last step is written before the final evaluation
+    # Hooks run in list order; the one place order matters: `after_train` writes the last
+    # step's checkpoint before the final evaluation, so a failed or killed evaluation loses no
+    # training.
     hooks: list[Hook] = [stop, checkpoints, evals]
     if buckets is not None:
         hooks.append(buckets)
@@ -158,7 +160,7 @@ def run(cfg: Any) -> dict[str, Any]:
     return summary
 
 
-def _banner(cfg: Any, t: Training, out_dir: Path) -> str:
+def _banner(cfg: TrainConfig, t: Training, out_dir: Path) -> str:
     return (
         f"ssd-npu: device={t.device.torch} ranks={t.world.size} shape={cfg.shape} "
         f"model={cfg.model.name} canvas={list(cfg.canvas)} max_boxes={cfg.max_boxes} fit={cfg.fit} "

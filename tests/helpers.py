@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import box_iou
 
+from ssd_npu.build import Training
 from ssd_npu.config import config_dir, expand_short_forms, register_configs
+from ssd_npu.engine import Batch, Hook, Progress, TrainLoop
+from ssd_npu.telemetry import Telemetry, read_scalar_series
+from ssd_npu.tools.op_recorder import Key, OpRecorder, Signature
 
 REPO = Path(__file__).resolve().parents[1]
 register_configs()
@@ -22,10 +26,11 @@ register_configs()
 FAST = ("canvas=[128,128]", "max_boxes=8", "eval=false")
 
 
-def compose_cfg(*overrides: str):
-    """The train config composed through Hydra with `overrides` (the command line's words)."""
+def compose_cfg(*overrides: str, config: str = "train"):
+    """A config composed through Hydra with `overrides` (the command line's words): train.py's,
+    or a script's (`config="audit"`: configs/audit.yaml)."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="train", overrides=expand_short_forms(list(overrides)))
+        return compose(config_name=config, overrides=expand_short_forms(list(overrides)))
 
 
 def tiny_overrides(root: Path, *overrides: str) -> list[str]:
@@ -41,9 +46,9 @@ def tiny_overrides(root: Path, *overrides: str) -> list[str]:
     ]
 
 
-def tiny_cfg(root: Path, out: Path, *overrides: str):
+def tiny_cfg(root: Path, out: Path, *overrides: str, config: str = "train"):
     """A tiny CPU config on the session's synthetic set (read as COCO, 6 classes)."""
-    return compose_cfg(*tiny_overrides(root, f"out_dir={out}", *overrides))
+    return compose_cfg(*tiny_overrides(root, f"out_dir={out}", *overrides), config=config)
 
 
 def run_train(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -57,16 +62,10 @@ def run_train(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
-def read_scalars(out: Path) -> dict[str, list]:
-    """Every TensorBoard scalar series written under `out`/tensorboard, by tag."""
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
-
-
 def losses(out: Path) -> dict[int, float]:
-    """loss/total of a run, by step."""
-    return {e.step: e.value for e in read_scalars(out)["loss/total"]}
+    """loss/total of the run in `out` (its TensorBoard events), by step."""
+    steps, values = read_scalar_series(out, "loss/total")["loss/total"]
+    return dict(zip(steps, values, strict=True))
 
 
 def torchvision_loss(model, anchors, cls_logits, bbox_regression, targets):
@@ -81,31 +80,54 @@ def torchvision_loss(model, anchors, cls_logits, bbox_regression, targets):
     return model.compute_loss(targets, head, [anchors] * len(targets), matched_idxs), matched_idxs
 
 
-class DeviceShapes(TorchDispatchMode):
-    """Records (op, input shapes, output shapes) of every op dispatched."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-
-        def shapes(values):
-            flat = torch.utils._pytree.tree_leaves(values)
-            return tuple(tuple(v.shape) for v in flat if isinstance(v, torch.Tensor))
-
-        self.ops.append((str(func), shapes((args, kwargs)), shapes(out)))
-        return out
+@contextmanager
+def recorded_step(recorder: OpRecorder) -> Iterator[dict[Key, list[Signature]]]:
+    """Record what runs in the block as one step of `recorder`: yields `recorder.steps[-1]`,
+    {(kind, site, aten op): [(input shapes, output shapes) per call]}, filled as ops run."""
+    recorder.start_step()
+    try:
+        yield recorder.steps[-1]
+    finally:
+        recorder.end_step()  # never leave the dispatch modes pushed, even if the step failed
 
 
-def train_step(t, batch) -> dict[str, torch.Tensor]:
-    """One optimizer step of a built `Training` on `batch`, as the loop runs it (no hooks)."""
-    batch_losses = t.step(batch)
-    t.optimizer.zero_grad(set_to_none=True)
-    sum(batch_losses.values()).backward()
-    t.optimizer.step()
-    return batch_losses
+def op_calls(step: dict[Key, list[Signature]]) -> int:
+    """How many op calls a recorded step made (all its keys' calls)."""
+    return sum(len(calls) for calls in step.values())
+
+
+def host_syncs(recorder: OpRecorder, step: dict[Key, list[Signature]]) -> list[str]:
+    """The aten ops of a recorded step that make the host wait for the device, one per call
+    (`.item()` is "aten::_local_scalar_dense"; see op_recorder.sync_reason)."""
+    return [key[2] for key, calls in step.items() if key in recorder.syncs for _ in calls]
+
+
+def train_loop(t: Training, out: Path, hooks: Sequence[Hook] = ()) -> TrainLoop:
+    """The TrainLoop train.py builds from `t` (without its device prefetcher: the loader's
+    batches are moved by `run_step`); its telemetry writes nothing (`out` is never written)."""
+    return TrainLoop(
+        t.step,
+        t.optimizer,
+        t.scheduler,
+        t.data.train,
+        t.data.train_sampler,
+        t.device,
+        Telemetry(out, 0, enabled=False),
+        hooks,
+        scaler=t.scaler,
+        world=t.world,
+        optimizer_step=t.optimizer_step,
+    )
+
+
+def train_step(loop: TrainLoop, batch: Batch, progress: Progress) -> dict[str, float]:
+    """One optimizer step on `batch` exactly as the loop runs it (`run_step`), read back at
+    once (`finish`): the losses by name, "total" first (non-finite ones raise NonFiniteLoss).
+    The hooks' `after_update` (the loop asks it when to read) is not called: for loops whose
+    hooks only watch `after_step`."""
+    record = loop.run_step(batch, progress)
+    loop.finish(record, progress)
+    return record.values
 
 
 def calibrate_batchnorm(model, loader) -> None:

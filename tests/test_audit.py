@@ -28,7 +28,14 @@ def reports(tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     try:
         return {
             s: run_audit(
-                tiny_cfg(tiny_coco, out, "canvas=[128,128]", "audit.steps=3", f"shape={s}")
+                tiny_cfg(
+                    tiny_coco,
+                    out,
+                    "canvas=[128,128]",
+                    "audit.steps=3",
+                    f"shape={s}",
+                    config="audit",
+                )
             )
             for s in ("fixed", "dynamic")
         }
@@ -121,6 +128,7 @@ def test_sync_reason_flags_bool_indexing_only():
     assert sync_reason("aten::add", (x, x), x) is None
 
 
+@pytest.mark.slow  # a subprocess, ~9 s; run_audit (the `reports` fixture) is what it wraps
 def test_script_writes_json_and_fails_on_dynamic(tiny_coco: Path, tmp_path: Path):
     out = tmp_path / "report.json"
     cmd = [sys.executable, str(REPO / "scripts" / "audit_shapes.py"), "data=coco"]

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,32 +50,44 @@ def test_resume_continues_the_same_loss_curve(tiny_coco, tmp_path):
         torch.testing.assert_close(value, final[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_resume_on_a_finished_run_trains_nothing_and_exits_0(tiny_coco, tmp_path, capsys):
-    overrides = (*FAST, "max_steps=2")
-    first = run(tiny_cfg(tiny_coco, tmp_path, *overrides))
-    assert first["global_step"] == 2
-    newest = tmp_path / "checkpoints" / "step_0000002.pt"
-    written = newest.stat().st_mtime_ns
-    capsys.readouterr()
+FINISHED = (*FAST, "max_steps=2")  # a run that ends at step 2
 
-    again = run(tiny_cfg(tiny_coco, tmp_path, *overrides, "resume=auto"))
+
+def finished_run(root: Path, out: Path) -> tuple[dict, Callable[[], None]]:
+    """A 2-step run in `out`: (its summary, a check that the run in `out` is still as it
+    finished: summary.json, checkpoints, files untouched, no step logged after the second)."""
+    first = run(tiny_cfg(root, out, *FINISHED))
+    assert first["global_step"] == 2
+    newest = out / "checkpoints" / "step_0000002.pt"
+    written = newest.stat().st_mtime_ns
+
+    def unchanged() -> None:
+        assert json.loads((out / "summary.json").read_text())["global_step"] == 2
+        assert [p.name for p in list_checkpoints(out / "checkpoints")] == [newest.name]
+        assert newest.stat().st_mtime_ns == written  # not even re-saved
+        assert sorted(losses(out)) == [1, 2]
+
+    return first, unchanged
+
+
+def test_resume_on_a_finished_run_trains_nothing(tiny_coco, tmp_path, capsys):
+    first, unchanged = finished_run(tiny_coco, tmp_path)
+    capsys.readouterr()
+    again = run(tiny_cfg(tiny_coco, tmp_path, *FINISHED, "resume=auto"))
     shown = capsys.readouterr()
     assert "is complete (step 2); nothing to train" in shown.out
     assert "step/s" not in shown.out + shown.err  # no progress bar: nothing started
     assert again == json.loads(json.dumps(first))  # the finished run's summary, as it stands
-
-    def unchanged():
-        assert json.loads((tmp_path / "summary.json").read_text())["global_step"] == 2
-        assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [newest.name]
-        assert newest.stat().st_mtime_ns == written  # not even re-saved
-        assert sorted(losses(tmp_path)) == [1, 2]  # no step logged after the second
-
     unchanged()
-    # the command line: a finished run is not an error (train.py exits 0)
+
+
+@pytest.mark.slow  # train.py in a subprocess (~6 s); the test above covers run() itself
+def test_resume_on_a_finished_run_exits_0_from_the_command_line(tiny_coco, tmp_path):
+    _, unchanged = finished_run(tiny_coco, tmp_path)
     proc = run_train(
-        *tiny_overrides(tiny_coco, *overrides, "resume=auto", f"hydra.run.dir={tmp_path}")
+        *tiny_overrides(tiny_coco, *FINISHED, "resume=auto", f"hydra.run.dir={tmp_path}")
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]  # a finished run is not an error
     assert "Traceback" not in proc.stderr
     assert f"the run in {tmp_path} is complete (step 2)" in proc.stdout
     unchanged()
@@ -107,6 +120,7 @@ while True:
 """
 
 
+@pytest.mark.slow  # 3 killed processes, ~17 s; the quick crash test below covers save_atomic
 def test_kill_9_never_leaves_a_corrupt_newest_checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
     for delay in (0.3, 0.7, 1.1):

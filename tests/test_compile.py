@@ -9,7 +9,8 @@ import torch
 
 from ssd_npu.build import build_training
 from ssd_npu.compiler import NO_REASON, CompiledStep, RecompileError, graphs_compiled, reset
-from tests.helpers import tiny_cfg, train_step
+from ssd_npu.engine import Progress
+from tests.helpers import tiny_cfg, train_loop, train_step
 
 # What this torch's dynamo reports (the code runs on torch 2.6 to 2.14): compile records carry
 # the recompile reason from torch 2.7; the fail_on_recompile error quotes the failed guard
@@ -32,13 +33,14 @@ def test_fixed_step_compiles_once_and_fails_on_a_changed_shape(tiny_coco, tmp_pa
         "compiler.fail_on_recompile=true",
     )
     t = build_training(cfg)
+    loop, progress = train_loop(t, tmp_path), Progress()
     before, originals, counts = graphs_compiled(), set(), set()
     for i, batch in enumerate(t.data.train):
         if i == 4:
             break
         originals.update(tuple(s) for s in batch.orig_sizes.tolist())
         counts.update(batch.valid.sum(1).tolist())
-        train_step(t, batch)  # fail_on_recompile is on: any recompile here would raise
+        train_step(loop, batch, progress)  # fail_on_recompile is on: a recompile would raise
     assert len(originals) >= 4 and len(counts) >= 3  # the inputs really differ
     compiled = t.step.compiled
     assert isinstance(compiled, CompiledStep) and compiled.fail_on_recompile

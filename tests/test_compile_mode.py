@@ -13,7 +13,8 @@ from ssd_npu.compiler import reset
 from ssd_npu.config import COMPILE_MODES, ConfigError, validate
 from ssd_npu.device import Device
 from ssd_npu.distributed import World
-from tests.helpers import FAST, compose_cfg, tiny_cfg, train_step
+from ssd_npu.engine import Progress
+from tests.helpers import FAST, compose_cfg, tiny_cfg, train_loop, train_step
 
 
 def test_compile_modes_are_torch_compiles_own():
@@ -49,8 +50,12 @@ def test_a_mode_needs_inductor(overrides):
 
 
 def test_default_mode_and_inductor_pass():
-    validate(compose_cfg("compiler.backend=eager", "compiler.mode=default"))
-    validate(compose_cfg("compiler.backend=inductor", "compiler.mode=reduce-overhead"))
+    """Both pass the check at start and reach the step's compile options as given."""
+    for backend, mode in (("eager", "default"), ("inductor", "reduce-overhead")):
+        cfg = compose_cfg("compile=true", f"compiler.backend={backend}", f"compiler.mode={mode}")
+        validate(cfg)
+        options = step_options(cfg, Device("cpu", None), World(), None)
+        assert (options.compile.backend, options.compile.mode) == (backend, mode)
 
 
 def test_step_options_check_the_resolved_backend():
@@ -85,9 +90,8 @@ def test_compiler_mode_reaches_torch_compile(tiny_coco, tmp_path, monkeypatch):
     )
     t = build_training(cfg)
     assert calls == [{"dynamic": False, "backend": "inductor", "mode": "reduce-overhead"}]
-    batches = iter(t.data.train)
+    batches, loop, progress = iter(t.data.train), train_loop(t, tmp_path), Progress()
     for _ in range(2):
-        losses = train_step(t, next(batches))
-        assert all(torch.isfinite(v) for v in losses.values())
+        train_step(loop, next(batches), progress)  # a non-finite loss raises NonFiniteLoss
     assert t.step.compiled.cudagraphs and t.step.compiled.graphs_per_call == [1, 0]
     assert counters["inductor"]["cudagraph_skips"] >= 1

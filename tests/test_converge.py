@@ -60,6 +60,7 @@ def test_bootstrap_ci_of_the_paired_mean():
     assert (low + high) / 2 == pytest.approx(sample.mean(), abs=0.1 * half)
 
 
+@pytest.mark.slow  # 4 subprocesses, ~20 s; the quick tests above and below cover the script
 def test_converge_runs_both_paths_and_resumes(tiny_coco, tmp_path):
     cmd = [
         sys.executable, str(REPO / "scripts" / "converge.py"),

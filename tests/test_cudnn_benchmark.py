@@ -13,14 +13,14 @@ from tests.helpers import FAST, tiny_cfg
 @pytest.mark.parametrize(
     ("device_type", "shape", "on"),
     [
-        ("cuda", "fixed", True),
-        ("cuda", "dynamic", False),
-        ("cpu", "fixed", False),
-        ("npu", "fixed", False),
+        ("cuda", True, True),
+        ("cuda", False, False),
+        ("cpu", True, False),
+        ("npu", True, False),
     ],
 )
 def test_benchmark_only_for_fixed_shapes_on_cuda(device_type, shape, on):
-    assert cudnn_benchmark(device_type, shape) is on
+    assert cudnn_benchmark(device_type, static_shapes=shape) is on
 
 
 def test_build_sets_the_flag_from_the_device_and_shape(tiny_coco, tmp_path, monkeypatch):

@@ -106,6 +106,7 @@ def test_missing_annotation_file_names_it(tmp_path):
         load_coco(tmp_path / "instances_x.json")
 
 
+@pytest.mark.slow  # a subprocess, ~8 s; test_report_on_the_tiny_set covers data_report
 def test_cli_writes_the_json(tiny_coco, tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run(

@@ -8,7 +8,8 @@ import statistics
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import read_scalars, run_train
+from ssd_npu.telemetry import read_scalar_series
+from tests.helpers import run_train
 
 
 @pytest.mark.slow
@@ -28,10 +29,11 @@ def test_default_run_trains_and_evaluates_twice(tmp_path):
     history = summary["eval"]["history"]
     assert [h["step"] for h in history] == [128, 256]
     assert all(0.0 <= h["mAP50"] <= 1.0 and h["num_images"] == 48 for h in history)
-    loss = [e.value for e in read_scalars(tmp_path)["loss/total"]]
-    assert len(loss) == 256
+    steps, loss = read_scalar_series(tmp_path, "loss/total")["loss/total"]
+    assert steps == list(range(1, 257))
     first, last = statistics.fmean(loss[:32]), statistics.fmean(loss[-32:])
     assert last < 0.75 * first, (first, last, summary["eval"]["mAP50"])
+    # pictures: read_scalar_series reads scalars only
     acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     assert [e.step for e in acc.Images("eval/detections")] == [128, 256]

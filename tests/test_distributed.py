@@ -27,7 +27,7 @@ from ssd_npu.build import build_training
 from ssd_npu.config import ConfigError, validate
 from ssd_npu.device import Device, HostCopy, Mark
 from ssd_npu.distributed import World
-from ssd_npu.engine import Hook, Progress, TrainLoop
+from ssd_npu.engine import Hook, Progress, Read, TrainLoop
 from ssd_npu.hooks import StopSignalHook
 from ssd_npu.telemetry import Telemetry
 from ssd_npu.train import run
@@ -192,15 +192,16 @@ class LoggedDevice(Device):
 
 
 class StopOnRank(Hook):
-    """A stop request (as SIGTERM would make it) on one rank, after step `step` is queued."""
+    """A SIGTERM to this process on one rank, after step `step` is queued (before the
+    StopSignalHook after it in the list votes on that step)."""
 
-    def __init__(self, stop: StopSignalHook, rank: int, world: int, step: int) -> None:
-        self.stop, self.request = stop, rank == world - 1
-        self.step = step
+    def __init__(self, rank: int, world: int, step: int) -> None:
+        self.request, self.step = rank == world - 1, step
 
-    def after_update(self, progress: Progress) -> None:
+    def after_update(self, progress: Progress) -> Read:
         if self.request and progress.step == self.step:
-            self.stop.signal.signum = signal.SIGTERM
+            signal.raise_signal(signal.SIGTERM)  # its Python handler runs before this returns
+        return "late"
 
 
 def queue_worker(rank: int, world: int, port: int, root: str, out: str, stop_at: int):
@@ -214,7 +215,7 @@ def queue_worker(rank: int, world: int, port: int, root: str, out: str, stop_at:
     device = LoggedDevice(t.device.type, t.device.index, log)
     stop = StopSignalHook()
     telemetry = Telemetry(out_dir / f"tb{rank}", stop_at, enabled=t.world.is_main)
-    hooks = [stop, StopOnRank(stop, rank, world, stop_at)]
+    hooks = [StopOnRank(rank, world, stop_at), stop]
     loop = TrainLoop(
         t.step, t.optimizer, t.scheduler, t.data.train, t.data.train_sampler, device,
         telemetry, hooks, scaler=t.scaler, world=t.world,

@@ -12,13 +12,12 @@ import json
 import pytest
 import torch
 
-from ssd_npu.build import build_evaluator, build_training
+from ssd_npu.build import build_evaluator, build_training, resolve_postprocess, shape_path
 from ssd_npu.config import ConfigError, expand_short_forms, validate
 from ssd_npu.evaluate import (
     DeviceDetect,
     fixed_detections,
     pack_detections,
-    resolve_postprocess,
     unpack_detections,
 )
 from ssd_npu.postprocess import Detections, as_dicts
@@ -37,7 +36,7 @@ from tests.helpers import calibrate_batchnorm, compose_cfg, run_train, tiny_cfg,
     ],
 )
 def test_resolve_postprocess(choice, device, shape, want):
-    assert resolve_postprocess(choice, device, shape) == want
+    assert resolve_postprocess(choice, device, shape_path(compose_cfg(f"shape={shape}"))) == want
 
 
 def test_eval_short_form_and_bad_values():
@@ -136,11 +135,15 @@ def test_audit_of_the_device_eval_forward_is_static(tiny_coco, tmp_path):
     from ssd_npu.tools.audit import run_audit
 
     common = ("canvas=[128,128]", "audit.target=eval", "audit.steps=3")
-    device = run_audit(tiny_cfg(tiny_coco, tmp_path / "d", *common, "eval.postprocess=device"))
+    device = run_audit(
+        tiny_cfg(tiny_coco, tmp_path / "d", *common, "eval.postprocess=device", config="audit")
+    )
     assert device.info["postprocess"] == "device" and device.info["target"] == "eval"
     assert device.dynamic_ops == [] and device.host_syncs == []
     assert device.steps == 3
-    host = run_audit(tiny_cfg(tiny_coco, tmp_path / "h", *common, "eval.postprocess=host"))
+    host = run_audit(
+        tiny_cfg(tiny_coco, tmp_path / "h", *common, "eval.postprocess=host", config="audit")
+    )
     assert any("nonzero" in sync["op"] for sync in host.host_syncs)
 
 

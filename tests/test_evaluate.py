@@ -1,13 +1,13 @@
 """Evaluation: the canvas -> original box mapping is exact (GT as predictions gives mAP 1.0),
 the fixed path runs end to end, and it agrees with torchvision's own dynamic inference."""
 
-import dataclasses
 from collections import defaultdict
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from ssd_npu.build import build_training, loader_spec
+from ssd_npu.build import build_training, loader_spec, shape_path
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.loader import build_loaders
@@ -30,7 +30,8 @@ def test_ground_truth_as_predictions_gives_map_one(tiny_coco, tmp_path, fit, spl
     # sides (pad keeps them unscaled) and larger ones (every mode scales them)
     overrides = [f"fit={fit}", "canvas=[320,448]", "batch_size=4", "max_boxes=48"]
     cfg = tiny_cfg(tiny_coco, tmp_path, *overrides, f"data.val_split={split}")
-    data = build_loaders(loader_spec(cfg, World(), Device("cpu", None)), tiny_coco)
+    spec = loader_spec(cfg, World(), Device("cpu", None))
+    data = build_loaders(spec, shape_path(cfg).batches, tiny_coco)
     assert data.val_set.split == split
     coco = data.val_set.coco
     sizes = [(img["height"], img["width"]) for img in coco.imgs.values()]
@@ -77,7 +78,8 @@ def test_evaluate_fixed_end_to_end(tiny_coco, tmp_path):
     val_set = t.data.val_set
     calibrate_batchnorm(t.model, t.data.val)
     assert t.model.training
-    result = Evaluator(t.model, t.data.val, val_set.coco, t.device).run()  # shape="fixed"
+    detections = t.path.detections(t.model, t.device, amp=False, detect=None)  # shape=fixed
+    result = Evaluator(detections, t.data.val, val_set.coco).run()
     assert t.model.training  # the previous mode is restored
     assert {"mAP", "mAP50", "stats", "num_images", "num_detections"} <= result.keys()
     assert isinstance(result["mAP"], float) and 0.0 <= result["mAP"] <= 1.0
@@ -106,12 +108,15 @@ def test_fixed_and_dynamic_agree_on_stretch(tiny_coco, tmp_path):
     cfg = tiny_cfg(tiny_coco, tmp_path, "fit=stretch", "canvas=[128,128]", "batch_size=2")
     t = build_training(cfg)
     calibrate_batchnorm(t.model, t.data.val)
-    spec = dataclasses.replace(loader_spec(cfg, t.world, t.device), shape="dynamic")
-    dyn_loader = build_loaders(spec, t.data_root).val
+    dynamic_path = shape_path(OmegaConf.merge(cfg, {"shape": "dynamic"}))
+    spec = loader_spec(cfg, t.world, t.device)
+    dyn_loader = build_loaders(spec, dynamic_path.batches, t.data_root).val
     coco = t.data.val_set.coco
 
-    fixed = Evaluator(t.model, t.data.val, coco, t.device, shape="fixed").run()
-    dynamic = Evaluator(t.model, dyn_loader, coco, t.device, shape="dynamic").run()
+    fixed_fn = t.path.detections(t.model, t.device, amp=False, detect=None)
+    dynamic_fn = dynamic_path.detections(t.model, t.device, amp=False, detect=None)
+    fixed = Evaluator(fixed_fn, t.data.val, coco).run()
+    dynamic = Evaluator(dynamic_fn, dyn_loader, coco).run()
     assert t.model.training and t.model.detector.training  # the previous mode is restored
     assert fixed["num_images"] == dynamic["num_images"] == 6
     assert fixed["num_detections"] == dynamic["num_detections"] > 0

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DistributedSampler
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from ssd_npu.build import loader_spec
+from ssd_npu.build import loader_spec, shape_path
 from ssd_npu.config import TrainConfig
 from ssd_npu.data.fixed_shape import (
     FixedBatch,
@@ -192,7 +192,10 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def _loaders(root, **kw) -> Loaders:
-    return build_loaders(loader_spec(_cfg(**kw), World(), Device("cpu", None)), root)
+    cfg = _cfg(**kw)
+    return build_loaders(
+        loader_spec(cfg, World(), Device("cpu", None)), shape_path(cfg).batches, root
+    )
 
 
 def test_fixed_loaders_static_shapes_and_padded_val(tiny_coco):

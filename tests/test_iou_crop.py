@@ -207,6 +207,8 @@ def samples() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return out
 
 
+# Slow (~20 s of sampling in `samples`): the quick replay test above covers the same sampler.
+@pytest.mark.slow
 @pytest.mark.parametrize("scene", list(SCENES))
 def test_same_distribution_as_torchvision(samples, scene):
     tv, ours, _ = samples[scene]
@@ -216,6 +218,7 @@ def test_same_distribution_as_torchvision(samples, scene):
     assert ours[:, 5].mean() > 0.6 and np.unique(ours[:, 0]).size > 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scene", list(SCENES))
 def test_a_different_sampler_is_detected(samples, scene):
     tv, _, off = samples[scene]

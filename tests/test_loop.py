@@ -3,22 +3,37 @@
 A device seam (`RecordingDevice`) logs the order of step launches and host reads: the loop
 must queue step k+1 before it reads step k's losses, except for steps a hook asks to read at
 once (a checkpoint). A NaN in step k stops training with a message naming step k, at most one
-step later, and the last checkpoint written is a good one.
+step later, and the last checkpoint written is a good one. The hook protocol stays narrow: a
+few seams, a record that keeps no batch tensor, and the outcome handed to `after_train`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 
 from ssd_npu.checkpoint import TrainState, list_checkpoints
+from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device, HostCopy
-from ssd_npu.engine import NonFiniteLoss, TrainLoop
-from ssd_npu.hooks import CheckpointHook
+from ssd_npu.engine import (
+    DATA_COUNTS,
+    BatchCounts,
+    Hook,
+    NonFiniteLoss,
+    Outcome,
+    Progress,
+    Read,
+    StepRecord,
+    TrainLoop,
+)
+from ssd_npu.evaluate import Evaluator
+from ssd_npu.hooks import BucketCountHook, CheckpointHook, EvalHook
 from ssd_npu.step import TrainStep
 from ssd_npu.telemetry import Telemetry
 
@@ -47,12 +62,21 @@ def launched() -> int:
 
 
 class ToyStep(TrainStep):
-    """A linear model's squared output; NaN from step `nan_at` on (1-based)."""
+    """A linear model's squared output; NaN from step `nan_at` on (1-based); step `raise_at`
+    raises `error` before it is launched."""
 
-    def __init__(self, model: nn.Module, nan_at: int | None = None) -> None:
-        self.model, self.nan_at = model, nan_at
+    def __init__(
+        self,
+        model: nn.Module,
+        nan_at: int | None = None,
+        raise_at: int | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        self.model, self.nan_at, self.raise_at, self.error = model, nan_at, raise_at, error
 
     def __call__(self, batch: FixedBatch) -> dict[str, torch.Tensor]:
+        if self.raise_at is not None and launched() + 1 == self.raise_at:
+            raise self.error or RuntimeError(f"step {self.raise_at} failed")
         EVENTS.append(("launch", launched() + 1))
         loss = self.model(batch.images.flatten(1)).pow(2).mean()
         if self.nan_at is not None and launched() >= self.nan_at:
@@ -72,12 +96,18 @@ def batches(n: int) -> list[FixedBatch]:
             orig_sizes=torch.full((2, 2), 4),
             content_sizes=torch.full((2, 2), 4),
             scales=torch.ones(2, 2),
+            # distinct host counters per batch, so a record can be matched to its batch
+            boxes_dropped=i,
+            degenerate=10 + i,
+            clipped=20 + i,
+            downscaled=30 + i,
+            skipped=40 + i,
         )
 
     return [one(i) for i in range(n)]
 
 
-def make_loop(tmp_path, nan_at=None, hooks=()):
+def make_loop(tmp_path, nan_at=None, hooks=(), raise_at=None, error=None, loader=None):
     EVENTS.clear()
     torch.manual_seed(0)
     model = nn.Linear(48, 1)
@@ -85,8 +115,9 @@ def make_loop(tmp_path, nan_at=None, hooks=()):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     telemetry = Telemetry(tmp_path, 0, enabled=False)
     device = RecordingDevice("cpu", None)
-    step = ToyStep(model, nan_at)
-    loop = TrainLoop(step, optimizer, scheduler, batches(6), None, device, telemetry, hooks)
+    step = ToyStep(model, nan_at, raise_at, error)
+    loader = batches(6) if loader is None else loader
+    loop = TrainLoop(step, optimizer, scheduler, loader, None, device, telemetry, hooks)
     return loop, model, optimizer, scheduler, telemetry
 
 
@@ -145,3 +176,119 @@ def test_nan_in_a_real_run_names_the_step(tiny_coco, tmp_path):
     for path in list_checkpoints(tmp_path / "checkpoints"):
         weights = torch.load(path, weights_only=True)["model"]
         assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+# --- the hook protocol ------------------------------------------------------------------------
+
+
+class Seen(Hook):
+    """What the loop hands the hooks: every record read, and the outcome; "stop" at `stop_at`."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at = stop_at
+        self.records: list[StepRecord] = []
+        self.outcomes: list[Outcome] = []
+
+    def after_update(self, progress: Progress) -> Read:
+        return "stop" if progress.step == self.stop_at else "late"
+
+    def after_step(self, record: StepRecord, progress: Progress) -> None:
+        self.records.append(record)
+
+    def after_train(self, progress: Progress, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+
+def test_the_hook_base_has_at_most_six_seams():
+    seams = [n for n in dir(Hook) if not n.startswith("_") and callable(getattr(Hook, n))]
+    assert len(seams) <= 6, seams
+    assert "before_step" not in seams  # implemented by no hook
+
+
+def test_a_step_record_keeps_the_batch_counters_not_the_batch(tmp_path):
+    seen, buckets = Seen(), BucketCountHook((1, 4), count_graphs=False)
+    loop, *_ = make_loop(tmp_path, hooks=[seen, buckets])
+    loop.run(epochs=1)
+    assert "batch" not in {f.name for f in dataclasses.fields(StepRecord)}
+    for record, batch in zip(seen.records, batches(6), strict=True):
+        counts = record.counts
+        assert counts == BatchCounts.of(batch)
+        assert (counts.images, counts.box_rows, counts.boxes_dropped) == (2, 1, record.step - 1)
+        assert counts.data == {k: getattr(batch, k) for k in DATA_COUNTS}
+        values = [getattr(record, f.name) for f in dataclasses.fields(record)]
+        values += [getattr(counts, f.name) for f in dataclasses.fields(counts)]
+        assert not any(isinstance(v, torch.Tensor) for v in values)  # plain host numbers
+    # the telemetry and the bucket counts got the same numbers from the records
+    assert loop.telemetry.boxes_dropped == sum(range(6))
+    assert loop.telemetry.data_counts["skipped"] == sum(40 + i for i in range(6))
+    assert loop.telemetry.batch_sizes == [2] * 6
+    assert buckets.batches == {1: 6, 4: 0}
+
+
+def val_evaluator(tiny_coco) -> Evaluator:
+    """A real Evaluator on the tiny val set whose detector finds nothing (mAP 0)."""
+    coco = CocoDetectionDataset(tiny_coco, "val2017").coco
+    return Evaluator(lambda loader: ([], list(coco.imgs)), [], coco)
+
+
+@pytest.mark.parametrize(
+    ("stop_at", "nan_at", "outcome", "checkpoint", "evaluated"),
+    [
+        (None, None, "done", "step_0000006.pt", True),
+        (2, None, "interrupted", "step_0000002.pt", False),  # a hook asked to stop
+        (None, 3, "failed", None, False),  # step 3's loss is NaN: raised
+    ],
+)
+def test_after_train_gets_the_outcome(
+    tmp_path, tiny_coco, stop_at, nan_at, outcome, checkpoint, evaluated
+):
+    """ "done" checkpoints and evaluates; "interrupted" checkpoints only (the evaluation knows
+    of the stop from the outcome, not from the stop hook); "failed" writes neither."""
+    seen = Seen(stop_at)
+    loop, model, optimizer, scheduler, telemetry = make_loop(tmp_path, nan_at=nan_at)
+    state = TrainState(model, optimizer, scheduler, None, {})
+    evals = EvalHook(val_evaluator(tiny_coco), telemetry, every_epochs=0, epochs=1)
+    loop.hooks += [seen, CheckpointHook(state, tmp_path / "ckpt", 0, keep=5, main=True), evals]
+    if outcome == "failed":
+        with pytest.raises(NonFiniteLoss):
+            loop.run(epochs=1)
+    else:
+        loop.run(epochs=1)
+    assert seen.outcomes == [outcome]
+    saved = [p.name for p in list_checkpoints(tmp_path / "ckpt")]
+    assert saved == ([checkpoint] if checkpoint else [])
+    assert len(evals.history) == int(evaluated)
+    if outcome == "interrupted":
+        assert [r.step for r in seen.records] == [1, 2]  # the stop step is read, then the end
+
+
+def test_a_step_that_raises_logs_the_step_queued_before_it(tmp_path):
+    """Step 4 raises while step 3 is queued and unread: step 3 is still read and logged."""
+    seen = Seen()
+    loop, *_, telemetry = make_loop(tmp_path, hooks=[seen], raise_at=4)
+    with pytest.raises(RuntimeError, match="step 4 failed"):
+        loop.run(epochs=1)
+    assert [r.step for r in seen.records] == [1, 2, 3]
+    assert len(telemetry.step_ms) == 3
+    assert seen.outcomes == ["failed"]
+
+
+def test_a_loader_that_raises_logs_the_step_queued_before_it(tmp_path):
+    def failing() -> Iterator[FixedBatch]:
+        yield from batches(2)
+        raise OSError("a corrupt image")
+
+    seen = Seen()
+    loop, *_ = make_loop(tmp_path, hooks=[seen], loader=failing())
+    with pytest.raises(OSError, match="corrupt"):
+        loop.run(epochs=1)
+    assert [r.step for r in seen.records] == [1, 2]
+
+
+def test_a_second_ctrl_c_does_not_wait_to_read_the_queued_step(tmp_path):
+    """KeyboardInterrupt (a second Ctrl-C abandons the step) leaves the queued step unread."""
+    seen = Seen()
+    loop, *_ = make_loop(tmp_path, hooks=[seen], raise_at=4, error=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(epochs=1)
+    assert [r.step for r in seen.records] == [1, 2]

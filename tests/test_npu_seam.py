@@ -136,6 +136,7 @@ def test_npu_device_uses_torch_npu_as_documented(tmp_path, jit):
     assert seen["autocast_dtype"] == "torch.float16" == seen["amp_dtype"]
 
 
+@pytest.mark.slow  # 3 subprocesses, ~11 s; the import-order checks below cover it statically
 def test_installed_torch_npu_without_cann_does_not_break_cpu(tmp_path):
     """torch autoloads an installed torch_npu on import; ssd_npu switches that off first."""
     broken = 'raise ImportError("libhccl.so: cannot open shared object file: No such file")\n'

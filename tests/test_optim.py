@@ -11,12 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssd_npu.build import Training, build_training
 from ssd_npu.compiler import CompiledStep, reset
 from ssd_npu.config import ConfigError, validate
-from ssd_npu.engine import Hook, Progress, StepRecord, TrainLoop
+from ssd_npu.engine import Hook, Progress, StepRecord
 from ssd_npu.optim import (
     OptimizerStep,
     build_optimizer,
@@ -25,22 +24,8 @@ from ssd_npu.optim import (
     use_fused_sgd,
 )
 from ssd_npu.step import CompileOptions
-from ssd_npu.telemetry import Telemetry
-from tests.helpers import compose_cfg, tiny_cfg
-
-
-class HostReads(TorchDispatchMode):
-    """Counts `aten._local_scalar_dense`: every `.item()`, `float(t)` or `bool(t)` of a tensor,
-    the op that makes the host wait for the device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+from ssd_npu.tools.op_recorder import OpRecorder
+from tests.helpers import compose_cfg, host_syncs, recorded_step, tiny_cfg, train_loop
 
 
 def toy_model() -> nn.Module:
@@ -53,20 +38,21 @@ def toy_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
 
 
-def scaled_steps(fused: bool, steps: int = 3) -> tuple[list[int], list[torch.Tensor]]:
+def scaled_steps(fused: bool, steps: int = 3) -> tuple[list[list[str]], list[torch.Tensor]]:
     """`steps` fp32 steps of the toy through a CPU GradScaler and OptimizerStep; the host reads
-    of each (backward, scaler step and update) and the final weights."""
+    of each (backward, scaler step and update: any op that makes the host wait for the device,
+    as the audit's OpRecorder flags them) and the final weights."""
     model = toy_model()
     optimizer = build_optimizer(model.parameters(), 0.1, 0.9, 4e-5, fused=fused)
     update = OptimizerStep(optimizer, torch.amp.GradScaler("cpu"))
-    reads = []
+    recorder = OpRecorder()
     for i in range(steps):
         x, y = toy_batch(i)
         loss = (model(x) - y).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
-        with HostReads() as counter:
+        with recorded_step(recorder):
             update(loss)
-        reads.append(counter.count)
+    reads = [host_syncs(recorder, step) for step in recorder.steps]
     return reads, [p.detach().clone() for p in model.parameters()]
 
 
@@ -74,10 +60,10 @@ def scaled_steps(fused: bool, steps: int = 3) -> tuple[list[int], list[torch.Ten
 def test_grad_scaler_step_with_fused_sgd_reads_nothing_back():
     plain_reads, plain = scaled_steps(fused=False)
     fused_reads, fused = scaled_steps(fused=True)
-    # plain SGD: GradScaler reads found_inf on the host every step before it steps
-    assert plain_reads == [1, 1, 1]
+    # plain SGD: GradScaler reads found_inf on the host (.item()) every step before it steps
+    assert plain_reads == [["aten::_local_scalar_dense"]] * 3
     # fused SGD takes grad_scale and found_inf as tensors: unscale and skip on the device
-    assert fused_reads == [0, 0, 0]
+    assert fused_reads == [[], [], []]
     for a, b in zip(plain, fused, strict=True):  # and the same update
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -184,18 +170,7 @@ def train_tiny(
     t = build_training(cfg)
     start = torch.cat([p.detach().flatten() for p in t.model.parameters()])
     records = Records()
-    loop = TrainLoop(
-        t.step,
-        t.optimizer,
-        t.scheduler,
-        t.data.train,
-        t.data.train_sampler,
-        t.device,
-        Telemetry(out, 0, enabled=False),
-        [records],
-        optimizer_step=t.optimizer_step,
-    )
-    loop.run(cfg.epochs, cfg.max_steps)
+    train_loop(t, out, [records]).run(cfg.epochs, cfg.max_steps)
     return records, t, start, torch.cat([p.detach().flatten() for p in t.model.parameters()])
 
 

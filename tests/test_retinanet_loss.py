@@ -7,8 +7,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead, _default_anchorgen
@@ -22,6 +20,8 @@ from ssd_npu.retinanet_loss import (
     retinanet_loss_sums,
     retinanet_normalise,
 )
+from ssd_npu.tools.op_recorder import OpRecorder
+from tests.helpers import op_calls, recorded_step
 
 NUM_CLASSES = 4
 CANVAS = (192, 192)
@@ -298,44 +298,11 @@ def test_sums_take_the_options_object(anchors):
         assert not torch.equal(default[key], whole[key])  # the options were not ignored
 
 
-# Ops whose output size or Python result depends on tensor values (a device-to-host sync).
-SYNC_OPS = {
-    "aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::_unique",
-    "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::bincount",
-    "aten::equal", "aten::item",
-}  # fmt: skip
-
-
-class OpShapes(TorchDispatchMode):
-    """Records (aten op, input shapes, output shapes) of every op, and the ones that sync."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[str, tuple, tuple]] = []
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func._schema.name
-
-        def shapes(values: object) -> tuple:
-            return tuple(tuple(v.shape) for v in tree_leaves(values) if isinstance(v, Tensor))
-
-        self.ops.append((name, shapes((args, kwargs)), shapes(out)))
-        bool_index = name.startswith("aten::index") and any(
-            isinstance(t, Tensor) and t.dtype in (torch.bool, torch.uint8)
-            for t in tree_leaves(args[1])
-        )
-        if name in SYNC_OPS or bool_index:
-            self.syncs.append(name)
-        return out
-
-
 @pytest.mark.parametrize("loss_type", ["l1", "giou"])
 def test_loss_ops_have_no_data_dependent_shapes(anchors, loss_type):
     """Forward and backward: no sync op, and the same ops with the same shapes whatever the
     number of valid boxes (0 included)."""
-    records = []
+    recorder = OpRecorder()
     for seed, counts in enumerate([(0, 3), (5, 1), (6, 6)]):
         g = torch.Generator().manual_seed(seed)
         boxes, _, labels, valid = pad(
@@ -346,12 +313,12 @@ def test_loss_ops_have_no_data_dependent_shapes(anchors, loss_type):
         )
         logits = torch.randn(2, anchors.shape[0], NUM_CLASSES, requires_grad=True)
         deltas = torch.randn(2, anchors.shape[0], 4, requires_grad=True)
-        with OpShapes() as rec:
+        with recorded_step(recorder):
             out = fixed_retinanet_loss(
                 logits, deltas, anchors, boxes, labels, valid, bbox_reg_loss_type=loss_type
             )
             sum(out.values()).backward()
-        assert rec.syncs == []
-        records.append(rec.ops)
-    assert len(records[0]) > 50
-    assert records[0] == records[1] == records[2]
+    first = recorder.steps[0]
+    assert op_calls(first) > 50 and {kind for kind, _, _ in first} == {"fwd", "bwd"}
+    assert recorder.steps[1] == first and recorder.steps[2] == first
+    assert recorder.syncs == {}  # no .item(), nonzero, unique or boolean-mask indexing

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ssd_npu.choices import DECODES as DECODE_MODES
+from ssd_npu.choices import Canvas
 from ssd_npu.errors import DataError
 
-DECODE_MODES = ("exact", "reduced")
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
 
 
@@ -176,7 +177,7 @@ class DeferredImage:
             image = F.interpolate(image, size=(ch, cw), mode="bilinear", align_corners=False)
         if self.flipped:
             image = image.flip(-1)
-        out = torch.full((3, int(canvas[0]), int(canvas[1])), fill, dtype=torch.uint8)
+        out = torch.full((3, *Canvas.of(canvas)), fill, dtype=torch.uint8)
         out[:, :ch, :cw] = image[0]
         # the region actually decoded, in file pixels, relative to the requested one
         ry0, rx0, ry1, rx1 = y0 / fy - top, x0 / fx - left, y1 / fy - top, x1 / fx - left

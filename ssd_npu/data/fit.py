@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.transform import resize_boxes
 
+from ssd_npu.choices import FITS as FIT_MODES
+from ssd_npu.choices import Canvas
 from ssd_npu.data.decode import DeferredImage, fill_value
-
-FIT_MODES = ("stretch", "letterbox", "pad")
 
 
 class FitInfo(NamedTuple):
@@ -60,7 +60,7 @@ def content_size(h: int, w: int, canvas: tuple[int, int], mode: str) -> tuple[in
     """(ch, cw, downscaled): the size (px) of an h x w image inside the canvas (H, W)."""
     if mode not in FIT_MODES:
         raise ValueError(f"fit={mode!r} is not valid; choose one of: {', '.join(FIT_MODES)}")
-    H, W = int(canvas[0]), int(canvas[1])
+    H, W = Canvas.of(canvas)
     if mode == "stretch":
         return H, W, False
     if mode == "pad" and h <= H and w <= W:
@@ -91,7 +91,7 @@ def fit_to_canvas(
     Returns image float32 [3, H, W] in [0, 1], boxes float32 [N, 4] xyxy canvas pixels (clipped
     to the content area), FitInfo.
     """
-    H, W = int(canvas[0]), int(canvas[1])
+    H, W = Canvas.of(canvas)  # the public entry: any [H, W] pair
     h, w = int(image.shape[-2]), int(image.shape[-1])
     ch, cw, downscaled = content_size(h, w, (H, W), mode)
     x = _to_float(image.as_subclass(Tensor))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ssd_npu.choices import Canvas
 from ssd_npu.data.decode import DeferredImage
 from ssd_npu.data.fit import (  # noqa: F401 (re-exported: the public names predate fit.py)
     FIT_MODES,
@@ -106,7 +107,7 @@ class FixSample:
         pad_value: float = 0.0,
         seed: int = 0,
     ):
-        self.canvas = (int(canvas[0]), int(canvas[1]))
+        self.canvas = Canvas.of(canvas)
         self.max_boxes, self.fit, self.pad_value, self.seed = (
             int(max_boxes),
             fit,

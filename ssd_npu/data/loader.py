@@ -1,4 +1,5 @@
-"""DataLoaders for the fixed path (FixedBatch, static shapes) and the dynamic baseline.
+"""DataLoaders for either path: how samples become batches comes in as a `BatchForm` (the fixed
+path's FixSample + collate_fixed, or the dynamic baseline's), built once in `ssd_npu.build`.
 
 Determinism: every sample's randomness (augmentation, box subset) is seeded from
 (seed, image_id, epoch), so the same seed gives the same batches whatever num_workers is
@@ -11,7 +12,6 @@ import gc
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ssd_npu.data.buckets import BucketBatchSampler
 from ssd_npu.data.coco import CocoDetectionDataset, check_num_classes
-from ssd_npu.data.dynamic import collate_dynamic, to_dynamic_sample
-from ssd_npu.data.fixed_shape import FixSample, collate_fixed, sample_seed
+from ssd_npu.data.fixed_shape import sample_seed
 from ssd_npu.data.samplers import (
     EpochSampler,
     PaddedSequentialSampler,
@@ -94,26 +93,39 @@ def _worker_init(worker_id: int) -> None:
 
 
 @dataclass(frozen=True)
-class LoaderSpec:
-    """What the loaders are built from (train.py fills it from the config)."""
+class BatchForm:
+    """How one path turns decoded samples into batches (`ssd_npu.build` builds one per path).
 
-    shape: str  # fixed | dynamic
-    canvas: tuple[int, int]  # (H, W) pixels
-    max_boxes: tuple[int, ...]  # one M, or sorted box-count buckets
-    fit: str  # stretch | letterbox | pad
+    finish(image, target, epoch) -> sample dict (fixed: `FixSample`; dynamic: unchanged sizes);
+    collate(list of samples) -> FixedBatch | DynamicBatch. `static`: every batch has exactly
+    batch_size samples (train drops its last partial batch, val fills its last one with repeats
+    whose image_id is -1), as a shape-compiling device needs. `buckets`: box-count buckets
+    (sorted M values) when train batches are grouped by box count, else None.
+    """
+
+    finish: Callable[..., dict[str, Any]]
+    collate: Callable[[list[dict[str, Any]]], Any]
+    static: bool
+    buckets: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What the loaders are built from besides the batch form (build.py fills it from the
+    config)."""
+
     batch_size: int  # per rank
     num_classes: int  # including background
     train_split: str = "train2017"
     val_split: str = "val2017"
     on_bad_image: str = "fail"
-    pad_value: float = 0.0
     augment: bool = True
     num_workers: int = 2
     seed: int = 0
     rank: int = 0
     world_size: int = 1
     pin_memory: bool = False  # page-locked batches for asynchronous copies (cuda / npu)
-    decode: str = "exact"  # exact | reduced (fixed only: ssd_npu.data.decode)
+    decode: str = "exact"  # exact | reduced (fixed path only: ssd_npu.data.decode)
 
 
 @dataclass
@@ -127,11 +139,13 @@ class Loaders:
     val_set: CocoDetectionDataset
 
 
-def _bucket_batches(spec: LoaderSpec, train_ds: CocoDetectionDataset) -> BucketBatchSampler:
+def _bucket_batches(
+    spec: LoaderSpec, buckets: tuple[int, ...], train_ds: CocoDetectionDataset
+) -> BucketBatchSampler:
     """Box-count bucket batches for max_boxes=[...], from the annotation counts (no decoding)."""
     batches = BucketBatchSampler(
         train_ds.box_counts,  # counted when the data set read its file: no second parse
-        spec.max_boxes,
+        buckets,
         spec.batch_size,
         spec.seed,
         SampleKey,
@@ -140,39 +154,31 @@ def _bucket_batches(spec: LoaderSpec, train_ds: CocoDetectionDataset) -> BucketB
     )
     if len(batches) == 0:
         raise DataError(
-            f"max_boxes={list(spec.max_boxes)}: no bucket of {train_ds.ann_file} holds a full "
+            f"max_boxes={list(buckets)}: no bucket of {train_ds.ann_file} holds a full "
             f"batch of {spec.batch_size * spec.world_size} images; lower batch_size or use "
             "fewer buckets."
         )
     return batches
 
 
-def build_loaders(spec: LoaderSpec, data_root: Path) -> Loaders:
-    """Train and val loaders for `spec.shape`.
+def build_loaders(spec: LoaderSpec, form: BatchForm, data_root: Path) -> Loaders:
+    """Train and val loaders whose batches `form` makes.
 
-    fixed: loaders yield FixedBatch; every train and val batch has exactly batch_size samples
-    (train drops the last partial batch; val pads it with repeats whose image_ids are -1).
-    dynamic: DynamicBatch; val's last batch may be smaller. Several ranks (`world_size`):
-    train takes this rank's share of a DistributedSampler (or of the bucket batches); val is
-    sharded too (every rank's detections are gathered before COCOeval). Buckets
-    (len(max_boxes) > 1, fixed only): each train batch comes from one bucket and its M is cut
-    to that bucket; val batches too (in order, so their M is any bucket value).
+    `form.static`: every train and val batch has exactly batch_size samples (train drops the
+    last partial batch; val fills it with repeats whose image_ids are -1); else val's last
+    batch may be smaller. Several ranks (`world_size`): train takes this rank's share of a
+    DistributedSampler (or of the bucket batches); val is sharded too (every rank's detections
+    are gathered before COCOeval). `form.buckets`: each train batch comes from one bucket and
+    its M is cut to that bucket (by `form.collate`); val batches too (in order, so their M is
+    any bucket value).
     """
-    if spec.shape not in ("fixed", "dynamic"):
-        raise ValueError(f"shape={spec.shape!r}; choose fixed or dynamic")
     reading = {"on_bad_image": spec.on_bad_image, "decode": spec.decode}
     train_ds = CocoDetectionDataset(data_root, spec.train_split, **reading)
     # evaluation's ground truth: val keeps its pycocotools index (built from the same parse)
     val_ds = CocoDetectionDataset(data_root, spec.val_split, **reading, ground_truth=True)
     check_num_classes(train_ds, spec.num_classes)
     check_num_classes(val_ds, spec.num_classes)
-    buckets = spec.shape == "fixed" and len(spec.max_boxes) > 1
-    if spec.shape == "fixed":
-        # buckets: samples are padded to the largest, each batch cut to its bucket on collate
-        finish = FixSample(spec.canvas, spec.max_boxes[-1], spec.fit, spec.pad_value, spec.seed)
-        collate = partial(collate_fixed, buckets=spec.max_boxes) if buckets else collate_fixed
-    else:
-        finish, collate = to_dynamic_sample, collate_dynamic
+    finish, collate = form.finish, form.collate
     augment = train_augmentation() if spec.augment else None
     train_set = SampleDataset(train_ds, augment, finish, spec.seed)
     val_set = SampleDataset(val_ds, None, finish, spec.seed)
@@ -192,8 +198,8 @@ def build_loaders(spec: LoaderSpec, data_root: Path) -> Loaders:
     # The DataLoader's own generator only draws worker base seeds; the shuffle order is a
     # function of (seed, epoch) alone, so a resumed run sees the same order.
     gen = torch.Generator().manual_seed(spec.seed)
-    if buckets:
-        train_sampler: ResumableSampler = _bucket_batches(spec, train_ds)
+    if form.buckets is not None:
+        train_sampler: ResumableSampler = _bucket_batches(spec, form.buckets, train_ds)
         train = DataLoader(train_set, batch_sampler=train_sampler, generator=gen, **common)
     else:
         # one process is a DistributedSampler with a single replica: the same order rule
@@ -210,7 +216,7 @@ def build_loaders(spec: LoaderSpec, data_root: Path) -> Loaders:
             train_set, batch_size=bs, sampler=train_sampler, drop_last=True, generator=gen, **common
         )
     val_sampler: Sampler | list[SampleKey]
-    if spec.shape == "fixed":
+    if form.static:
         val_sampler = PaddedSequentialSampler(len(val_set), bs, spec.rank, spec.world_size)
     else:
         val_sampler = [SampleKey(i) for i in range(spec.rank, len(val_set), spec.world_size)]

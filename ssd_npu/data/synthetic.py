@@ -21,10 +21,13 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:  # the config schema, for the annotation only (data does not import config)
+    from ssd_npu.config import SyntheticConfig
 
 CATEGORIES = [
     {"id": 1, "name": "red_circle", "supercategory": "shape"},
@@ -232,7 +235,7 @@ def make_synthetic_coco(root: Path, num_train: int = 256, num_val: int = 48, see
     return root
 
 
-def ensure_synthetic_coco(root: Path | None, cfg_synthetic: Any) -> Path:
+def ensure_synthetic_coco(root: Path | None, cfg_synthetic: SyntheticConfig) -> Path:
     """Return the data set folder for these parameters, generating it on first use only.
 
     `root=None` means `<repo>/.cache/synthetic_coco`. The data lives in a subfolder named by

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from ssd_npu.build import Training, build_training
-from ssd_npu.config import ConfigError
+from ssd_npu.choices import AUDIT_TARGETS
+from ssd_npu.config import ConfigError, TrainConfig
 from ssd_npu.data.loader import Loaders
 from ssd_npu.device import Device
 from ssd_npu.engine import Progress, StepRecord, TrainLoop
@@ -78,10 +79,7 @@ def summarise_data(batches: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-TARGETS = ("train", "eval")
-
-
-def _audit_info(cfg: Any, t: Training) -> dict[str, Any]:
+def _audit_info(cfg: TrainConfig, t: Training) -> dict[str, Any]:
     return {
         "model": cfg.model.name,
         "shape": cfg.shape,
@@ -92,7 +90,7 @@ def _audit_info(cfg: Any, t: Training) -> dict[str, Any]:
     }
 
 
-def audit_eval(cfg: Any, t: Training, steps: int) -> ShapeReport:
+def audit_eval(cfg: TrainConfig, t: Training, steps: int) -> ShapeReport:
     """Record `steps` val batches of the fixed path's evaluation forward (`eval.postprocess`:
     device = network + fixed postprocess; host or auto = network + torchvision's postprocess)."""
     if cfg.shape != "fixed":
@@ -118,15 +116,15 @@ def audit_eval(cfg: Any, t: Training, steps: int) -> ShapeReport:
     return report
 
 
-def run_audit(cfg: Any) -> ShapeReport:
+def run_audit(cfg: TrainConfig) -> ShapeReport:
     """Record `cfg.audit.steps` training steps (or val batches of the evaluation forward, with
     `audit.target=eval`) of the configured pipeline; return the report."""
     steps = int(cfg.audit.steps)
     if steps < 2:
         raise ConfigError(f"audit.steps={steps} is not valid; give an integer >= 2 to compare.")
-    if cfg.audit.target not in TARGETS:
+    if cfg.audit.target not in AUDIT_TARGETS:
         raise ConfigError(
-            f"audit.target={cfg.audit.target!r} is not valid; choose one of: {', '.join(TARGETS)}."
+            f"audit.target={cfg.audit.target!r} is not valid; choose one of: {', '.join(AUDIT_TARGETS)}."
         )
     if cfg.compile:
         print("audit: compile=true ignored; the audit records the eager ops a compiler would get")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ssd_npu.choices import FITS, Canvas
 from ssd_npu.data.box_table import BoxTable, box_table, load_coco
 from ssd_npu.data.buckets import bucket_of
 from ssd_npu.model_specs import DEFAULT_MODEL, model_spec
@@ -109,7 +110,7 @@ def data_report(
     `model`: whose anchors measure the smallest anchor; the aspect-matched canvas is only
     tried where the model's canvas rule allows it (ssd300_vgg16 takes 300x300 only).
     """
-    canvas = (int(canvas[0]), int(canvas[1]))
+    canvas = Canvas.of(canvas)
     t = box_table(load_coco(ann_file))
     aspect = t.widths / t.heights
     shapes, shape_counts = np.unique(np.stack([t.heights, t.widths], 1), axis=0, return_counts=True)
@@ -121,7 +122,7 @@ def data_report(
     rows = []
     for c in canvases:
         anchor_px = smallest_anchor(c, num_classes, model)
-        rows += [fit_row(t, c, fit, anchor_px) for fit in ("stretch", "letterbox", "pad")]
+        rows += [fit_row(t, c, fit, anchor_px) for fit in FITS]
     candidates = sorted({*MAX_BOXES_CANDIDATES, int(t.counts.max()) if len(t.counts) else 1})
     rec = recommend(t, rows, canvas, batch_size)
     sizes = rec["buckets"]

@@ -1,0 +1,38 @@
+"""The allowed values of every choice-valued setting, each listed once.
+
+No imports on purpose: the config check (`ssd_npu.config`) and the modules that act on a
+choice (`ssd_npu.data.fit`, `ssd_npu.data.decode`, ...) both read them from here, so a new fit
+mode or decode mode is added in one place. The canvas is one type, `Canvas`: (H, W) pixels.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+DEVICES = ("auto", "cpu", "cuda", "npu")
+FITS = ("stretch", "letterbox", "pad")  # how an image meets the canvas (ssd_npu/data/fit.py)
+SHAPES = ("fixed", "dynamic")  # the fixed-shape path, or torchvision's own
+DATASETS = ("synthetic", "coco")
+ON_BAD_IMAGE = ("fail", "skip")
+DECODES = ("exact", "reduced")  # JPEG decoding (ssd_npu/data/decode.py)
+AMP_DTYPES = ("bf16", "fp16")
+# where evaluation's postprocess (score threshold, top-k, NMS) runs on the fixed path; auto:
+# the device on cuda and npu, the host on the cpu (faster there: docs/bench.md)
+POSTPROCESS = ("auto", "device", "host")
+# torch.compile's `mode` (its docstring; inductor only): reduce-overhead and max-autotune use
+# CUDA graphs on cuda, possible here because every shape of the fixed step is fixed
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+AUDIT_TARGETS = ("train", "eval")  # what scripts/audit_shapes.py records
+
+
+class Canvas(NamedTuple):
+    """The fixed input size every image is fitted to, in pixels (a tuple (H, W))."""
+
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, value: object) -> Canvas:
+        """A canvas from any [H, W] pair (a config list, a tuple, a tensor of two numbers)."""
+        height, width = value  # type: ignore[misc]
+        return cls(int(height), int(width))
