@@ -7,10 +7,12 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from torchvision.ops import box_iou
 
 from ssd_npu.build import Training
@@ -46,9 +48,27 @@ def tiny_overrides(root: Path, *overrides: str) -> list[str]:
     ]
 
 
-def tiny_cfg(root: Path, out: Path, *overrides: str, config: str = "train"):
-    """A tiny CPU config on the session's synthetic set (read as COCO, 6 classes)."""
+def tiny_config(root: Path, out: Path, *overrides: str, config: str = "train"):
+    """A tiny CPU config on the synthetic set at `root` (read as COCO, 6 classes), writing to
+    `out`. Tests take the `tiny_cfg` fixture (TinyCfg) instead; this is for code that cannot:
+    module-scoped fixtures, workers in another process."""
     return compose_cfg(*tiny_overrides(root, f"out_dir={out}", *overrides), config=config)
+
+
+@dataclass(frozen=True)
+class TinyCfg:
+    """What the `tiny_cfg` fixture (tests/conftest.py) gives a test: tiny CPU configs on the
+    session's `tiny_coco` set, writing to the test's `tmp_path` unless told otherwise."""
+
+    root: Path
+    tmp_path: Path
+
+    def __call__(
+        self, *overrides: str, out: Path | None = None, config: str = "train"
+    ) -> DictConfig:
+        """The config `config` (train.py's, or a script's: "audit") composed with the tiny
+        overrides, `out_dir=out` (the test's tmp_path when `out` is None), then `overrides`."""
+        return tiny_config(self.root, out or self.tmp_path, *overrides, config=config)
 
 
 def run_train(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from torchvision.models.detection import ssd, transform
 from ssd_npu.tools.audit import run_audit
 from ssd_npu.tools.op_recorder import OpRecorder, sync_reason
 from ssd_npu.tools.shapes import ShapeReport, analyse, format_report
-from tests.helpers import REPO, tiny_cfg
+from tests.helpers import REPO, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def reports(tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     try:
         return {
             s: run_audit(
-                tiny_cfg(
+                tiny_config(
                     tiny_coco,
                     out,
                     "canvas=[128,128]",

@@ -14,7 +14,7 @@ from ssd_npu.data.buckets import BucketBatchSampler, bucket_of
 from ssd_npu.loss import fixed_ssd_loss
 from ssd_npu.model import build_detector, canvas_anchors
 from ssd_npu.train import run
-from tests.helpers import compose_cfg, losses, tiny_cfg, torchvision_loss
+from tests.helpers import compose_cfg, losses, torchvision_loss
 
 # The tiny set's box counts are [3 4 4 4 4 0 4 6 3 40 1 2]: 5 images in bucket 3, 6 in 6, 1 in 32.
 BUCKETS = "max_boxes=[3,6,32]"
@@ -71,11 +71,11 @@ def test_ranks_share_the_bucket_of_each_step():
         assert len({counts[i] for i, _ in a + b}) == 1
 
 
-def test_device_shapes_only_take_bucket_values(tiny_coco, tmp_path):
-    t = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST))
+def test_device_shapes_only_take_bucket_values(tiny_cfg):
+    t = build_training(tiny_cfg(*FAST))
     assert t.data.train.batch_sampler is t.data.train_sampler  # what the loop resumes
     # one image in bucket 32: no full batch of it
-    assert t.data.train_sampler.batches_per_bucket == {3: 2, 6: 3, 32: 0}
+    assert t.data.train_sampler.batches_per_bucket == {3: 3, 6: 2, 32: 0}
     seen = set()
     for _ in range(2):  # two epochs
         for batch in t.data.train:
@@ -91,8 +91,8 @@ def test_device_shapes_only_take_bucket_values(tiny_coco, tmp_path):
         assert batch.boxes.shape[1] in (3, 6, 32)
 
 
-def test_loss_equals_torchvision_for_each_bucket(tiny_coco, tmp_path):
-    t = build_training(tiny_cfg(tiny_coco, tmp_path, "canvas=[320,320]", BUCKETS, "augment=false"))
+def test_loss_equals_torchvision_for_each_bucket(tiny_cfg):
+    t = build_training(tiny_cfg("canvas=[320,320]", BUCKETS, "augment=false"))
     detector = build_detector(6, (320, 320))
     anchors = canvas_anchors(detector, (320, 320))
     g = torch.Generator().manual_seed(0)
@@ -121,15 +121,15 @@ def test_loss_equals_torchvision_for_each_bucket(tiny_coco, tmp_path):
     assert done == {3, 6}  # no augmentation: the annotation buckets exactly
 
 
-def test_summary_counts_batches_and_resume_keeps_the_bucket_order(tiny_coco, tmp_path):
+def test_summary_counts_batches_and_resume_keeps_the_bucket_order(tiny_cfg, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    summary = run(tiny_cfg(tiny_coco, straight, *FAST, "max_steps=7"))
+    summary = run(tiny_cfg(*FAST, "max_steps=7", out=straight))
     buckets = json.loads((straight / "summary.json").read_text())["buckets"]
     assert buckets == summary["buckets"] and buckets["sizes"] == [3, 6, 32]
     assert sum(buckets["batches"].values()) == 7 and buckets["graphs"] is None
     assert summary["max_boxes"] == [3, 6, 32]
-    run(tiny_cfg(tiny_coco, split, *FAST, "max_steps=3"))
-    run(tiny_cfg(tiny_coco, split, *FAST, "max_steps=7", "resume=auto"))
+    run(tiny_cfg(*FAST, "max_steps=3", out=split))
+    run(tiny_cfg(*FAST, "max_steps=7", "resume=auto", out=split))
     expected, got = losses(straight), losses(split)
     # steps 4-7 cross the epoch boundary (5 batches per epoch): same batches, same losses
     for step in range(4, 8):
@@ -137,11 +137,9 @@ def test_summary_counts_batches_and_resume_keeps_the_bucket_order(tiny_coco, tmp
 
 
 @pytest.mark.slow
-def test_compiled_graphs_never_exceed_the_buckets(tiny_coco, tmp_path):
+def test_compiled_graphs_never_exceed_the_buckets(tiny_cfg):
     reset()
     cfg = tiny_cfg(
-        tiny_coco,
-        tmp_path,
         "canvas=[128,128]",
         "max_boxes=[3,32]",  # 2 + 3 batches: both shapes within 5 steps
         "eval=false",

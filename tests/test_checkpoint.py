@@ -25,14 +25,14 @@ from ssd_npu.checkpoint import (
 )
 from ssd_npu.engine import NonFiniteLoss
 from ssd_npu.train import run
-from tests.helpers import FAST, REPO, losses, run_train, tiny_cfg, tiny_overrides
+from tests.helpers import FAST, REPO, TinyCfg, losses, run_train, tiny_overrides
 
 
-def test_resume_continues_the_same_loss_curve(tiny_coco, tmp_path):
+def test_resume_continues_the_same_loss_curve(tiny_cfg, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(tiny_cfg(tiny_coco, straight, *FAST, "max_steps=8"))
-    run(tiny_cfg(tiny_coco, split, *FAST, "max_steps=4"))
-    resumed = run(tiny_cfg(tiny_coco, split, *FAST, "max_steps=8", "resume=auto"))
+    run(tiny_cfg(*FAST, "max_steps=8", out=straight))
+    run(tiny_cfg(*FAST, "max_steps=4", out=split))
+    resumed = run(tiny_cfg(*FAST, "max_steps=8", "resume=auto", out=split))
 
     assert resumed["global_step"] == 8 and resumed["steps"] == 4
     expected, got = losses(straight), losses(split)
@@ -53,10 +53,10 @@ def test_resume_continues_the_same_loss_curve(tiny_coco, tmp_path):
 FINISHED = (*FAST, "max_steps=2")  # a run that ends at step 2
 
 
-def finished_run(root: Path, out: Path) -> tuple[dict, Callable[[], None]]:
+def finished_run(tiny_cfg: TinyCfg, out: Path) -> tuple[dict, Callable[[], None]]:
     """A 2-step run in `out`: (its summary, a check that the run in `out` is still as it
     finished: summary.json, checkpoints, files untouched, no step logged after the second)."""
-    first = run(tiny_cfg(root, out, *FINISHED))
+    first = run(tiny_cfg(*FINISHED, out=out))
     assert first["global_step"] == 2
     newest = out / "checkpoints" / "step_0000002.pt"
     written = newest.stat().st_mtime_ns
@@ -70,10 +70,10 @@ def finished_run(root: Path, out: Path) -> tuple[dict, Callable[[], None]]:
     return first, unchanged
 
 
-def test_resume_on_a_finished_run_trains_nothing(tiny_coco, tmp_path, capsys):
-    first, unchanged = finished_run(tiny_coco, tmp_path)
+def test_resume_on_a_finished_run_trains_nothing(tiny_cfg, tmp_path, capsys):
+    first, unchanged = finished_run(tiny_cfg, tmp_path)
     capsys.readouterr()
-    again = run(tiny_cfg(tiny_coco, tmp_path, *FINISHED, "resume=auto"))
+    again = run(tiny_cfg(*FINISHED, "resume=auto"))
     shown = capsys.readouterr()
     assert "is complete (step 2); nothing to train" in shown.out
     assert "step/s" not in shown.out + shown.err  # no progress bar: nothing started
@@ -82,8 +82,8 @@ def test_resume_on_a_finished_run_trains_nothing(tiny_coco, tmp_path, capsys):
 
 
 @pytest.mark.slow  # train.py in a subprocess (~6 s); the test above covers run() itself
-def test_resume_on_a_finished_run_exits_0_from_the_command_line(tiny_coco, tmp_path):
-    _, unchanged = finished_run(tiny_coco, tmp_path)
+def test_resume_on_a_finished_run_exits_0_from_the_command_line(tiny_coco, tiny_cfg, tmp_path):
+    _, unchanged = finished_run(tiny_cfg, tmp_path)
     proc = run_train(
         *tiny_overrides(tiny_coco, *FINISHED, "resume=auto", f"hydra.run.dir={tmp_path}")
     )
@@ -93,12 +93,8 @@ def test_resume_on_a_finished_run_exits_0_from_the_command_line(tiny_coco, tmp_p
     unchanged()
 
 
-def test_checkpoint_holds_the_training_state(tiny_coco, tmp_path):
-    run(
-        tiny_cfg(
-            tiny_coco, tmp_path, *FAST, "max_steps=3", "checkpoint_every=1", "keep_checkpoints=2"
-        )
-    )
+def test_checkpoint_holds_the_training_state(tiny_cfg, tmp_path):
+    run(tiny_cfg(*FAST, "max_steps=3", "checkpoint_every=1", "keep_checkpoints=2"))
     found = list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in found] == ["step_0000002.pt", "step_0000003.pt"]  # keeps the last 2
     state = load_checkpoint(found[-1])
@@ -155,7 +151,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_file(tmp_path, monkey
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000005.pt"]
 
 
-def test_sigterm_stops_after_the_step_and_says_how_to_resume(tiny_coco, tmp_path):
+def test_sigterm_stops_after_the_step_and_says_how_to_resume(tiny_coco, tiny_cfg, tmp_path):
     args = [
         sys.executable, "train.py",
         *tiny_overrides(tiny_coco, *FAST, "epochs=50", f"hydra.run.dir={tmp_path}"),
@@ -178,18 +174,12 @@ def test_sigterm_stops_after_the_step_and_says_how_to_resume(tiny_coco, tmp_path
     assert newest == Path(summary["checkpoint"])
     assert load_checkpoint(newest)["progress"]["step"] == summary["global_step"] >= 1
 
-    resumed = run(
-        tiny_cfg(
-            tiny_coco, tmp_path, *FAST, "resume=auto", f"max_steps={summary['global_step'] + 1}"
-        )
-    )
+    resumed = run(tiny_cfg(*FAST, "resume=auto", f"max_steps={summary['global_step'] + 1}"))
     assert resumed["global_step"] == summary["global_step"] + 1
 
 
-def test_non_finite_loss_stops_and_names_the_step(tiny_coco, tmp_path):
-    cfg = tiny_cfg(
-        tiny_coco, tmp_path, *FAST, "optim.lr=1e30", "optim.warmup_steps=0", "checkpoint_every=1"
-    )
+def test_non_finite_loss_stops_and_names_the_step(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(*FAST, "optim.lr=1e30", "optim.warmup_steps=0", "checkpoint_every=1")
     with pytest.raises(NonFiniteLoss) as err:
         run(cfg)
     message = str(err.value)
@@ -206,10 +196,10 @@ def test_non_finite_loss_stops_and_names_the_step(tiny_coco, tmp_path):
     assert summary["steps"] == step - 1  # the failed step is not logged as a step
 
 
-def test_same_seed_same_losses_with_workers(tiny_coco, tmp_path):
+def test_same_seed_same_losses_with_workers(tiny_cfg, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
-        run(tiny_cfg(tiny_coco, out, *FAST, "num_workers=2", "max_steps=20", "augment=true"))
+        run(tiny_cfg(*FAST, "num_workers=2", "max_steps=20", "augment=true", out=out))
     assert losses(a) == losses(b) and len(losses(a)) == 20
 
 

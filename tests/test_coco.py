@@ -19,7 +19,6 @@ from ssd_npu.data.coco import CocoDetectionDataset, check_num_classes
 from ssd_npu.data.transforms import train_augmentation
 from ssd_npu.errors import DataError
 from ssd_npu.tools.memory import CocoIndexTargets
-from tests.helpers import tiny_cfg
 
 CATS = [{"id": 1, "name": "a", "supercategory": "s"}, {"id": 3, "name": "b", "supercategory": "s"}]
 
@@ -215,13 +214,13 @@ def test_flat_targets_equal_the_pycocotools_reader_crowd_degenerate_outside(tmp_
     assert ds.box_counts.tolist() == box_table(ref.coco).counts.tolist() == [2, 4, 0]
 
 
-def test_training_set_keeps_flat_arrays_and_parses_once(tiny_coco, tmp_path, monkeypatch):
+def test_training_set_keeps_flat_arrays_and_parses_once(tiny_cfg, monkeypatch):
     parsed = []
     real = coco_module._load_json
     monkeypatch.setattr(
         coco_module, "_load_json", lambda p, **kw: parsed.append(p.name) or real(p, **kw)
     )
-    t = build_training(tiny_cfg(tiny_coco, tmp_path, "max_boxes=[3,6,32]", "eval=false"))
+    t = build_training(tiny_cfg("max_boxes=[3,6,32]", "eval=false"))
     # one parse per file, though the bucket sampler and val's ground truth read them too
     assert sorted(parsed) == ["instances_train2017.json", "instances_val2017.json"]
     train, val = t.data.train_set, t.data.val_set

@@ -10,7 +10,7 @@ import torch
 from ssd_npu.build import build_training
 from ssd_npu.compiler import NO_REASON, CompiledStep, RecompileError, graphs_compiled, reset
 from ssd_npu.engine import Progress
-from tests.helpers import tiny_cfg, train_loop, train_step
+from tests.helpers import train_loop, train_step
 
 # What this torch's dynamo reports (the code runs on torch 2.6 to 2.14): compile records carry
 # the recompile reason from torch 2.7; the fail_on_recompile error quotes the failed guard
@@ -22,11 +22,9 @@ GUARD_TEXT_IN_ERROR = tuple(int(v) for v in torch.__version__.split(".")[:2]) >=
 
 
 @pytest.mark.slow
-def test_fixed_step_compiles_once_and_fails_on_a_changed_shape(tiny_coco, tmp_path):
+def test_fixed_step_compiles_once_and_fails_on_a_changed_shape(tiny_cfg, tmp_path):
     reset()
     cfg = tiny_cfg(
-        tiny_coco,
-        tmp_path,
         "canvas=[128,128]",
         "max_boxes=8",
         "compile=true",

@@ -14,7 +14,7 @@ from ssd_npu.config import COMPILE_MODES, ConfigError, validate
 from ssd_npu.device import Device
 from ssd_npu.distributed import World
 from ssd_npu.engine import Progress
-from tests.helpers import FAST, compose_cfg, tiny_cfg, train_loop, train_step
+from tests.helpers import FAST, compose_cfg, train_loop, train_step
 
 
 def test_compile_modes_are_torch_compiles_own():
@@ -70,7 +70,7 @@ def test_step_options_check_the_resolved_backend():
 
 
 @pytest.mark.slow
-def test_compiler_mode_reaches_torch_compile(tiny_coco, tmp_path, monkeypatch):
+def test_compiler_mode_reaches_torch_compile(tiny_cfg, tmp_path, monkeypatch):
     """A real compiled training step: torch.compile gets mode="reduce-overhead", and inductor
     acts on it: it asks for CUDA graphs and, the graph being on the CPU, skips them (dynamo's
     `cudagraph_skips` counter; 0 without the mode)."""
@@ -85,9 +85,7 @@ def test_compiler_mode_reaches_torch_compile(tiny_coco, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", spy)
     reset()
-    cfg = tiny_cfg(
-        tiny_coco, tmp_path, *FAST, "compile=true", "compiler.mode=reduce-overhead", "max_steps=2"
-    )
+    cfg = tiny_cfg(*FAST, "compile=true", "compiler.mode=reduce-overhead", "max_steps=2")
     t = build_training(cfg)
     assert calls == [{"dynamic": False, "backend": "inductor", "mode": "reduce-overhead"}]
     batches, loop, progress = iter(t.data.train), train_loop(t, tmp_path), Progress()

@@ -11,11 +11,26 @@ def test_defaults_follow_the_contract():
     cfg = compose_cfg()
     validate(cfg)
     assert cfg.device.name == "auto"
-    assert list(cfg.canvas) == [320, 320]
+    assert list(cfg.model.canvas) == [320, 320]
     assert cfg.shape == "fixed" and cfg.fit == "stretch" and cfg.compile is False
     assert cfg.data.name == "synthetic" and cfg.data.num_classes == 6
     for key in ("max_boxes", "batch_size", "epochs", "max_steps", "seed", "num_workers", "amp"):
         assert key in cfg
+
+
+def test_demo_settings_apply_to_the_default_pair_only():
+    """configs/data_model/synthetic_ssdlite320_mobilenet_v3_large.yaml: the demo's canvas and
+    schedule for ssdlite on the synthetic set; other models and COCO keep their own, and the
+    command line wins."""
+    demo = compose_cfg()
+    assert list(demo.canvas) == [224, 224] and demo.epochs == 13 and demo.eval_every == 7
+    assert demo.optim.lr == 0.025 and demo.optim.warmup_steps == 60
+    ssd300 = compose_cfg("model=ssd300_vgg16")
+    assert list(ssd300.canvas) == [300, 300] and ssd300.optim.lr == 0.04 and ssd300.epochs == 8
+    coco = compose_cfg("data=coco", "data.root=/data/coco")
+    assert list(coco.canvas) == [320, 320] and coco.optim.lr is None and coco.epochs == 4
+    mine = compose_cfg("canvas=[320,320]", "optim.lr=0.04")
+    assert list(mine.canvas) == [320, 320] and mine.optim.lr == 0.04 and mine.epochs == 13
 
 
 def test_npu_override_parses():

@@ -7,7 +7,7 @@ import torch
 
 from ssd_npu.build import build_training
 from ssd_npu.device import cudnn_benchmark
-from tests.helpers import FAST, tiny_cfg
+from tests.helpers import FAST
 
 
 @pytest.mark.parametrize(
@@ -23,7 +23,7 @@ def test_benchmark_only_for_fixed_shapes_on_cuda(device_type, shape, on):
     assert cudnn_benchmark(device_type, static_shapes=shape) is on
 
 
-def test_build_sets_the_flag_from_the_device_and_shape(tiny_coco, tmp_path, monkeypatch):
+def test_build_sets_the_flag_from_the_device_and_shape(tiny_cfg, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # left on by an earlier run
-    build_training(tiny_cfg(tiny_coco, tmp_path, *FAST))
+    build_training(tiny_cfg(*FAST))
     assert torch.backends.cudnn.benchmark is False  # device=cpu: set, and off

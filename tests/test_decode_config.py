@@ -8,7 +8,7 @@ import torch
 
 from ssd_npu.build import build_training
 from ssd_npu.config import ConfigError, validate
-from tests.helpers import FAST, compose_cfg, tiny_cfg
+from tests.helpers import FAST, compose_cfg
 
 
 @pytest.mark.parametrize(
@@ -23,11 +23,11 @@ def test_bad_decode_values_name_the_key(overrides, message):
         validate(compose_cfg(*overrides))
 
 
-def test_reduced_decode_trains_on_uint8_canvases(tiny_coco, tmp_path):
-    t = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST, "data.decode=reduced", "fit=letterbox"))
+def test_reduced_decode_trains_on_uint8_canvases(tiny_cfg):
+    t = build_training(tiny_cfg(*FAST, "data.decode=reduced", "fit=letterbox"))
     batch = next(iter(t.data.train))
     assert batch.images.dtype == torch.uint8 and tuple(batch.images.shape[1:]) == (3, 128, 128)
     losses = t.step(batch)  # FixedSSD scales uint8 to [0, 1] on the device
     assert all(torch.isfinite(v) for v in losses.values())
-    exact = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST, "fit=letterbox"))
+    exact = build_training(tiny_cfg(*FAST, "fit=letterbox"))
     assert next(iter(exact.data.train)).images.dtype == torch.float32

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ssd_npu.detections import CLASS_COLOURS, GT_COLOUR, PAD_VALUE, draw_tile, tile_grid
 from ssd_npu.train import run
-from tests.helpers import REPO, tiny_cfg, tiny_overrides
+from tests.helpers import REPO, tiny_config, tiny_overrides
 
 RUN = ("canvas=[128,128]", "max_boxes=8", "max_steps=2", "eval=true", "show.height=64")
 
@@ -23,7 +23,7 @@ RUN = ("canvas=[128,128]", "max_boxes=8", "max_steps=2", "eval=true", "show.heig
 def trained(tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A 2-step run with the final evaluation: (run folder, summary)."""
     out = tmp_path_factory.mktemp("detections_run")
-    return out, run(tiny_cfg(tiny_coco, out, *RUN))
+    return out, run(tiny_config(tiny_coco, out, *RUN))
 
 
 def test_evaluation_logs_detection_images(trained: tuple[Path, dict]) -> None:

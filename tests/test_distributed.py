@@ -31,7 +31,7 @@ from ssd_npu.engine import Hook, Progress, Read, TrainLoop
 from ssd_npu.hooks import StopSignalHook
 from ssd_npu.telemetry import Telemetry
 from ssd_npu.train import run
-from tests.helpers import REPO, compose_cfg, tiny_cfg, tiny_overrides
+from tests.helpers import REPO, compose_cfg, tiny_config, tiny_overrides
 
 GLOBAL_BATCH = 4
 COMMON = ("canvas=[128,128]", "max_boxes=8", "eval=false", "sync_bn=true", "augment=false")
@@ -51,7 +51,7 @@ def worker(rank: int, world: int, port: int, root: str, out: str, steps: int, dt
     torch.set_num_threads(1)
     torch.set_default_dtype(getattr(torch, dtype))
     out_dir = Path(out) / f"world{world}"
-    cfg = tiny_cfg(
+    cfg = tiny_config(
         Path(root), out_dir, *COMMON, f"batch_size={GLOBAL_BATCH // world}", "optim.warmup_steps=0"
     )
     t = build_training(cfg)
@@ -104,7 +104,7 @@ def test_parameters_stay_identical_across_ranks(tiny_coco, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_writes_one_summary_and_one_event_file(tiny_coco, tmp_path):
+def test_torchrun_writes_one_summary_and_one_event_file(tiny_coco, tiny_cfg, tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={free_port()}", "train.py",
@@ -126,8 +126,8 @@ def test_torchrun_writes_one_summary_and_one_event_file(tiny_coco, tmp_path):
     # Evaluation was sharded over the ranks and gathered: one process evaluating the same
     # checkpoint on the whole val set gets the same numbers.
     single = run(
-        tiny_cfg(tiny_coco, tmp_path / "single", "canvas=[128,128]", "max_boxes=8",
-                 "eval_only=true", f"weights={tmp_path / 'checkpoints' / 'step_0000002.pt'}")
+        tiny_cfg("canvas=[128,128]", "max_boxes=8", "eval_only=true",
+                 f"weights={tmp_path / 'checkpoints' / 'step_0000002.pt'}", out=tmp_path / "single")
     )  # fmt: skip
     ranks, one = summary["eval"]["history"][-1], single["eval"]["history"][-1]
     assert ranks["num_images"] == one["num_images"] == 6  # every val image once
@@ -209,7 +209,7 @@ def queue_worker(rank: int, world: int, port: int, root: str, out: str, stop_at:
     QueueLog summary."""
     join(rank, world, port)
     out_dir = Path(out)
-    cfg = tiny_cfg(Path(root), out_dir, *SMALL, "sync_bn=true", "epochs=2")
+    cfg = tiny_config(Path(root), out_dir, *SMALL, "sync_bn=true", "epochs=2")
     t = build_training(cfg)
     log = QueueLog()
     device = LoggedDevice(t.device.type, t.device.index, log)
@@ -291,7 +291,7 @@ def compile_worker(rank: int, world: int, port: int, root: str, out: str) -> Non
     and the parameters."""
     join(rank, world, port)
     out_dir = Path(out) / f"world{world}"
-    cfg = tiny_cfg(Path(root), out_dir, *SMALL, "compile=true", "max_steps=2")
+    cfg = tiny_config(Path(root), out_dir, *SMALL, "compile=true", "max_steps=2")
     t = build_training(cfg)
     telemetry = Telemetry(out_dir / f"tb{rank}", 2, enabled=t.world.is_main)
     loop = TrainLoop(
@@ -364,7 +364,7 @@ def test_init_binds_the_rank_device_and_sets_the_timeout(monkeypatch, device, bo
     assert distributed._host_group is calls["host"]
 
 
-def test_dist_timeout_is_checked_and_reaches_init(tiny_coco, tmp_path, monkeypatch):
+def test_dist_timeout_is_checked_and_reaches_init(tiny_cfg, monkeypatch):
     with pytest.raises(ConfigError, match="dist_timeout_min=0 is not valid"):
         validate(compose_cfg("dist_timeout_min=0"))
     seen: list[int] = []
@@ -372,5 +372,5 @@ def test_dist_timeout_is_checked_and_reaches_init(tiny_coco, tmp_path, monkeypat
     monkeypatch.setattr(
         distributed, "init", lambda device, minutes: seen.append(minutes) or real_init(device)
     )
-    build_training(tiny_cfg(tiny_coco, tmp_path, "dist_timeout_min=45"))
+    build_training(tiny_cfg("dist_timeout_min=45"))
     assert seen == [45]

@@ -21,7 +21,7 @@ from ssd_npu.evaluate import (
     unpack_detections,
 )
 from ssd_npu.postprocess import Detections, as_dicts
-from tests.helpers import calibrate_batchnorm, compose_cfg, run_train, tiny_cfg, tiny_overrides
+from tests.helpers import calibrate_batchnorm, compose_cfg, run_train, tiny_overrides
 
 
 @pytest.mark.parametrize(
@@ -72,9 +72,9 @@ def test_pack_round_trip():
     "model",
     ["ssdlite320_mobilenet_v3_large", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"],
 )
-def test_device_and_host_records_are_equal(tiny_coco, tmp_path, model):
+def test_device_and_host_records_are_equal(tiny_cfg, model):
     """Same weights, same val batches: the same records (boxes, scores, labels) either way."""
-    cfg = tiny_cfg(tiny_coco, tmp_path, f"model={model}", "canvas=[128,128]")
+    cfg = tiny_cfg(f"model={model}", "canvas=[128,128]")
     t = build_training(cfg)
     calibrate_batchnorm(t.model, t.data.val)  # BatchNorm on real statistics: distinct scores
     if model.startswith("retinanet"):  # its prior (p = 0.01) keeps every score below 0.05
@@ -95,8 +95,8 @@ def test_device_and_host_records_are_equal(tiny_coco, tmp_path, model):
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
 
 
-def test_build_evaluator_follows_the_config(tiny_coco, tmp_path):
-    t_cfg = tiny_cfg(tiny_coco, tmp_path, "canvas=[128,128]", "eval.postprocess=device")
+def test_build_evaluator_follows_the_config(tiny_cfg):
+    t_cfg = tiny_cfg("canvas=[128,128]", "eval.postprocess=device")
     t = build_training(t_cfg)
     assert build_evaluator(t_cfg, t).postprocess == "device"
     t_cfg.eval.postprocess = "auto"  # on the cpu: the host
@@ -129,34 +129,32 @@ def test_checkpoint_map_is_the_same_either_way(tiny_coco, tmp_path):
     assert device["mAP50"] == pytest.approx(host["mAP50"], abs=1e-4)
 
 
-def test_audit_of_the_device_eval_forward_is_static(tiny_coco, tmp_path):
+def test_audit_of_the_device_eval_forward_is_static(tiny_cfg, tmp_path):
     """audit.target=eval with eval.postprocess=device: no dynamic op, no host sync; the host
     postprocess, recorded the same way, syncs (boolean masks, nonzero in NMS)."""
     from ssd_npu.tools.audit import run_audit
 
     common = ("canvas=[128,128]", "audit.target=eval", "audit.steps=3")
     device = run_audit(
-        tiny_cfg(tiny_coco, tmp_path / "d", *common, "eval.postprocess=device", config="audit")
+        tiny_cfg(*common, "eval.postprocess=device", out=tmp_path / "d", config="audit")
     )
     assert device.info["postprocess"] == "device" and device.info["target"] == "eval"
     assert device.dynamic_ops == [] and device.host_syncs == []
     assert device.steps == 3
-    host = run_audit(
-        tiny_cfg(tiny_coco, tmp_path / "h", *common, "eval.postprocess=host", config="audit")
-    )
+    host = run_audit(tiny_cfg(*common, "eval.postprocess=host", out=tmp_path / "h", config="audit"))
     assert any("nonzero" in sync["op"] for sync in host.host_syncs)
 
 
 @pytest.mark.slow
-def test_device_eval_is_one_graph_under_compile(tiny_coco, tmp_path):
+def test_device_eval_is_one_graph_under_compile(tiny_cfg):
     """compile=true eval.postprocess=device: network + postprocess compile into one graph, used
     for every val batch (the last one filled to the batch size); the count is in summary.json.
     (compiler.backend=eager: dynamo's graph capture without inductor's minutes of codegen.)"""
     from ssd_npu.train import run
 
     cfg = tiny_cfg(
-        tiny_coco, tmp_path, "canvas=[128,128]", "max_boxes=8", "max_steps=1", "compile=true",
-        "compiler.backend=eager", "eval.postprocess=device", "batch_size=4",
+        "canvas=[128,128]", "max_boxes=8", "max_steps=1", "compile=true", "compiler.backend=eager",
+        "eval.postprocess=device", "batch_size=4",
     )  # fmt: skip
     summary = run(cfg)
     assert summary["eval"]["postprocess"] == "device"

@@ -20,16 +20,16 @@ from ssd_npu.evaluate import (
     fixed_batch_records,
     fixed_detections,
 )
-from tests.helpers import calibrate_batchnorm, tiny_cfg
+from tests.helpers import calibrate_batchnorm
 
 
 @pytest.mark.parametrize("fit", ["stretch", "letterbox", "pad"])
 @pytest.mark.parametrize("split", ["train2017", "val2017"])
-def test_ground_truth_as_predictions_gives_map_one(tiny_coco, tmp_path, fit, split):
+def test_ground_truth_as_predictions_gives_map_one(tiny_coco, tiny_cfg, fit, split):
     # canvas [H=320, W=448]: non-square; the tiny set has images smaller than it in both
     # sides (pad keeps them unscaled) and larger ones (every mode scales them)
     overrides = [f"fit={fit}", "canvas=[320,448]", "batch_size=4", "max_boxes=48"]
-    cfg = tiny_cfg(tiny_coco, tmp_path, *overrides, f"data.val_split={split}")
+    cfg = tiny_cfg(*overrides, f"data.val_split={split}")
     spec = loader_spec(cfg, World(), Device("cpu", None))
     data = build_loaders(spec, shape_path(cfg).batches, tiny_coco)
     assert data.val_set.split == split
@@ -72,8 +72,8 @@ def test_coco_map_without_detections(tiny_coco):
     assert result["mAP"] == 0.0 and result["num_detections"] == 0 and "note" in result
 
 
-def test_evaluate_fixed_end_to_end(tiny_coco, tmp_path):
-    cfg = tiny_cfg(tiny_coco, tmp_path, "fit=letterbox", "canvas=[128,128]", "batch_size=4")
+def test_evaluate_fixed_end_to_end(tiny_cfg):
+    cfg = tiny_cfg("fit=letterbox", "canvas=[128,128]", "batch_size=4")
     t = build_training(cfg)
     val_set = t.data.val_set
     calibrate_batchnorm(t.model, t.data.val)
@@ -104,8 +104,8 @@ def _per_image(records):
     return out
 
 
-def test_fixed_and_dynamic_agree_on_stretch(tiny_coco, tmp_path):
-    cfg = tiny_cfg(tiny_coco, tmp_path, "fit=stretch", "canvas=[128,128]", "batch_size=2")
+def test_fixed_and_dynamic_agree_on_stretch(tiny_cfg):
+    cfg = tiny_cfg("fit=stretch", "canvas=[128,128]", "batch_size=2")
     t = build_training(cfg)
     calibrate_batchnorm(t.model, t.data.val)
     dynamic_path = shape_path(OmegaConf.merge(cfg, {"shape": "dynamic"}))

@@ -154,16 +154,15 @@ def test_nan_at_step_k_stops_naming_step_k_and_keeps_the_last_good_checkpoint(tm
     assert len(telemetry.step_ms) == 3  # steps 1-3 logged, the bad one not
 
 
-def test_nan_in_a_real_run_names_the_step(tiny_coco, tmp_path):
+def test_nan_in_a_real_run_names_the_step(tiny_cfg, tmp_path):
     """Through train.run: the error names a step, summary.json records it, no NaN checkpoint."""
     import json
 
     from ssd_npu.train import run
-    from tests.helpers import tiny_cfg
 
     cfg = tiny_cfg(
-        tiny_coco, tmp_path, "canvas=[128,128]", "max_boxes=8", "eval=false", "optim.lr=1e12",
-        "optim.warmup_steps=0", "max_steps=6", "checkpoint_every=1",
+        "canvas=[128,128]", "max_boxes=8", "eval=false", "optim.lr=1e12", "optim.warmup_steps=0",
+        "max_steps=6", "checkpoint_every=1",
     )  # fmt: skip
     pattern = r"(the loss of|the weights after) step (\d+)"  # a loss, or an update, diverged
     with pytest.raises(NonFiniteLoss, match=pattern) as info:

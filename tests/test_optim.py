@@ -25,7 +25,7 @@ from ssd_npu.optim import (
 )
 from ssd_npu.step import CompileOptions
 from ssd_npu.tools.op_recorder import OpRecorder
-from tests.helpers import compose_cfg, host_syncs, recorded_step, tiny_cfg, train_loop
+from tests.helpers import compose_cfg, host_syncs, recorded_step, train_loop
 
 
 def toy_model() -> nn.Module:
@@ -74,9 +74,9 @@ def test_fused_sgd_is_picked_exactly_for_cuda_with_a_grad_scaler():
         assert not use_fused_sgd(device_type, grad_scaler=scaler), (device_type, scaler)
 
 
-def test_cpu_fp16_build_keeps_plain_sgd(tiny_coco, tmp_path):
+def test_cpu_fp16_build_keeps_plain_sgd(tiny_cfg):
     """The CPU build of an fp16 run: a GradScaler, and not the fused SGD (cuda only)."""
-    t = build_training(tiny_cfg(tiny_coco, tmp_path, "amp=true", "amp_dtype=fp16", "eval=false"))
+    t = build_training(tiny_cfg("amp=true", "amp_dtype=fp16", "eval=false"))
     assert t.scaler is not None and t.optimizer_step.scaler is t.scaler
     assert not t.optimizer.param_groups[0]["fused"]
     assert t.optimizer_step.compiled is None
@@ -148,15 +148,13 @@ class Records(Hook):
 
 
 def train_tiny(
-    root, out, compile_update: bool
+    tiny_cfg, out, compile_update: bool
 ) -> tuple[Records, Training, torch.Tensor, torch.Tensor]:
     """10 steps of ssdlite on the tiny set (64 px canvas, batch 2), forward compiled with
     inductor, as train.py runs them (TrainLoop with the built OptimizerStep). Returns the
     records, the built run and all weights (flat) before and after."""
     reset()
     cfg = tiny_cfg(
-        root,
-        out,
         "canvas=[64,64]",
         "max_boxes=8",
         "augment=false",
@@ -166,6 +164,7 @@ def train_tiny(
         "compile=true",
         "compiler.fail_on_recompile=true",  # a recompile after step 1 raises
         f"compiler.optimizer={str(compile_update).lower()}",
+        out=out,
     )
     t = build_training(cfg)
     start = torch.cat([p.detach().flatten() for p in t.model.parameters()])
@@ -175,9 +174,9 @@ def train_tiny(
 
 
 @pytest.mark.slow
-def test_compiled_optimizer_trains_the_model_as_the_eager_one(tiny_coco, tmp_path):
-    eager, _, start, eager_end = train_tiny(tiny_coco, tmp_path / "eager", compile_update=False)
-    compiled, t, _, end = train_tiny(tiny_coco, tmp_path / "compiled", compile_update=True)
+def test_compiled_optimizer_trains_the_model_as_the_eager_one(tiny_cfg, tmp_path):
+    eager, _, start, eager_end = train_tiny(tiny_cfg, tmp_path / "eager", compile_update=False)
+    compiled, t, _, end = train_tiny(tiny_cfg, tmp_path / "compiled", compile_update=True)
     assert len(compiled.losses) == 10 and len(set(compiled.lrs)) == 10  # lr changes each step
     assert compiled.lrs == eager.lrs
     # Same data, same forward graph; only the update's fp32 rounding may differ (inductor's

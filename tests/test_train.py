@@ -11,7 +11,7 @@ from ssd_npu.engine import Progress
 from ssd_npu.telemetry import read_scalar_series
 from ssd_npu.tools.op_recorder import OpRecorder
 from ssd_npu.train import run
-from tests.helpers import FAST, op_calls, recorded_step, tiny_cfg, train_loop, train_step
+from tests.helpers import FAST, op_calls, recorded_step, train_loop, train_step
 
 TAGS = {
     "time/step_ms",
@@ -43,10 +43,8 @@ SUMMARY_KEYS = {
 }
 
 
-def test_few_step_run_writes_events_and_summary(tiny_coco, tmp_path):
-    cfg = tiny_cfg(
-        tiny_coco, tmp_path, "canvas=[128,160]", "max_boxes=3", "fit=letterbox", "max_steps=4"
-    )
+def test_few_step_run_writes_events_and_summary(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("canvas=[128,160]", "max_boxes=3", "fit=letterbox", "max_steps=4")
     returned = run(cfg)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == json.loads(json.dumps(returned))
@@ -68,17 +66,17 @@ def test_few_step_run_writes_events_and_summary(tiny_coco, tmp_path):
     assert Path(summary["checkpoint"]).is_file()
 
 
-def test_anchors_follow_the_canvas(tiny_coco, tmp_path):
-    small = build_training(tiny_cfg(tiny_coco, tmp_path, "canvas=[256,256]"))
-    wide = build_training(tiny_cfg(tiny_coco, tmp_path, "canvas=[256,384]"))
+def test_anchors_follow_the_canvas(tiny_cfg):
+    small = build_training(tiny_cfg("canvas=[256,256]"))
+    wide = build_training(tiny_cfg("canvas=[256,384]"))
     assert small.model.anchors.shape[0] < wide.model.anchors.shape[0]
     assert small.model.anchors[:, 2].max() <= 256 * 1.5
     assert wide.model.anchors[:, 2].max() > 300  # anchors reach across the wider canvas
 
 
-def test_fixed_step_shapes_never_change(tiny_coco, tmp_path):
+def test_fixed_step_shapes_never_change(tiny_cfg, tmp_path):
     """Batches of different original sizes and box counts: identical device-side shapes."""
-    t = build_training(tiny_cfg(tiny_coco, tmp_path, "canvas=[128,128]", "max_boxes=8"))
+    t = build_training(tiny_cfg("canvas=[128,128]", "max_boxes=8"))
     loop, progress, recorder = train_loop(t, tmp_path), Progress(), OpRecorder()
     originals, counts = set(), set()
     for i, batch in enumerate(t.data.train):
@@ -98,12 +96,12 @@ def test_fixed_step_shapes_never_change(tiny_coco, tmp_path):
     assert recorder.syncs == {}  # no .item(), nonzero, mask indexing or device-to-host copy
 
 
-def test_amp_bf16_on_cpu_steps_in_bf16(tiny_coco, tmp_path):
+def test_amp_bf16_on_cpu_steps_in_bf16(tiny_cfg, tmp_path):
     """amp=true on the cpu: bf16 autocast, no scaler, NCHW weights; one step's losses are
     bf16's rounding of the fp32 ones (equal: autocast was off; far: something else changed)."""
     step_losses = {}
     for amp in ("false", "true"):
-        t = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST, "augment=false", f"amp={amp}"))
+        t = build_training(tiny_cfg(*FAST, "augment=false", f"amp={amp}"))
         step_losses[amp] = train_step(train_loop(t, tmp_path), next(iter(t.data.train)), Progress())
     # t: the amp=true build
     assert t.scaler is None  # bf16 needs no gradient scaler
@@ -117,10 +115,10 @@ def test_amp_bf16_on_cpu_steps_in_bf16(tiny_coco, tmp_path):
 
 
 @pytest.mark.slow  # 18 steps (~11 s); the test above covers the bf16 step itself
-def test_amp_bf16_on_cpu_trains_and_the_loss_falls(tiny_coco, tmp_path):
+def test_amp_bf16_on_cpu_trains_and_the_loss_falls(tiny_cfg, tmp_path):
     cfg = tiny_cfg(
-        tiny_coco, tmp_path, "canvas=[128,128]", "max_boxes=8", "amp=true", "eval=false",
-        "augment=false", "max_steps=18", "optim.lr=0.01", "optim.warmup_steps=0",
+        "canvas=[128,128]", "max_boxes=8", "amp=true", "eval=false", "augment=false",
+        "max_steps=18", "optim.lr=0.01", "optim.warmup_steps=0",
     )  # fmt: skip
     summary = run(cfg)
     losses = read_scalar_series(tmp_path, "loss/total")["loss/total"][1]
@@ -131,15 +129,15 @@ def test_amp_bf16_on_cpu_trains_and_the_loss_falls(tiny_coco, tmp_path):
     assert summary["final_loss"] == pytest.approx(losses[-1])
 
 
-def test_eval_only_shows_no_training_progress_bar(tiny_coco, tmp_path, capsys):
+def test_eval_only_shows_no_training_progress_bar(tiny_cfg, tmp_path, capsys):
     trained = tmp_path / "trained"
-    run(tiny_cfg(tiny_coco, trained, *FAST, "max_steps=1"))
+    run(tiny_cfg(*FAST, "max_steps=1", out=trained))
     shown = capsys.readouterr()
     assert "step/s" in shown.err  # control: a training run's bar is captured here
     weights = trained / "checkpoints" / "step_0000001.pt"
     summary = run(
-        tiny_cfg(tiny_coco, tmp_path / "eval", "canvas=[128,128]", "max_boxes=8",
-                 "eval_only=true", f"weights={weights}")
+        tiny_cfg("canvas=[128,128]", "max_boxes=8", "eval_only=true", f"weights={weights}",
+                 out=tmp_path / "eval")
     )  # fmt: skip
     shown = capsys.readouterr()
     printed = shown.out + shown.err
@@ -148,12 +146,12 @@ def test_eval_only_shows_no_training_progress_bar(tiny_coco, tmp_path, capsys):
     assert summary["global_step"] == 0 and 0.0 <= summary["eval"]["mAP"] <= 1.0
 
 
-def test_channels_last_weights_on_cpu_give_the_same_losses(tiny_coco, tmp_path):
+def test_channels_last_weights_on_cpu_give_the_same_losses(tiny_cfg, tmp_path):
     """device.channels_last (default on for cpu): the layout changes, the losses do not."""
     convs = {}
     step_losses = {}
     for setting in ("null", "true", "false"):
-        t = build_training(tiny_cfg(tiny_coco, tmp_path, *FAST, f"device.channels_last={setting}"))
+        t = build_training(tiny_cfg(*FAST, f"device.channels_last={setting}"))
         weight = next(m.weight for m in t.model.modules() if isinstance(m, torch.nn.Conv2d))
         convs[setting] = weight.is_contiguous(memory_format=torch.channels_last)
         loop = train_loop(t, tmp_path)
