@@ -151,9 +151,10 @@ def _free_spot(
 def _object_sizes(rng: np.random.Generator, short: int, n: int, tiny: bool) -> list[float]:
     """Half-sizes (px) of n objects, largest first (placed first, so they always fit).
 
-    Most span 1/5 to 1/2 of the short side (log-uniform): on the demo's 224 canvas from a square
-    image 45-112 px, the sizes SSDLite's anchors (45 px and up at 224) match. One in TINY_EVERY is 8-16 px,
-    below the smallest anchor (when `tiny`), so the small-object branch of matching stays.
+    Most span 1/5 to 1/2 of the short side (log-uniform): on the demo's 224 canvas from a
+    square image 45-112 px, the sizes SSDLite's anchors (45 px and up at 224) match. One in
+    TINY_EVERY is 8-16 px, below the smallest anchor (when `tiny`), so the small-object branch
+    of matching stays.
     """
     sides = [
         rng.uniform(8, 16)
