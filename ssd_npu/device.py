@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from time import perf_counter
 
@@ -21,8 +22,8 @@ from ssd_npu.errors import DeviceError
 
 _CANN_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 _NPU_REQUIREMENTS = (
-    "pip install -r requirements-npu.txt (torch==2.14.0 CPU build, torch-npu==2.14.0, "
-    "torchvision==0.29.0)"
+    "pip install -r requirements-npu.txt (the CPU build of torch 2.14.0, torch-npu 2.14.0, "
+    "torchvision 0.29.0; docs/npu.md lists other released pairs)"
 )
 
 
@@ -146,6 +147,25 @@ class Device:
         return "npu" if self.type == "npu" else "inductor"
 
 
+def release_of(version: str) -> tuple[int, int, int] | None:
+    """The X.Y.Z release of a torch or torch_npu version string, the part their pairing is
+    about: local labels (`+cpu`, `+git6b88d20`) and post-releases (`.post3`) stripped, as
+    torch_npu's own requirement reads (torch_npu 2.12.0.post3 requires torch==2.12.0; 2.14.0
+    requires torch==2.14.0.*). None when the string has no X.Y.Z at its start."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version.strip())
+    return None if match is None else (int(match[1]), int(match[2]), int(match[3]))
+
+
+def npu_pair_mismatch(npu_version: str, torch_version: str) -> str | None:
+    """A sentence saying why torch_npu `npu_version` cannot run on torch `torch_version`, or
+    None when they pair (same X.Y.Z release; see `release_of`)."""
+    npu_release, torch_release = release_of(npu_version), release_of(torch_version)
+    if npu_release is None or npu_release == torch_release:
+        return None  # an unversioned (source) build: torch_npu's own import checks it
+    wanted = ".".join(map(str, npu_release))
+    return f"torch_npu {npu_version} needs torch {wanted} (any {wanted} build: +cpu, .postN)"
+
+
 def import_torch_npu():
     """Import torch_npu, turning each known failure into a message that says what to do."""
     try:
@@ -161,6 +181,16 @@ def import_torch_npu():
             f"{_NPU_REQUIREMENTS}, then `{_CANN_ENV}` in the same shell. "
             "Without an NPU use device=cpu, device=cuda or device=auto."
         ) from err
+    except RuntimeError as err:
+        # torch_npu's own check at import: torch was built for another accelerator (cuda)
+        if "Two accelerators" not in str(err):
+            raise
+        raise DeviceError(
+            f"device=npu: torch {torch.__version__} is a CUDA build, and torch_npu refuses to "
+            "load beside another accelerator. torch_npu needs the CPU build of torch: "
+            f"pip uninstall -y torch torchvision, then {_NPU_REQUIREMENTS} (on x86_64 it takes "
+            "torch from https://download.pytorch.org/whl/cpu)."
+        ) from err
     except (ImportError, OSError) as err:
         text = str(err)
         if any(lib in text for lib in ("libhccl", "libascendcl", "libascend", "libge_runner")):
@@ -174,11 +204,11 @@ def import_torch_npu():
                 f"({torch.__version__}): {text}. torch_npu needs the CPU build: {_NPU_REQUIREMENTS}."
             ) from err
         raise DeviceError(f"device=npu: importing torch_npu failed: {text}.") from err
-    npu_version = getattr(torch_npu, "__version__", "")
-    if npu_version and npu_version.split("+")[0] != torch.__version__.split("+")[0]:
+    mismatch = npu_pair_mismatch(getattr(torch_npu, "__version__", ""), torch.__version__)
+    if mismatch is not None:
         raise DeviceError(
-            f"device=npu: torch_npu {npu_version} needs torch {npu_version.split('+')[0]} exactly, "
-            f"but torch {torch.__version__} is installed; {_NPU_REQUIREMENTS}."
+            f"device=npu: {mismatch}, but torch {torch.__version__} is installed; "
+            f"{_NPU_REQUIREMENTS}."
         )
     return torch_npu
 

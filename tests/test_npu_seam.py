@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_npu.device import import_torch_npu
+from ssd_npu.device import import_torch_npu, npu_pair_mismatch, release_of
 from ssd_npu.errors import DeviceError
 from tests.helpers import REPO
 
@@ -163,6 +163,16 @@ def test_installed_torch_npu_without_cann_does_not_break_cpu(tmp_path):
         ),
         ('__version__ = "2.9.0"', ["torch_npu 2.9.0 needs torch 2.9.0", "requirements-npu.txt"]),
         (
+            '__version__ = "2.9.0.post8+git029a19d"',
+            ["torch_npu 2.9.0.post8+git029a19d needs torch 2.9.0", "requirements-npu.txt"],
+        ),
+        (
+            # torch_npu's own first check at import (torch_npu/__init__.py, 2.12 and later)
+            'raise RuntimeError("Two accelerators cannot be used at the same time in PyTorch: '
+            'npu and cuda. You can install the cpu version of PyTorch")',
+            ["CUDA build", "CPU build of torch", "download.pytorch.org/whl/cpu"],
+        ),
+        (
             'raise ImportError("undefined symbol: _ZN3c104cuda9SetDevice")',
             ["CUDA build of torch", "CPU build", "requirements-npu.txt"],
         ),
@@ -179,6 +189,60 @@ def test_import_failures_say_what_to_do(tmp_path, monkeypatch, source, needles):
     for needle in needles:
         assert needle in str(err.value)
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+
+
+# Version strings as published: torch_npu/version.py of the wheels on PyPI, torch's +cpu/+cu builds.
+@pytest.mark.parametrize(
+    ("npu_version", "torch_version", "pairs"),
+    [
+        ("2.12.0.post3", "2.12.0", True),  # requires torch==2.12.0 (its METADATA)
+        ("2.12.0.post3", "2.12.0+cpu", True),
+        ("2.9.0.post8+git029a19d", "2.9.0+cpu", True),  # requires torch==2.9.0+cpu
+        ("2.14.0", "2.14.0+cpu", True),  # requires torch==2.14.0.*
+        ("2.14.0", "2.14.0.post1", True),
+        ("2.14.0", "2.14.1+cu130", False),
+        ("2.12.0.post3", "2.13.0", False),
+        ("2.1.0.post17", "2.1.0", True),
+    ],
+)
+def test_torch_npu_pairs_by_release_as_its_requirement_says(npu_version, torch_version, pairs):
+    assert (npu_pair_mismatch(npu_version, torch_version) is None) == pairs
+
+
+def test_a_post_release_of_torch_npu_imports(tmp_path, monkeypatch):
+    torch_release = ".".join(map(str, release_of(torch.__version__)))
+    site = fake_site(tmp_path, f'__version__ = "{torch_release}.post3+git6b88d20"\n')
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    assert import_torch_npu().__version__.startswith(torch_release)
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+
+
+def _requirements(path: Path) -> dict[str, dict[str, str]]:
+    """{machine: {package: pinned version}} of a requirements file with platform markers."""
+    pins: dict[str, dict[str, str]] = {"x86_64": {}, "aarch64": {}}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        spec, _, marker = line.partition(";")
+        name, _, version = spec.strip().partition("==")
+        for machine in pins:
+            if not marker or machine in marker:
+                pins[machine][name.strip()] = version.strip()
+    return pins
+
+
+def test_requirements_npu_install_a_released_cpu_pair():
+    text = (REPO / "requirements-npu.txt").read_text()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in text
+    for machine, pins in _requirements(REPO / "requirements-npu.txt").items():
+        assert npu_pair_mismatch(pins["torch-npu"], pins["torch"]) is None, machine
+        if machine == "x86_64":  # PyPI's x86_64 torch is the CUDA build
+            assert pins["torch"].endswith("+cpu") and pins["torchvision"].endswith("+cpu")
+        # torchvision X.(Y+15).Z pairs with torch 2.Y.Z
+        t, v = release_of(pins["torch"]), release_of(pins["torchvision"])
+        assert (v[0], v[1] - 15, v[2]) == (0, t[1], t[2]), machine
 
 
 def test_missing_torch_npu_names_the_requirements_file(monkeypatch):
