@@ -65,8 +65,20 @@ def content_size(h: int, w: int, canvas: tuple[int, int], mode: str) -> tuple[in
         return H, W, False
     if mode == "pad" and h <= H and w <= W:
         return h, w, False
-    s = min(H / h, W / w)
-    return max(1, min(H, round(h * s))), max(1, min(W, round(w * s))), mode == "pad"
+    # s = min(H / h, W / w), each side round(side * s) on the exact ratio (ties to even): the
+    # same integers the device fit computes (ssd_npu/data/device_augment.py), where float64
+    # would round 213 * 224 / 192 = 248.5 up to 249 and the exact ratio to 248
+    if H * w <= W * h:
+        ch, cw = H, _round_ratio(w * H, h)
+    else:
+        ch, cw = _round_ratio(h * W, w), W
+    return max(1, min(H, ch)), max(1, min(W, cw)), mode == "pad"
+
+
+def _round_ratio(num: int, den: int) -> int:
+    """round(num / den) for non-negative ints, ties to even, without float rounding."""
+    q, rem = divmod(num, den)
+    return q + int(2 * rem > den or (2 * rem == den and q % 2 == 1))
 
 
 def _ratios(ch: int, cw: int, h: int, w: int) -> tuple[float, float]:
