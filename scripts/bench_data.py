@@ -23,15 +23,21 @@ Variants, each the full per-image path from the file to what the collate stacks:
     fixed_<fit>            ours, data.decode=exact: decode, IoU crop + flip, fit to the canvas
                            (float32), targets padded to max_boxes (SampleDataset + FixSample)
     fixed_<fit>_reduced    ours, data.decode=reduced (uint8 canvas, DCT-scaled decode)
+    fixed_device           the host's share of data.augment_on=device: decode, the image at
+                           the top-left of a uint8 data.slot (scaled down only when larger),
+                           targets padded, the device's uniforms drawn (SampleDataset +
+                           SlotSample); no augmentation and no fit: the device does those
 
 Each repeat runs every image through every variant back to back (the order rotated per image
 and repeat: a noisy neighbour slows all variants alike), with the same per-image seeds;
-ms/image is the median over repeats. Then the DataLoader end to end (the training loader's
-dataset, FixSample and collate) for num_workers 1..cores (or 1..--workers; 0 skips it):
-images/s after the first batch, all workers together.
+ms/image is the median over repeats; cores per 1000 img/s = 1000 / (images/s per core): the
+host cores a variant needs to feed 1000 training images per second. Then the DataLoader end
+to end (the training loader's dataset, FixSample and collate) for num_workers 1..cores (or
+1..--workers; 0 skips it): images/s after the first batch, all workers together.
 Prints a table; writes bench_data.json into the run folder:
-{"variants": {name: {"images_per_s_per_core", "ms_per_image", "vs_torchvision",
-"repeats_ms"}}, "loader": {name: {workers: images_per_s}}, "data": {...}, "machine": {...}}.
+{"variants": {name: {"images_per_s_per_core", "cores_per_1000_img_s", "ms_per_image",
+"vs_torchvision", "repeats_ms"}}, "loader": {name: {workers: images_per_s}}, "data": {...},
+"machine": {...}}.
 """
 
 import argparse
@@ -53,7 +59,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ssd_npu.choices import DECODES, FITS  # noqa: E402
+from ssd_npu.choices import DECODES, FITS, Canvas  # noqa: E402
 from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
@@ -129,6 +135,22 @@ def _ours(cfg, root: Path, fit: str, decode: str):
     return ds, (lambda index: ds[SampleKey(index)])
 
 
+def _device(cfg, root: Path):
+    """data.augment_on=device's worker: decode + SlotSample (no augmentation, no fit), with
+    as many uniforms per sample as the step's DeviceAugment takes for this canvas and fit."""
+    from ssd_npu.data.coco import CocoDetectionDataset
+    from ssd_npu.data.device_augment import DeviceAugment
+    from ssd_npu.data.loader import SampleDataset
+    from ssd_npu.data.samplers import SampleKey
+    from ssd_npu.data.slots import SlotSample
+
+    base = CocoDetectionDataset(root, cfg.data.train_split)
+    mb = cfg.max_boxes if isinstance(cfg.max_boxes, int) else max(cfg.max_boxes)
+    draws = DeviceAugment(Canvas.of(cfg.canvas), cfg.fit, cfg.pad_value).draws
+    ds = SampleDataset(base, None, SlotSample(cfg.data.slot, mb, draws, cfg.seed), cfg.seed)
+    return lambda index: ds[SampleKey(index)]
+
+
 def _variants(cfg, root: Path) -> dict:
     from ssd_npu.data.coco import CocoDetectionDataset
 
@@ -138,6 +160,7 @@ def _variants(cfg, root: Path) -> dict:
         for fit in FITS:
             name = f"fixed_{fit}" if decode == "exact" else f"fixed_{fit}_{decode}"
             out[name] = _ours(cfg, root, fit, decode)[1]
+    out["fixed_device"] = _device(cfg, root)
     return out
 
 
@@ -216,13 +239,13 @@ def machine() -> dict:
 
 def table(variants: dict) -> str:
     rows = [
-        "| variant | ms/image | images/s per core | vs torchvision |",
-        "|---|---|---|---|",
+        "| variant | ms/image | images/s per core | cores per 1000 img/s | vs torchvision |",
+        "|---|---|---|---|---|",
     ]
     for name, v in variants.items():
         rows.append(
             f"| {name} | {v['ms_per_image']:.2f} | {v['images_per_s_per_core']:.1f} | "
-            f"{v['vs_torchvision']:.2f} |"
+            f"{v['cores_per_1000_img_s']:.2f} | {v['vs_torchvision']:.2f} |"
         )
     return "\n".join(rows)
 
@@ -243,8 +266,11 @@ def main(cfg: DictConfig) -> None:
     variants = {}
     for name, ms in times.items():
         med = statistics.median(ms)
+        per_core = 1e3 / med
         variants[name] = {
-            "images_per_s_per_core": round(1e3 / med, 1),
+            "images_per_s_per_core": round(per_core, 1),
+            # host cores that feed 1000 img/s (numerically the ms per image)
+            "cores_per_1000_img_s": round(1e3 / per_core, 2),
             "ms_per_image": round(med, 3),
             "vs_torchvision": round(ref / med, 2),
             "repeats_ms": [round(v, 3) for v in ms],

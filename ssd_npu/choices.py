@@ -15,6 +15,10 @@ SHAPES = ("fixed", "dynamic")  # the fixed-shape path, or torchvision's own
 DATASETS = ("synthetic", "coco")
 ON_BAD_IMAGE = ("fail", "skip")
 DECODES = ("exact", "reduced")  # JPEG decoding (ssd_npu/data/decode.py)
+# where the training augmentation (IoU crop, flip) and the fit to the canvas run on the fixed
+# path; device: workers only decode into fixed-size slots (ssd_npu/data/slots.py), the step does
+# the rest; auto: the device on cuda and npu, the host on the cpu
+AUGMENT_ON = ("auto", "host", "device")
 AMP_DTYPES = ("bf16", "fp16")
 # where evaluation's postprocess (score threshold, top-k, NMS) runs on the fixed path; auto:
 # the device on cuda and npu, the host on the cpu (faster there: docs/bench.md)

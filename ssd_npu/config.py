@@ -17,6 +17,7 @@ from omegaconf import ListConfig
 
 from ssd_npu.choices import (  # the allowed values, each listed once
     AMP_DTYPES,
+    AUGMENT_ON,
     COMPILE_MODES,
     DATASETS,
     DECODES,
@@ -66,6 +67,14 @@ class DataConfig:
     # exact: full decode, torchvision's pixels; reduced: JPEG decoded at 1/2-1/8 scale when
     # the canvas is much smaller, uint8 resize and uint8 canvases (fixed shape only)
     decode: str = "exact"
+    # where the augmentation and the fit to the canvas run (fixed shape only): host (workers);
+    # device (workers only decode into `slot`, the step crops, flips and fits the batch);
+    # auto: device on cuda/npu, host on cpu
+    augment_on: str = "auto"
+    # [Hs, Ws] px of the uint8 slot a worker places each image in with augment_on=device
+    # (larger images are scaled down on the host); 640x640 fits COCO's 640 px long side in
+    # either orientation
+    slot: list[int] = field(default_factory=lambda: [640, 640])
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -295,6 +304,30 @@ def _check_max_boxes(cfg: TrainConfig) -> None:
         )
 
 
+def _check_augment_on(cfg: TrainConfig) -> None:
+    """data.augment_on and data.slot (ssd_npu/data/slots.py)."""
+    _one_of("data.augment_on", cfg.data.augment_on, AUGMENT_ON)
+    slot = list(cfg.data.slot)
+    if len(slot) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < 32 for v in slot):
+        raise ConfigError(
+            f"data.slot=[{','.join(map(str, slot))}] is not valid; give two integers >= 32, "
+            "[Hs,Ws] pixels, e.g. data.slot=[640,640]."
+        )
+    if cfg.data.augment_on != "device":
+        return
+    if cfg.shape != "fixed":
+        raise ConfigError(
+            "data.augment_on=device needs shape=fixed; the dynamic baseline keeps torchvision's "
+            "host pipeline: use data.augment_on=auto (or host) with shape=dynamic."
+        )
+    if cfg.data.decode == "reduced":
+        raise ConfigError(
+            "data.augment_on=device does not work with data.decode=reduced: the reduced decode "
+            "picks its JPEG scale from the host's fit to the canvas, which the device does now; "
+            "use data.decode=exact (or data.augment_on=host)."
+        )
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check values Hydra's types cannot; raise ConfigError naming the key."""
     _one_of("device", cfg.device.name, DEVICES)
@@ -314,6 +347,7 @@ def validate(cfg: TrainConfig) -> None:
             "data.decode=reduced needs shape=fixed (it sends uint8 canvases); the dynamic "
             "baseline decodes exactly: use data.decode=exact with shape=dynamic."
         )
+    _check_augment_on(cfg)
     _one_of("model", cfg.model.name, tuple(MODELS))
     spec = MODELS[cfg.model.name]
     canvas = list(cfg.canvas)

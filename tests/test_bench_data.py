@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"decode_only", "torchvision_reference", "fixed_stretch", "fixed_letterbox",
             "fixed_pad", "fixed_stretch_reduced", "fixed_letterbox_reduced",
-            "fixed_pad_reduced"}  # fmt: skip
+            "fixed_pad_reduced", "fixed_device"}  # fmt: skip
 
 
 def test_bench_data_writes_every_variant(tiny_coco, tmp_path):
@@ -25,7 +27,10 @@ def test_bench_data_writes_every_variant(tiny_coco, tmp_path):
     assert set(result["variants"]) == VARIANTS
     for v in result["variants"].values():
         assert v["images_per_s_per_core"] > 0 and len(v["repeats_ms"]) == 1
+        per_1000 = pytest.approx(1e3 / v["images_per_s_per_core"], rel=0.01, abs=0.01)
+        assert v["cores_per_1000_img_s"] == per_1000
     assert result["variants"]["torchvision_reference"]["vs_torchvision"] == 1.0
     assert set(result["loader"]) == {"fixed_stretch", "fixed_stretch_reduced"}
     assert result["data"]["images"] == 3 and result["data"]["canvas"] == [96, 128]
-    assert "| fixed_pad_reduced |" in run.stdout
+    assert "| fixed_pad_reduced |" in run.stdout and "| fixed_device |" in run.stdout
+    assert "cores per 1000 img/s" in run.stdout

@@ -69,6 +69,46 @@ def test_bad_values_name_the_key(override, key, hint):
     assert hint in str(err.value)
 
 
+def test_augment_on_and_slot_defaults():
+    cfg = compose_cfg()
+    validate(cfg)
+    assert cfg.data.augment_on == "auto" and list(cfg.data.slot) == [640, 640]
+    validate(compose_cfg("data.augment_on=device", "data.slot=[480,640]"))
+    validate(compose_cfg("data.augment_on=host", "shape=dynamic"))
+    validate(compose_cfg("data.augment_on=auto", "shape=dynamic"))
+    validate(compose_cfg("data.augment_on=host", "data.decode=reduced"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.augment_on=gpu"],
+            "data.augment_on='gpu' is not valid; choose one of: auto, host, device",
+        ),
+        (["data.slot=[640]"], "data.slot=[640] is not valid; give two integers >= 32"),
+        (["data.slot=[16,640]"], "data.slot=[16,640] is not valid; give two integers >= 32"),
+        (["data.slot=[640,640,3]"], "data.slot=[640,640,3] is not valid"),
+        (
+            ["data.augment_on=device", "shape=dynamic"],
+            "data.augment_on=device needs shape=fixed; the dynamic baseline keeps torchvision's "
+            "host pipeline: use data.augment_on=auto (or host)",
+        ),
+        (
+            ["data.augment_on=device", "data.decode=reduced"],
+            "data.augment_on=device does not work with data.decode=reduced: the reduced decode "
+            "picks its JPEG scale from the host's fit to the canvas, which the device does now; "
+            "use data.decode=exact",
+        ),
+    ],
+)
+def test_bad_augment_on_and_slot_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(*overrides))
+    assert str(err.value).startswith(message)
+    assert str(err.value).startswith(overrides[0].split("=")[0] + "=")
+
+
 def test_unknown_key_and_device_fail_at_compose():
     with pytest.raises(ConfigCompositionException, match="max_boxs"):
         compose_cfg("max_boxs=3")

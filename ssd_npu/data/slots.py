@@ -1,0 +1,149 @@
+"""The host's share of `data.augment_on=device`: decode, place the image in a fixed-size slot.
+
+With the augmentation on the device, a DataLoader worker does the least work that still gives
+static shapes: it puts the decoded image, unchanged, at the top-left of a zero uint8 slot
+`[3, Hs, Ws]`, pads its targets to M rows, and draws the uniforms the device's IoU crop, flip
+and fit to the canvas consume. The device then does that work for the whole batch inside the
+compiled step (`ssd_npu.data.device_augment`). An image larger than the slot on either side
+is scaled down on the host first (keeping its aspect, counted in `downscaled`): the only resize
+left on the host.
+
+Units: slots uint8 0..255; sizes (h, w) pixels of the image inside its slot; boxes float32
+xyxy in those pixels (the slot's, since the image sits at its top-left); draws float32 in
+[0, 1).
+
+Why the uniforms travel with the sample: each sample's randomness is seeded from
+(seed, image_id, epoch) on the host, as the host augmentation is, so the same seed gives the
+same crops and flips whatever the worker count, a resumed run draws exactly what the
+interrupted one would have, and the device draws nothing (no generator state in the compiled
+step, no random op the compiler has to handle, nothing that depends on the device's RNG).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.models.detection.transform import resize_boxes
+
+from ssd_npu.choices import Canvas
+from ssd_npu.data.decode import DeferredImage
+from ssd_npu.data.fit import _clip, _resize, content_size
+from ssd_npu.data.fixed_shape import map_tensors, pad_targets, sample_seed
+
+# the key the draws are seeded from: (seed, image_id, epoch, DRAWS_STREAM); FixSample's box
+# subset uses (seed, image_id, epoch), the host augmentation (..., 1)
+DRAWS_STREAM = 2
+
+
+def _downscale(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 [3, h, w] -> uint8 [3, nh, nw]: bilinear, align_corners=False, no antialias (the
+    resize of `fit_to_canvas`), computed in float32 and rounded back to uint8."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    # channels-last float copy: the kernel torch's single-thread bilinear resize runs anyway
+    x = torch.empty((h, w, 3), dtype=torch.float32).permute(2, 0, 1)
+    x.copy_(image)
+    return _resize(x, size).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class SlotSample:
+    """Per-sample finish of `data.augment_on=device`: (image, target, epoch) -> slot sample.
+
+    slot: (Hs, Ws) pixels; max_boxes: M target rows; draws: K uniforms per sample; seed: the
+    run's seed. image: `tv_tensors.Image` uint8 [3, h, w] (data.decode=exact).
+
+    Returns a dict: `slot` uint8 [3, Hs, Ws] (the image at the top-left, zeros elsewhere),
+    `size` (h, w) ints of the image inside the slot, `boxes` float32 [M, 4] xyxy in those
+    pixels, `labels` int64 [M], `valid` bool [M] (`pad_targets`, the subset generator seeded
+    from (seed, image_id, epoch) as FixSample's), `draws` float32 [K] in [0, 1) (seeded from
+    (seed, image_id, epoch, 2)), `image_id`, and the counters `boxes_dropped`, `degenerate`,
+    `clipped`, `downscaled` (1 when the image was larger than the slot and scaled down),
+    `skipped` (FixSample's meanings).
+    """
+
+    def __init__(self, slot: Any, max_boxes: int, draws: int, seed: int = 0):
+        self.slot = Canvas.of(slot)
+        self.max_boxes, self.draws, self.seed = int(max_boxes), int(draws), int(seed)
+
+    def __call__(self, image: Any, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
+        if isinstance(image, DeferredImage):
+            raise ValueError(
+                "data.augment_on=device places decoded images in slots; data.decode=reduced "
+                "defers the decode to the host fit, which the device does now: use "
+                "data.decode=exact."
+            )
+        img = image.as_subclass(Tensor)
+        h, w = int(img.shape[-2]), int(img.shape[-1])
+        boxes = target["boxes"].as_subclass(Tensor).to(torch.float32).reshape(-1, 4)
+        nh, nw, downscaled = content_size(h, w, self.slot, "pad")
+        if downscaled:
+            img = _downscale(img, (nh, nw))
+            boxes = _clip(resize_boxes(boxes, [h, w], [nh, nw]), nh, nw)
+        slot = torch.zeros((3, *self.slot), dtype=torch.uint8)
+        slot[:, :nh, :nw] = img
+        image_id = int(target["image_id"])
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, image_id, epoch))
+        boxes, labels, valid, dropped = pad_targets(boxes, target["labels"], self.max_boxes, gen)
+        draw_gen = torch.Generator().manual_seed(
+            sample_seed(self.seed, image_id, epoch, DRAWS_STREAM)
+        )
+        return {
+            "slot": slot,
+            "size": (nh, nw),
+            "boxes": boxes,
+            "labels": labels,
+            "valid": valid,
+            "draws": torch.rand(self.draws, generator=draw_gen),
+            "image_id": image_id,
+            "boxes_dropped": dropped,
+            "degenerate": int(target.get("degenerate", 0)),
+            "clipped": int(target.get("clipped", 0)),
+            "downscaled": int(downscaled),
+            "skipped": int(target.get("skipped", 0)),
+        }
+
+
+@dataclass
+class SlotBatch:
+    """A batch of slot samples, every shape static. image_ids -1 mark padding samples."""
+
+    slots: Tensor  # [B, 3, Hs, Ws] uint8 0..255, each image at the top-left, zeros elsewhere
+    sizes: Tensor  # [B, 2] int64 (h, w) px of the image inside its slot
+    boxes: Tensor  # [B, M, 4] float32 xyxy px of the image in its slot
+    labels: Tensor  # [B, M] int64 category ids, 0 on padding rows
+    valid: Tensor  # [B, M] bool
+    draws: Tensor  # [B, K] float32 uniforms in [0, 1) for the device's crop, flip and fit
+    image_ids: Tensor  # [B] int64
+    boxes_dropped: int = 0
+    degenerate: int = 0
+    clipped: int = 0
+    downscaled: int = 0
+    skipped: int = 0
+
+    def to(self, device: Any, non_blocking: bool = True) -> SlotBatch:
+        """Move the tensors (in place) and return self."""
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SlotBatch:
+        """Page-locked host memory (DataLoader pin_memory=True): copies can run asynchronously."""
+        return map_tensors(self, Tensor.pin_memory)
+
+
+def collate_slots(samples: list[dict[str, Any]]) -> SlotBatch:
+    """Stack SlotSample outputs into a SlotBatch; the counters are summed."""
+    return SlotBatch(
+        slots=torch.stack([s["slot"] for s in samples]),
+        sizes=torch.tensor([s["size"] for s in samples], dtype=torch.int64),
+        boxes=torch.stack([s["boxes"] for s in samples]),
+        labels=torch.stack([s["labels"] for s in samples]),
+        valid=torch.stack([s["valid"] for s in samples]),
+        draws=torch.stack([s["draws"] for s in samples]),
+        image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
+        boxes_dropped=sum(s["boxes_dropped"] for s in samples),
+        degenerate=sum(s["degenerate"] for s in samples),
+        clipped=sum(s["clipped"] for s in samples),
+        downscaled=sum(s["downscaled"] for s in samples),
+        skipped=sum(s["skipped"] for s in samples),
+    )
