@@ -20,7 +20,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssd_npu import distributed
 from ssd_npu.choices import Canvas
-from ssd_npu.config import TrainConfig, check_compile_mode, validate
+from ssd_npu.config import (
+    TrainConfig,
+    check_channels_last,
+    check_compile_backend,
+    check_compile_mode,
+    validate,
+)
 from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.data.dynamic import collate_dynamic, to_dynamic_sample
 from ssd_npu.data.fixed_shape import FixSample, collate_fixed
@@ -124,10 +130,12 @@ class ShapePath:
     def detections(
         self, model: FixedSSD, device: Device, amp: bool, detect: DeviceDetect | None
     ) -> DetectFn:
-        """Evaluation's detections over a val loader: (COCO records, image ids) of this rank."""
+        """Evaluation's detections over a val loader: (COCO records, image ids) of this rank.
+        dynamic: torchvision's postprocess where the device has its ops (`dynamic_postprocess`)."""
         if self.static:
             return partial(fixed_detections, model, device=device, amp=amp, detect=detect)
-        return partial(dynamic_detections, model.detector, device=device)
+        where = device.dynamic_postprocess
+        return partial(dynamic_detections, model.detector, device=device, postprocess=where)
 
 
 def canvas_of(cfg: TrainConfig) -> Canvas:
@@ -186,8 +194,11 @@ def loader_spec(cfg: TrainConfig, world: World, device: Device) -> LoaderSpec:
 def step_options(cfg: TrainConfig, device: Device, world: World, ddp: Wrap | None) -> StepOptions:
     compile_options = None
     if cfg.compile:
+        # device=auto: validate could not know the device, so its checks run again here
+        check_compile_backend(cfg.compiler.backend, device.type)
         backend = cfg.compiler.backend or device.compile_backend
-        check_compile_mode(cfg.compiler.mode, backend)  # e.g. device=auto that became npu
+        check_compile_mode(cfg.compiler.mode, backend)
+        device.require_compiler(backend)
         compile_options = CompileOptions(
             backend=backend,
             fail_on_recompile=cfg.compiler.fail_on_recompile,
@@ -205,7 +216,8 @@ def uses_channels_last(setting: bool | None, device_type: str, amp: bool) -> boo
     channels-last step of ssdlite320 is about 1.45x faster (docs/bench.md). Off under amp:
     with bf16 autocast on the CPU, channels-last weights diverged within 18 steps in
     tests/test_train.py where NCHW weights did not. cuda and npu keep the layout torchvision
-    gives unless asked (Ascend picks its own internal formats)."""
+    gives unless asked; npu refuses it (`check_channels_last`: also for device=auto)."""
+    check_channels_last(setting, device_type)
     if setting is not None:
         return bool(setting)
     return device_type == "cpu" and not amp

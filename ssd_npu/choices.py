@@ -26,6 +26,9 @@ POSTPROCESS = ("auto", "device", "host")
 # torch.compile's `mode` (its docstring; inductor only): reduce-overhead and max-autotune use
 # CUDA graphs on cuda, possible here because every shape of the fixed step is fixed
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# compiler.backend on device=npu: inductor with triton-ascend (the default: Ascend's first
+# choice for training) or torch_npu's "npu" (torchair's GE graph mode, meant mainly for inference)
+NPU_COMPILE_BACKENDS = ("inductor", "npu")
 AUDIT_TARGETS = ("train", "eval")  # what scripts/audit_shapes.py records
 
 

@@ -7,8 +7,9 @@ It counts the graphs each call compiled (dynamo's own
 a recompile. With `fail_on_recompile`, calls after the first run under
 `torch.compiler.set_stance("fail_on_recompile")` and a recompile raises `RecompileError`
 with dynamo's guard-failure text, which names the tensor whose shape changed. `mode` is
-torch.compile's own (inductor only): "reduce-overhead" replays the step as CUDA graphs on cuda,
-possible because every shape of the fixed step is fixed (inductor skips them for CPU graphs).
+torch.compile's own (inductor only): "reduce-overhead" replays the step as CUDA graphs on cuda
+(NPU graphs on npu, through torch_npu's graph trees), possible because every shape of the
+fixed step is fixed (inductor skips them for CPU graphs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ssd_npu.device import Device
 from ssd_npu.errors import UserError
 
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes with CUDA graphs
@@ -77,6 +79,15 @@ def reset() -> None:
     counters.clear()
 
 
+def device_of(args: tuple) -> Device:
+    """The device of the first tensor in a call's arguments: where the graphs of that call
+    replay, so whose graph trees a new iteration is marked in. cuda when there is no tensor
+    (torch's own CUDA-graph call, as before devices were told apart here)."""
+    tensors = (a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor))
+    first = next(tensors, None)
+    return Device("cuda", None) if first is None else Device(first.device.type, first.device.index)
+
+
 class CompiledStep:
     """`fn` under `torch.compile(dynamic=False)`, counting graphs compiled per call.
 
@@ -87,9 +98,10 @@ class CompiledStep:
     per-function limit while this step runs (None: torch's default, 8); past it dynamo runs
     the function eagerly, or raises `FailOnRecompileLimitHit` with `fail_on_limit`. `mode`:
     torch.compile's mode (None: torch's default); with a CUDA-graph mode each call first marks
-    a new iteration (`torch.compiler.cudagraph_mark_step_begin`, as torch advises for a
-    training loop) and returns copies of the outputs, which the next replay would overwrite
-    before the loop reads them (one step late).
+    a new iteration (`Device.mark_step_begin` of the inputs' device: torch's
+    `cudagraph_mark_step_begin`, as torch advises for a training loop, or torch_npu's
+    `npugraph_mark_step_begin`) and returns copies of the outputs, which the next replay would
+    overwrite before the loop reads them (one step late).
     """
 
     def __init__(
@@ -168,7 +180,7 @@ class CompiledStep:
         records = get_compilation_metrics()
         seen = {id(m) for m in records}
         if self.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
+            device_of(args).mark_step_begin()
         try:
             with self._options():
                 out = self.compiled(*args)

@@ -23,6 +23,7 @@ from ssd_npu.choices import (  # the allowed values, each listed once
     DECODES,
     DEVICES,
     FITS,
+    NPU_COMPILE_BACKENDS,
     ON_BAD_IMAGE,
     POSTPROCESS,
     SHAPES,
@@ -43,7 +44,7 @@ class DeviceConfig:
     name: str = "auto"  # auto | cpu | cuda | npu
     index: int | None = None  # device index; None: LOCAL_RANK under torchrun, else 0
     jit_compile: bool = False  # npu only: torch.npu.set_compile_mode(jit_compile=...)
-    # weights stored channels-last (faster convolutions); None: on for fp32 on cpu only
+    # weights stored channels-last (faster convolutions); None: on for fp32 on cpu only; not on npu
     channels_last: bool | None = None
     # bit-identical runs and resumes on cuda (deterministic kernels, no cuDNN autotuning): slower
     deterministic: bool = False
@@ -103,7 +104,8 @@ class AuditConfig:
 @dataclass
 class CompilerConfig:
     # `compile` stays a plain bool (a public contract); compile options live here.
-    backend: str | None = None  # None: the device's default (inductor on cpu/cuda, npu on npu)
+    # None: inductor on every device (on npu with triton-ascend); npu: torch_npu's torchair GE
+    backend: str | None = None
     fail_on_recompile: bool = False  # error (naming the changed tensor) on a recompile after step 1
     # dynamo's recompile limit per code object; None: torch's default (8)
     recompile_limit: int | None = None
@@ -177,7 +179,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     amp: bool = False
-    amp_dtype: str | None = None  # bf16 | fp16; None: bf16 on cpu, fp16 on cuda/npu
+    # bf16 | fp16; None: bf16 on cpu, fp16 on cuda, bf16 on npu where it has it (910B on)
+    amp_dtype: str | None = None
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
     # under torchrun: minutes a rank waits in a collective (e.g. while rank 0 runs COCOeval)
     dist_timeout_min: int = 30
@@ -268,6 +271,35 @@ def check_compile_mode(mode: str | None, backend: str) -> None:
             f"compiler.mode={mode} needs compiler.backend=inductor (torch.compile gives a mode "
             f"to inductor only), but the backend is {backend!r}; set compiler.backend=inductor "
             "or compiler.mode=null."
+        )
+
+
+def check_compile_backend(backend: str | None, device: str) -> None:
+    """compiler.backend against the device (`device.name`, or the type `auto` became): npu
+    takes inductor (with triton-ascend) or torch_npu's "npu"; "npu" exists only once torch_npu
+    is imported, so it needs device=npu. None: the device's default, always allowed."""
+    if backend is None:
+        return
+    if device == "npu" and backend not in NPU_COMPILE_BACKENDS:
+        raise ConfigError(
+            f"compiler.backend={backend} is not valid with device=npu; choose inductor "
+            "(inductor with triton-ascend, the default) or npu (torchair's GE graph mode)."
+        )
+    if backend == "npu" and device in ("cpu", "cuda"):
+        raise ConfigError(
+            f"compiler.backend=npu is torch_npu's backend and needs device=npu; on device={device}"
+            " use compiler.backend=null (inductor)."
+        )
+
+
+def check_channels_last(setting: bool | None, device: str) -> None:
+    """device.channels_last=true on npu: torch_npu's copy kernel takes only contiguous and
+    preserve memory formats, so the channels-last weights would fail at the first copy."""
+    if setting and device == "npu":
+        raise ConfigError(
+            "device.channels_last=true is not supported on device=npu (torch_npu's copy kernel "
+            "takes only the contiguous and preserve memory formats); set "
+            "device.channels_last=null (or false)."
         )
 
 
@@ -364,10 +396,11 @@ def validate(cfg: TrainConfig) -> None:
             "compiler.optimizer=true compiles the optimizer step beside the compiled training "
             "step; it needs compile=true (or set compiler.optimizer=false)."
         )
-    # device=npu's own backend is torch_npu's "npu"; device=auto's is checked by step_options
-    backend = cfg.compiler.backend or ("npu" if cfg.device.name == "npu" else None)
-    if backend is not None:
-        check_compile_mode(cfg.compiler.mode, backend)
+    # the default backend (inductor) takes every mode; device=auto's is checked by step_options
+    check_compile_backend(cfg.compiler.backend, cfg.device.name)
+    if cfg.compiler.backend is not None:
+        check_compile_mode(cfg.compiler.mode, cfg.compiler.backend)
+    check_channels_last(cfg.device.channels_last, cfg.device.name)
     positive = {
         "batch_size": cfg.batch_size,
         "epochs": cfg.epochs,

@@ -65,12 +65,24 @@ class HostCopy:
         return self.tensor.tolist()
 
 
+_NPU_FP16_NOTE = (
+    "amp fp16 on npu: torch_npu's GradScaler reads the device twice per step (its inf check), "
+    "a host sync every step; amp_dtype=bf16 needs no scaler (Ascend 910B and later)"
+)
+
+
 @dataclass(frozen=True)
 class Device:
-    """A resolved device: `type` is cpu | cuda | npu; `torch` is the torch.device."""
+    """A resolved device: `type` is cpu | cuda | npu; `torch` is the torch.device.
+
+    `amp_default`: the autocast dtype when `amp_dtype` is not given (bf16 | fp16); None: the
+    type's own (bf16 on cpu, fp16 on cuda). `resolve_device` asks the NPU once (bf16 from
+    Ascend 910B on), so no compiled step ever calls into torch_npu to choose a dtype.
+    """
 
     type: str
     index: int | None
+    amp_default: str | None = None
 
     @property
     def torch(self) -> torch.device:
@@ -96,11 +108,22 @@ class Device:
         """Whether host batches should be pinned (page-locked) for asynchronous copies."""
         return self.type in ("cuda", "npu")
 
+    def amp_name(self, name: str | None = None) -> str:
+        """The autocast dtype's name: `name` (bf16 | fp16), else `amp_default`, else bf16 on
+        the cpu (its autocast dtype) and fp16 on cuda / an NPU that did not say bf16."""
+        return name or self.amp_default or ("bf16" if self.type == "cpu" else "fp16")
+
     def amp_dtype(self, name: str | None = None) -> torch.dtype:
-        """Autocast dtype: `name` (bf16 | fp16), or the device's default (cpu bf16, else fp16)."""
-        if name is None:
-            return torch.bfloat16 if self.type == "cpu" else torch.float16
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        """Autocast dtype: `name` (bf16 | fp16), or the device's default (`amp_name`)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[self.amp_name(name)]
+
+    def amp_note(self, enabled: bool, name: str | None = None) -> str | None:
+        """What this amp setting costs that a user would not guess, for the banner and
+        summary.json: fp16 on npu keeps torch_npu's GradScaler, whose inf check is read on
+        the host every step (on cuda a fused SGD takes it as a tensor). None: nothing to say."""
+        if enabled and self.type == "npu" and self.amp_name(name) == "fp16":
+            return _NPU_FP16_NOTE
+        return None
 
     def autocast(self, enabled: bool, dtype: str | None = None):
         """Mixed precision for the network (the fixed loss stays fp32: see engine.py)."""
@@ -143,8 +166,61 @@ class Device:
 
     @property
     def compile_backend(self) -> str:
-        """torch.compile backend: torch_npu registers "npu"; inductor elsewhere."""
-        return "npu" if self.type == "npu" else "inductor"
+        """torch.compile's backend when `compiler.backend` is not given: inductor on every
+        device. On npu that is inductor with triton-ascend, which Ascend lists first for
+        training; torch_npu's own "npu" backend (torchair's GE graph mode) is meant mainly for
+        inference and stays a choice (`compiler.backend=npu`)."""
+        return "inductor"
+
+    def require_compiler(self, backend: str) -> None:
+        """Fail at start, not at the first compile minutes later, where the backend cannot
+        generate code here: inductor on npu needs triton-ascend (the `triton` package), and
+        torch_npu only warns at import when it is missing."""
+        if self.type == "npu" and backend == "inductor" and not _importable("triton"):
+            raise DeviceError(
+                "compiler.backend=inductor on device=npu needs triton-ascend (inductor's code "
+                "generator for the NPU), which is not installed: pip install triton-ascend, or "
+                "set compiler.backend=npu (torchair's GE graph mode), or compile=false."
+            )
+
+    def mark_step_begin(self) -> None:
+        """Tell the graph trees a new iteration begins, so the previous replay's outputs may be
+        overwritten (compile modes with device graphs): torch_npu's NPU graph trees on npu,
+        torch's CUDA graph trees elsewhere (a no-op where nothing was captured)."""
+        if self.type == "npu":
+            torch.compiler.npugraph_mark_step_begin()
+        else:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    @property
+    def dynamic_postprocess(self) -> str:
+        """Where torchvision's own postprocess of `shape=dynamic` runs ("device" | "host"); on
+        npu this imports torchvision_npu when it is installed (it registers the NPU kernels)."""
+        return dynamic_postprocess_place(self.type, self.type == "npu" and import_torchvision_npu())
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def dynamic_postprocess_place(device_type: str, torchvision_npu: bool) -> str:
+    """Where torchvision's postprocess (box decoding, score threshold, top-k, NMS) of the
+    dynamic path runs: "host" on npu without torchvision_npu, since torchvision's nms has no
+    NPU kernel of its own (pytorch/vision#6725); "device" everywhere else."""
+    return "host" if device_type == "npu" and not torchvision_npu else "device"
+
+
+def import_torchvision_npu() -> bool:
+    """Import torchvision_npu (Ascend's kernels for torchvision's ops); False when it is not
+    installed. A torchvision_npu that is installed but fails to import raises: a broken
+    install should be seen, not quietly evaluated on the host."""
+    try:
+        importlib.import_module("torchvision_npu")
+    except ModuleNotFoundError as err:
+        if err.name != "torchvision_npu":
+            raise
+        return False
+    return True
 
 
 def release_of(version: str) -> tuple[int, int, int] | None:
@@ -263,9 +339,10 @@ def resolve_device(name: str, index: int | None = None, jit_compile: bool = Fals
                 "device=npu: torch_npu is installed but sees no NPU. Check `npu-smi info`, "
                 f"ASCEND_RT_VISIBLE_DEVICES and that `{_CANN_ENV}` was run in this shell."
             )
-        device = Device("npu", _local_rank_index(index))
-        torch.npu.set_device(device.torch)
+        index = _local_rank_index(index)
+        torch.npu.set_device(Device("npu", index).torch)
         # False: binary (precompiled) kernels, no online compile for each new shape.
         torch.npu.set_compile_mode(jit_compile=jit_compile)
-        return device
+        # asked once, after set_device: the chip of this rank
+        return Device("npu", index, "bf16" if torch.npu.is_bf16_supported() else "fp16")
     raise DeviceError(f"device={name!r} is not valid; choose one of: auto, cpu, cuda, npu.")

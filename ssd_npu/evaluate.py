@@ -15,7 +15,9 @@ which would force a recompile on a shape-compiling device), then `unfit_boxes` m
 pixels back to the original image for whichever fit (stretch, letterbox, pad) was used.
 
 Dynamic path: `detector(list_of_images)` in eval mode, torchvision's unmodified inference
-(its transform already maps boxes back to the input image).
+(its transform already maps boxes back to the input image). Where the device has no kernels
+for torchvision's ops (nms on an NPU without torchvision_npu), its `postprocess_detections`
+gets the head outputs and anchors copied to the host (`postprocess_on_host`).
 
 Both produce COCO result records (`image_id`, `category_id`, `bbox` xywh original pixels,
 `score`) and share `coco_map` (pycocotools COCOeval). Labels are COCO category ids here.
@@ -26,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -220,17 +222,47 @@ def fixed_detections(
     return records, image_ids
 
 
+@contextlib.contextmanager
+def postprocess_on_host(detector: Detector) -> Iterator[None]:
+    """torchvision's inference with only its `postprocess_detections` (box decoding, score
+    threshold, top-k, NMS) on the host: the transform, backbone, head and anchors stay on the
+    device, their outputs are copied to the cpu, and `transform.postprocess` maps the cpu
+    boxes back. For a device without kernels for torchvision's ops (nms on npu). An instance
+    attribute shadows the method while this runs, so torchvision's own `forward` is kept."""
+    method = type(detector).postprocess_detections
+
+    def on_host(head_outputs: Any, anchors: Any, image_sizes: list) -> list[dict[str, Tensor]]:
+        to_cpu = torch.utils._pytree.tree_map_only
+        return method(
+            detector,
+            to_cpu(Tensor, Tensor.cpu, head_outputs),
+            to_cpu(Tensor, Tensor.cpu, anchors),
+            image_sizes,
+        )
+
+    detector.postprocess_detections = on_host
+    try:
+        yield
+    finally:
+        del detector.postprocess_detections
+
+
 @torch.no_grad()
 def dynamic_detections(
-    detector: Detector | FixedSSD, loader: Iterable, device: Device | torch.device | str
+    detector: Detector | FixedSSD,
+    loader: Iterable,
+    device: Device | torch.device | str,
+    postprocess: str = "device",
 ) -> tuple[list[dict], list[int]]:
-    """COCO records and image ids from torchvision's own inference on each DynamicBatch."""
+    """COCO records and image ids from torchvision's own inference on each DynamicBatch;
+    `postprocess`: "device", or "host" (`postprocess_on_host`; `Device.dynamic_postprocess`)."""
     dev = _as_device(device)
     detector = detector.detector if isinstance(detector, FixedSSD) else detector
     check_eval_recipe(detector)
     records: list[dict] = []
     image_ids: list[int] = []
-    with eval_mode(detector):
+    host = postprocess_on_host(detector) if postprocess == "host" else contextlib.nullcontext()
+    with eval_mode(detector), host:
         for batch in loader:
             outputs = detector([img.to(dev.torch) for img in batch.images])
             for image_id, det in zip(batch.image_ids.tolist(), outputs, strict=True):

@@ -123,6 +123,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         graph_breaks=t.step.compiled.graph_breaks if t.step.compiled else None,
         cudagraph_skips=t.step.compiled.cudagraph_skips if t.step.compiled else None,
         device=str(t.device.torch),
+        amp=t.device.amp_name(cfg.amp_dtype) if cfg.amp else None,  # bf16 | fp16; None: fp32
+        amp_note=t.device.amp_note(cfg.amp, cfg.amp_dtype),  # fp16 on npu: a host sync per step
         shape=cfg.shape,
         model=cfg.model.name,
         canvas=list(cfg.canvas),
@@ -161,13 +163,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _banner(cfg: TrainConfig, t: Training, out_dir: Path) -> str:
+    """The run's first line (and a second where the amp setting costs a host sync per step)."""
+    amp = t.device.amp_name(cfg.amp_dtype) if cfg.amp else "off"
+    note = t.device.amp_note(cfg.amp, cfg.amp_dtype)
     return (
         f"ssd-npu: device={t.device.torch} ranks={t.world.size} shape={cfg.shape} "
         f"model={cfg.model.name} canvas={list(cfg.canvas)} max_boxes={cfg.max_boxes} fit={cfg.fit} "
-        f"batch={cfg.batch_size}x{t.world.size} steps={t.total_steps} "
+        f"batch={cfg.batch_size}x{t.world.size} steps={t.total_steps} amp={amp} "
         f"anchors={t.model.anchors.shape[0]} data={t.data_root} out={out_dir} "
         f"data_s={t.data_s:.1f} startup_s={process_age_s():.1f}"
-    )
+    ) + (f"\nssd-npu: note: {note}" if note else "")
 
 
 def _already_complete(out_dir: Path, progress: Progress, main: bool) -> dict[str, Any]:

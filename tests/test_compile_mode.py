@@ -41,7 +41,7 @@ def test_bad_compiler_mode_names_the_key_and_the_choices():
     [
         ("compiler.backend=eager", "compiler.mode=reduce-overhead"),
         ("compiler.backend=aot_eager", "compiler.mode=max-autotune"),
-        ("device=npu", "compiler.mode=reduce-overhead"),  # torch_npu's "npu" backend
+        ("device=npu", "compiler.backend=npu", "compiler.mode=reduce-overhead"),  # torchair GE
     ],
 )
 def test_a_mode_needs_inductor(overrides):
@@ -58,15 +58,21 @@ def test_default_mode_and_inductor_pass():
         assert (options.compile.backend, options.compile.mode) == (backend, mode)
 
 
-def test_step_options_check_the_resolved_backend():
-    """device=auto: validate cannot know the backend; step_options checks the device's own."""
+def test_step_options_check_the_resolved_backend(monkeypatch):
+    """device=auto: validate cannot know the device; step_options checks the backend against
+    the device auto became (inductor is every device's default, npu's too)."""
+    monkeypatch.setattr("ssd_npu.device._importable", lambda module: True)  # triton-ascend
     cfg = compose_cfg("compile=true", "compiler.mode=max-autotune-no-cudagraphs")
     validate(cfg)
-    options = step_options(cfg, Device("cpu", None), World(), None)
-    assert options.compile.backend == "inductor"
-    assert options.compile.mode == "max-autotune-no-cudagraphs"
-    with pytest.raises(ConfigError, match="but the backend is 'npu'"):
-        step_options(cfg, Device("npu", 0), World(), None)
+    for device in (Device("cpu", None), Device("npu", 0)):
+        options = step_options(cfg, device, World(), None)
+        assert options.compile.backend == "inductor"
+        assert options.compile.mode == "max-autotune-no-cudagraphs"
+    cfg = compose_cfg("compile=true", "compiler.backend=npu")  # torchair GE: npu only
+    validate(cfg)
+    assert step_options(cfg, Device("npu", 0), World(), None).compile.backend == "npu"
+    with pytest.raises(ConfigError, match=r"^compiler\.backend=npu .* needs device=npu"):
+        step_options(cfg, Device("cpu", None), World(), None)
 
 
 @pytest.mark.slow

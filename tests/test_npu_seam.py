@@ -13,15 +13,30 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ssd_npu.device import import_torch_npu, npu_pair_mismatch, release_of
+from ssd_npu.build import ShapePath, shape_path, step_options, uses_channels_last
+from ssd_npu.compiler import CompiledStep, device_of
+from ssd_npu.config import ConfigError, validate
+from ssd_npu.device import (
+    Device,
+    dynamic_postprocess_place,
+    import_torch_npu,
+    npu_pair_mismatch,
+    release_of,
+)
+from ssd_npu.distributed import World
 from ssd_npu.errors import DeviceError
-from tests.helpers import REPO
+from ssd_npu.evaluate import dynamic_detections
+from ssd_npu.model import FixedSSD, build_detector
+from tests.helpers import REPO, compose_cfg
 
 FAKE_TORCH_NPU = """
+import os
+
 import torch
 
 CALLS = []
@@ -40,6 +55,10 @@ class _Npu:
 
     def synchronize(self, device=None):
         CALLS.append(["synchronize"])
+
+    def is_bf16_supported(self):  # FAKE_NPU_BF16=1: an Ascend 910B or later
+        CALLS.append(["is_bf16_supported"])
+        return os.environ.get("FAKE_NPU_BF16") == "1"
 
     def get_amp_supported_dtype(self):
         return [torch.float16, torch.bfloat16]
@@ -63,6 +82,8 @@ class npu:  # torch_npu.npu
 
 torch.utils.rename_privateuse1_backend("npu")
 torch._register_device_module("npu", _Npu())
+# what torch_npu's dynamo patches install at import (torch_npu/utils/_dynamo.py)
+torch.compiler.npugraph_mark_step_begin = lambda: CALLS.append(["npugraph_mark_step_begin"])
 """
 
 SEAM_SCRIPT = """
@@ -71,6 +92,8 @@ import ssd_npu  # sets TORCH_DEVICE_BACKEND_AUTOLOAD=0 before torch
 import torch
 import torch.distributed as dist
 from ssd_npu import distributed
+from ssd_npu.build import uses_channels_last
+from ssd_npu.config import ConfigError
 from ssd_npu.device import resolve_device
 
 os.environ.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
@@ -86,12 +109,19 @@ dist.new_group = lambda **kw: seen.setdefault("host_group", kw["backend"])
 world = distributed.init(dev)
 with dev.autocast(True):
     autocast_device = torch.get_autocast_dtype("npu")
-dev.grad_scaler(True)
+scaler = dev.grad_scaler(True)
 dev.synchronize()
+dev.mark_step_begin()
+try:
+    channels_last = uses_channels_last(True, dev.type, False)
+except ConfigError as err:
+    channels_last = str(err)
 print(json.dumps({
     "calls": torch_npu.CALLS, "backend": seen["backend"], "world": [world.rank, world.size],
     "device": str(dev.torch), "compile_backend": dev.compile_backend,
     "autocast_dtype": str(autocast_device), "amp_dtype": str(dev.amp_dtype()),
+    "scaler": scaler is not None, "amp_note": dev.amp_note(True),
+    "dynamic_postprocess": dev.dynamic_postprocess, "channels_last": channels_last,
 }))
 """
 
@@ -110,30 +140,153 @@ def fake_site(tmp_path: Path, init_source: str, entry_point: bool = False) -> Pa
     return site
 
 
-def run_python(site: Path, code: str, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
-    env["PYTHONPATH"] = f"{site}{os.pathsep}{REPO}"
+def run_python(
+    site: Path, code: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -c code args` (or `python args`) with the fake `site` first on the path and
+    `env` added to this process's environment."""
+    merged = {k: v for k, v in os.environ.items() if k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
+    merged |= (env or {}) | {"PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
     return subprocess.run(
         [sys.executable, *(["-c", code] if code else []), *args],
         cwd=REPO,
-        env=env,
+        env=merged,
         capture_output=True,
         text=True,
         timeout=120,
     )
 
 
+def run_seam(site: Path, jit: bool = False, **env: str) -> dict:
+    """SEAM_SCRIPT against the fake torch_npu in `site`, with `env` added; what it saw."""
+    proc = run_python(site, SEAM_SCRIPT.replace("JIT", str(jit)), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_npu_device_uses_torch_npu_as_documented(tmp_path, jit):
-    site = fake_site(tmp_path, FAKE_TORCH_NPU)
-    proc = run_python(site, SEAM_SCRIPT.replace("JIT", str(jit)))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen["calls"][:2] == [["set_device", "npu:1"], ["set_compile_mode", jit]]
+    seen = run_seam(fake_site(tmp_path, FAKE_TORCH_NPU), jit)
+    assert seen["calls"][:3] == [
+        ["set_device", "npu:1"],
+        ["set_compile_mode", jit],
+        ["is_bf16_supported"],  # asked once, at resolve_device
+    ]
     assert ["GradScaler"] in seen["calls"] and ["synchronize"] in seen["calls"]
+    assert seen["calls"].count(["is_bf16_supported"]) == 1
     assert seen["backend"] == "hccl" and seen["world"] == [1, 2]
-    assert seen["device"] == "npu:1" and seen["compile_backend"] == "npu"
-    assert seen["autocast_dtype"] == "torch.float16" == seen["amp_dtype"]
+    assert seen["device"] == "npu:1" and seen["compile_backend"] == "inductor"
+    # reduce-overhead's new iteration is marked in torch_npu's NPU graph trees
+    assert seen["calls"][-1] == ["npugraph_mark_step_begin"]
+    # device=auto that became npu: refused when the model is built, naming the key
+    assert seen["channels_last"].startswith("device.channels_last=true is not supported on")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_npu_amp_default_follows_is_bf16_supported(tmp_path, bf16):
+    """bf16 where the chip has it (no scaler, no per-step host read); fp16 keeps torch_npu's
+    GradScaler, and the run says what its inf check costs."""
+    seen = run_seam(fake_site(tmp_path, FAKE_TORCH_NPU), FAKE_NPU_BF16="1" if bf16 else "0")
+    want = "torch.bfloat16" if bf16 else "torch.float16"
+    assert seen["autocast_dtype"] == want == seen["amp_dtype"]
+    assert seen["scaler"] is (not bf16) and (["GradScaler"] in seen["calls"]) is (not bf16)
+    if bf16:
+        assert seen["amp_note"] is None
+    else:
+        assert "GradScaler reads the device twice per step" in seen["amp_note"]
+
+
+@pytest.mark.parametrize("torchvision_npu", [False, True])
+def test_npu_dynamic_postprocess_runs_where_nms_has_a_kernel(tmp_path, torchvision_npu):
+    """torchvision's nms has no NPU kernel: shape=dynamic's postprocess runs on the host,
+    unless torchvision_npu (which registers one) imports."""
+    site = fake_site(tmp_path, FAKE_TORCH_NPU)
+    if torchvision_npu:
+        (site / "torchvision_npu").mkdir()
+        (site / "torchvision_npu" / "__init__.py").write_text("")
+    seen = run_seam(site)
+    assert seen["dynamic_postprocess"] == ("device" if torchvision_npu else "host")
+
+
+@pytest.mark.parametrize(
+    ("device_type", "torchvision_npu", "want"),
+    [("npu", False, "host"), ("npu", True, "device"), ("cuda", False, "device"),
+     ("cpu", False, "device")],
+)  # fmt: skip
+def test_dynamic_postprocess_place(device_type, torchvision_npu, want):
+    assert dynamic_postprocess_place(device_type, torchvision_npu) == want
+
+
+def test_dynamic_path_binds_where_its_postprocess_runs(monkeypatch):
+    """The dynamic path's evaluation gets the place its device answers; the fixed path has
+    its own (`eval.postprocess`)."""
+    monkeypatch.setitem(sys.modules, "torchvision_npu", None)  # not installed
+    path: ShapePath = shape_path(compose_cfg("shape=dynamic"))
+    model = FixedSSD(build_detector(3, (64, 64)), (64, 64))
+    detect = path.detections(model, Device("npu", 0), amp=False, detect=None)
+    assert detect.func is dynamic_detections and detect.keywords["postprocess"] == "host"
+    detect = path.detections(model, Device("cpu", None), amp=False, detect=None)
+    assert detect.keywords["postprocess"] == "device"
+
+
+def test_postprocess_on_host_gives_torchvision_own_detections():
+    """postprocess=host runs the same torchvision inference, its postprocess on copies on
+    the cpu: the same COCO records, and the detector is left as it was."""
+    torch.manual_seed(0)
+    detector = build_detector(3, (64, 64)).eval()
+    # the fields of a DynamicBatch that evaluation reads: images of two sizes
+    batch = SimpleNamespace(
+        images=[torch.rand(3, 48, 80), torch.rand(3, 64, 40)], image_ids=torch.tensor([1, 2])
+    )
+    seen = {
+        where: dynamic_detections(detector, [batch], "cpu", where) for where in ("device", "host")
+    }
+    assert seen["host"] == seen["device"] and len(seen["host"][0]) > 0
+    assert "postprocess_detections" not in vars(detector)
+
+
+def test_npu_compile_backends_are_validated():
+    for backend in ("inductor", "npu"):
+        validate(compose_cfg("device=npu", "compile=true", f"compiler.backend={backend}"))
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("device=npu", "compiler.backend=aot_eager"))
+    assert str(err.value).startswith("compiler.backend=aot_eager is not valid with device=npu;")
+    with pytest.raises(ConfigError, match=r"^compiler\.backend=npu .* needs device=npu"):
+        validate(compose_cfg("device=cpu", "compiler.backend=npu"))
+
+
+def test_inductor_on_npu_needs_triton_ascend(monkeypatch):
+    """The default backend on npu is inductor; without triton-ascend it fails at start,
+    naming the key, instead of at the first compile."""
+    monkeypatch.setattr("ssd_npu.device._importable", lambda module: module != "triton")
+    cfg = compose_cfg("device=npu", "compile=true")
+    with pytest.raises(
+        DeviceError, match=r"^compiler\.backend=inductor on device=npu needs triton"
+    ):
+        step_options(cfg, Device("npu", 0), World(), None)
+    cfg = compose_cfg("device=npu", "compile=true", "compiler.backend=npu")
+    assert step_options(cfg, Device("npu", 0), World(), None).compile.backend == "npu"
+
+
+def test_channels_last_on_npu_is_refused_at_start():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("device=npu", "device.channels_last=true"))
+    assert str(err.value).startswith("device.channels_last=true is not supported on device=npu")
+    validate(compose_cfg("device=npu", "device.channels_last=false"))
+    assert uses_channels_last(None, "npu", amp=False) is False
+
+
+def test_a_device_graph_step_marks_the_iteration_on_its_inputs_device(monkeypatch):
+    """compiler.mode=reduce-overhead: each call marks a new iteration in the graph trees of
+    the device its inputs are on (`Device.mark_step_begin`: npugraph_mark_step_begin on npu)."""
+    marked = []
+    monkeypatch.setattr(Device, "mark_step_begin", lambda self: marked.append(self.type))
+    step = CompiledStep(lambda x: x * 2, "eager")
+    step.cudagraphs = True  # as mode=reduce-overhead sets it (eager takes no mode)
+    step(torch.ones(2))
+    assert marked == ["cpu"]
+    assert device_of(([1, {"images": torch.ones(1)}],)).type == "cpu"
+    assert device_of((3,)).type == "cuda"
 
 
 @pytest.mark.slow  # 3 subprocesses, ~11 s; the import-order checks below cover it statically
