@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ssd_npu import distributed
 from ssd_npu.choices import Canvas
 from ssd_npu.config import (
+    ConfigError,
     TrainConfig,
     check_channels_last,
     check_compile_backend,
@@ -28,9 +30,11 @@ from ssd_npu.config import (
     validate,
 )
 from ssd_npu.data.buckets import bucket_sizes
+from ssd_npu.data.device_augment import DEVICE_RECIPES, DeviceAugment
 from ssd_npu.data.dynamic import collate_dynamic, to_dynamic_sample
 from ssd_npu.data.fixed_shape import FixSample, collate_fixed
 from ssd_npu.data.loader import BatchForm, Loaders, LoaderSpec, build_loaders
+from ssd_npu.data.slots import SlotSample, collate_slots
 from ssd_npu.data.synthetic import ensure_synthetic_coco
 from ssd_npu.detections import DetectionSheet
 from ssd_npu.device import Device, cudnn_benchmark, resolve_device, use_deterministic_kernels
@@ -44,6 +48,7 @@ from ssd_npu.evaluate import (
     fixed_detections,
 )
 from ssd_npu.model import FixedSSD, build_detector, load_weights
+from ssd_npu.model_specs import MODELS
 from ssd_npu.optim import (
     OptimizerStep,
     build_optimizer,
@@ -124,8 +129,11 @@ class ShapePath:
 
     name: str  # "fixed" | "dynamic"
     batches: BatchForm
-    step_type: type[TrainStep]
+    # (model, device, options) -> the step; FixedStep with its DeviceAugment when augment_on
+    # is "device"
+    step_type: Callable[..., TrainStep]
     static: bool
+    augment_on: str = "host"  # where the training augmentation and the fit run
 
     def detections(
         self, model: FixedSSD, device: Device, amp: bool, detect: DeviceDetect | None
@@ -143,8 +151,36 @@ def canvas_of(cfg: TrainConfig) -> Canvas:
     return Canvas.of(cfg.canvas)
 
 
-def shape_path(cfg: TrainConfig) -> ShapePath:
-    """The path `cfg.shape` names, with its sample finishing, collate and step class."""
+def resolve_augment_on(cfg: TrainConfig, device_type: str) -> str:
+    """`data.augment_on` -> "device" | "host". auto: the device on cuda and npu, where the
+    workers' per-image work is the bottleneck (docs/bench.md); the host on the cpu, where the
+    workers run beside the step on other cores. auto also stays on the host where the device
+    path does not apply: the dynamic baseline, box-count buckets (one M per slot batch) and
+    the ssd recipe's photometric distortion (not on the device yet); asked for explicitly,
+    those fail with a message."""
+    choice = cfg.data.augment_on
+    recipe = MODELS[cfg.model.name].recipe if cfg.augment else "none"
+    blockers = {
+        "shape=dynamic keeps torchvision's own host pipeline": cfg.shape != "fixed",
+        f"max_boxes={list(bucket_sizes(cfg.max_boxes))} buckets cut M per batch on the host": (
+            len(bucket_sizes(cfg.max_boxes)) > 1
+        ),
+        f"model={cfg.model.name} trains with the ssd recipe, whose photometric distortion "
+        "runs on the host only (or set augment=false)": recipe not in DEVICE_RECIPES,
+    }
+    reasons = [why for why, blocked in blockers.items() if blocked]
+    if choice == "device" and reasons:
+        raise ConfigError(f"data.augment_on=device is not available here: {reasons[0]}; "
+                          "use data.augment_on=host (or auto).")  # fmt: skip
+    if choice == "auto":
+        return "device" if device_type in ("cuda", "npu") and not reasons else "host"
+    return choice
+
+
+def shape_path(cfg: TrainConfig, device_type: str = "cpu") -> ShapePath:
+    """The path `cfg.shape` names, with its sample finishing, collate and step class; with
+    data.augment_on=device (`resolve_augment_on` for `device_type`) the train batches are
+    slots and the step augments and fits them."""
     if cfg.shape == "dynamic":
         return ShapePath(
             "dynamic",
@@ -157,6 +193,17 @@ def shape_path(cfg: TrainConfig) -> ShapePath:
     finish = FixSample(canvas_of(cfg), sizes[-1], cfg.fit, float(cfg.pad_value), int(cfg.seed))
     buckets = sizes if len(sizes) > 1 else None
     collate = partial(collate_fixed, buckets=sizes) if buckets else collate_fixed
+    if resolve_augment_on(cfg, device_type) == "device":
+        augment = DeviceAugment(
+            canvas_of(cfg),
+            cfg.fit,
+            float(cfg.pad_value),
+            recipe=MODELS[cfg.model.name].recipe if cfg.augment else "none",
+        )
+        slots = SlotSample(cfg.data.slot, sizes[-1], augment.draws, int(cfg.seed))
+        form = BatchForm(finish, collate, True, None, slots, collate_slots)
+        step = partial(FixedStep, augment=augment)
+        return ShapePath("fixed", form, step, static=True, augment_on="device")
     return ShapePath(
         "fixed", BatchForm(finish, collate, static=True, buckets=buckets), FixedStep, static=True
     )
@@ -188,6 +235,7 @@ def loader_spec(cfg: TrainConfig, world: World, device: Device) -> LoaderSpec:
         world_size=world.size,
         pin_memory=device.pin_memory,
         decode=cfg.data.decode,
+        recipe=MODELS[cfg.model.name].recipe,
     )
 
 
@@ -230,8 +278,8 @@ def build_training(cfg: TrainConfig) -> Training:
     the global batch is batch_size x world size and the recipe lr is scaled to it.
     """
     validate(cfg)
-    path = shape_path(cfg)
     device = resolve_device(cfg.device.name, cfg.device.index, cfg.device.jit_compile)
+    path = shape_path(cfg, device.type)
     deterministic = cfg.device.deterministic
     torch.backends.cudnn.benchmark = cudnn_benchmark(device.type, path.static) and not deterministic
     if deterministic:

@@ -29,6 +29,7 @@ import torch
 from ssd_npu.data.dynamic import DynamicBatch
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.samplers import ResumableSampler
+from ssd_npu.data.slots import SlotBatch
 from ssd_npu.device import Device, HostCopy, Mark
 from ssd_npu.distributed import World, all_reduce, host_all_reduce
 from ssd_npu.errors import UserError
@@ -36,7 +37,7 @@ from ssd_npu.optim import OptimizerStep
 from ssd_npu.step import TrainStep
 from ssd_npu.telemetry import Telemetry
 
-Batch = FixedBatch | DynamicBatch
+Batch = FixedBatch | SlotBatch | DynamicBatch
 
 # Per-batch data counters (degenerate / clipped boxes, skipped images, images scaled down
 # by fit=pad) summed into summary.json's `data_counts`.
@@ -75,7 +76,7 @@ class BatchCounts:
 
     @classmethod
     def of(cls, batch: Batch) -> BatchCounts:
-        fixed = isinstance(batch, FixedBatch)
+        fixed = isinstance(batch, FixedBatch | SlotBatch)
         return cls(
             images=len(batch.image_ids),
             box_rows=int(batch.boxes.shape[1]) if fixed else None,

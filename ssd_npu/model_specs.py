@@ -1,5 +1,5 @@
 """The detectors `model=` can name: torchvision builder, kind of loss, box loss, eval recipe,
-default canvas, canvas rule.
+default canvas, canvas rule, training augmentation recipe.
 
 Light on purpose (no torch import): the config check reads the canvas rules from here before
 anything is built. `ssd_npu.model` builds what a spec names.
@@ -14,6 +14,10 @@ Canvas rules (checked against torchvision 0.29):
 - retinanet_resnet50_fpn(_v2): `GeneralizedRCNNTransform(size_divisible=32)` pads every batch
   to multiples of 32, so a canvas divisible by 32 is exactly what torchvision's own path sees
   (nothing padded); FPN levels P3-P7, strides 8..128.
+
+Training recipes: torchvision's references/detection README trains ssdlite320 with `ssdlite`
+(IoU crop, flip), ssd300_vgg16 with `ssd` (photometric distortion, zoom-out, IoU crop, flip)
+and RetinaNet with the default `hflip`.
 
 Box loss and eval recipe: what each torchvision builder sets (0.29): retinanet_resnet50_fpn
 keeps `RetinaNetRegressionHead._loss_type = "l1"`, retinanet_resnet50_fpn_v2 sets "giou";
@@ -58,6 +62,8 @@ class ModelSpec:
     divisor: int = 32  # each side divisible by this
     min_side: int = 64  # each side at least this, pixels
     exact: tuple[int, int] | None = None  # the only canvas allowed, when the anchors demand it
+    # torchvision references/detection's training augmentation for it (ssd_npu.data.transforms)
+    recipe: str = "ssdlite"
 
     @property
     def canvas_rule(self) -> str:
@@ -79,10 +85,24 @@ MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("ssdlite320_mobilenet_v3_large", "ssd", (320, 320), SSDLITE_RECIPE),
-        ModelSpec("ssd300_vgg16", "ssd", (300, 300), SSD_RECIPE, exact=(300, 300)),
-        # RetinaNet: its box loss type last (torchvision's `_loss_type`)
-        ModelSpec("retinanet_resnet50_fpn", "retinanet", (512, 512), RETINANET_RECIPE, "l1"),
-        ModelSpec("retinanet_resnet50_fpn_v2", "retinanet", (512, 512), RETINANET_RECIPE, "giou"),
+        ModelSpec("ssd300_vgg16", "ssd", (300, 300), SSD_RECIPE, exact=(300, 300), recipe="ssd"),
+        # RetinaNet: its box loss type (torchvision's `_loss_type`); trained with `hflip`
+        ModelSpec(
+            "retinanet_resnet50_fpn",
+            "retinanet",
+            (512, 512),
+            RETINANET_RECIPE,
+            "l1",
+            recipe="hflip",
+        ),
+        ModelSpec(
+            "retinanet_resnet50_fpn_v2",
+            "retinanet",
+            (512, 512),
+            RETINANET_RECIPE,
+            "giou",
+            recipe="hflip",
+        ),
     )
 }
 DEFAULT_MODEL = "ssdlite320_mobilenet_v3_large"

@@ -23,8 +23,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from ssd_npu.compiler import CompiledStep
+from ssd_npu.data.device_augment import DeviceAugment
 from ssd_npu.data.dynamic import DynamicBatch
 from ssd_npu.data.fixed_shape import FixedBatch
+from ssd_npu.data.slots import SlotBatch
 from ssd_npu.device import Device
 from ssd_npu.distributed import World, all_reduce
 from ssd_npu.loss import SSDLossOptions, normalise, ssd_loss_sums
@@ -64,7 +66,7 @@ class TrainStep:
 
     compiled: CompiledStep | None = None
 
-    def __call__(self, batch: FixedBatch | DynamicBatch) -> Losses:
+    def __call__(self, batch: FixedBatch | SlotBatch | DynamicBatch) -> Losses:
         raise NotImplementedError
 
     @property
@@ -162,6 +164,33 @@ class LossSums(nn.Module):
         return ssd_loss_sums(*args, boxes, labels, valid, options)
 
 
+class SlotLossSums(nn.Module):
+    """`data.augment_on=device`: the training augmentation and the fit to the canvas
+    (`DeviceAugment`), then `LossSums`, as one function of the slot batch, so that
+    `compile=true` compiles them into one graph (and one CUDA graph with reduce-overhead).
+
+    forward(slots uint8 [B, 3, Hs, Ws], sizes [B, 2] (h, w) px, boxes [B, M, 4] xyxy image px,
+    labels [B, M], valid [B, M], draws float32 [B, K]) -> LossSums' three outputs. The
+    augmentation runs outside autocast (float32 pixels, as the host's), the network inside.
+    """
+
+    def __init__(self, sums: LossSums, augment: DeviceAugment) -> None:
+        super().__init__()
+        self.sums, self.augment = sums, augment
+
+    def forward(
+        self,
+        slots: Tensor,
+        sizes: Tensor,
+        boxes: Tensor,
+        labels: Tensor,
+        valid: Tensor,
+        draws: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.augment(slots, sizes, boxes, labels, valid, draws)
+        return self.sums(out.images, out.boxes, out.labels, out.valid)
+
+
 class FixedStep(TrainStep):
     """Loss of one FixedBatch: network (optionally autocast) + the model's fixed loss in fp32.
 
@@ -175,28 +204,45 @@ class FixedStep(TrainStep):
     NPU's online operator compile), the same graph on every rank as in one process (with
     sync_bn, BatchNorm's own all-reduces join it, which one process does not have); backward
     follows it.
+
+    With `augment` (data.augment_on=device) the step takes `SlotBatch`es instead: the
+    augmentation and the fit run first, inside the same compiled function (`SlotLossSums`).
     """
 
-    def __init__(self, model: FixedSSD, device: Device, options: StepOptions = StepOptions()):
-        self.model, self.device, self.options = model, device, options
-        self.sums = LossSums(model, device, options.amp, options.amp_dtype)
+    def __init__(
+        self,
+        model: FixedSSD,
+        device: Device,
+        options: StepOptions = StepOptions(),
+        augment: DeviceAugment | None = None,
+    ):
+        self.model, self.device, self.options, self.augment = model, device, options, augment
+        sums = LossSums(model, device, options.amp, options.amp_dtype)
+        self.sums: nn.Module = sums if augment is None else SlotLossSums(sums, augment)
         self.compiled = _compiled(self.sums, options)
         self.network = _callable(self.sums, self.compiled, options)
 
-    def losses(self, images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor) -> Losses:
-        """images [B, 3, H, W]; boxes [B, M, 4] xyxy canvas px; labels [B, M]; valid [B, M]."""
-        bbox_sum, cls_sum, num_foreground = self.network(images, boxes, labels, valid)
+    def losses(self, *inputs: Tensor) -> Losses:
+        """inputs: images [B, 3, H, W], boxes [B, M, 4] xyxy canvas px, labels [B, M], valid
+        [B, M]; with `augment`, `SlotLossSums`' six inputs instead."""
+        bbox_sum, cls_sum, num_foreground = self.network(*inputs)
         world = self.options.world
         if self.model.kind == "retinanet":
             return retinanet_normalise(
-                bbox_sum, cls_sum, num_foreground, num_images=boxes.shape[0] * world.size
+                bbox_sum, cls_sum, num_foreground, num_images=inputs[0].shape[0] * world.size
             )
         # the global count is a collective: eager, after the compiled graph, on every rank
         return normalise(
             bbox_sum, cls_sum, all_reduce(num_foreground) if world.distributed else num_foreground
         )
 
-    def __call__(self, batch: FixedBatch) -> Losses:
+    def __call__(self, batch: FixedBatch | SlotBatch) -> Losses:
+        if isinstance(batch, SlotBatch):
+            if self.augment is None:
+                raise TypeError("FixedStep got a SlotBatch but has no DeviceAugment to fit it")
+            return self.losses(
+                batch.slots, batch.sizes, batch.boxes, batch.labels, batch.valid, batch.draws
+            )
         return self.losses(batch.images, batch.boxes, batch.labels, batch.valid)
 
 

@@ -26,18 +26,19 @@ def reports(tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: threads only add spin-waiting on shared cores
     try:
+        variants = {
+            "fixed": ("shape=fixed",),
+            "dynamic": ("shape=dynamic",),
+            # data.augment_on=device: IoU crop, flip and fit recorded inside the step
+            "device": ("shape=fixed", "data.augment_on=device", "data.slot=[320,320]"),
+        }
         return {
-            s: run_audit(
+            name: run_audit(
                 tiny_config(
-                    tiny_coco,
-                    out,
-                    "canvas=[128,128]",
-                    "audit.steps=3",
-                    f"shape={s}",
-                    config="audit",
+                    tiny_coco, out, "canvas=[128,128]", "audit.steps=3", *overrides, config="audit"
                 )
             )
-            for s in ("fixed", "dynamic")
+            for name, overrides in variants.items()
         }
     finally:
         torch.set_num_threads(threads)
@@ -73,6 +74,17 @@ def test_fixed_pipeline_has_no_dynamic_op_and_no_sync(reports):
     assert layout["data"] == data and layout["shape"] == "fixed"
     assert str(report) == format_report(layout)
     assert "dynamic ops: 0" in str(report) and "host syncs inside the step: 0" in str(report)
+
+
+def test_device_augmentation_has_no_dynamic_op_and_no_sync(reports):
+    """The augmentation and fit on the device (batched IoU crop, flip, resample, box maps) are
+    part of the recorded step: no op whose shape changes, no host read."""
+    report = reports["device"]
+    data = report.info["data"]
+    assert data["distinct_image_shapes"] > 1 and data["distinct_box_counts"] > 1
+    assert data["device_batch_shapes"] == [{"images": [2, 3, 320, 320], "boxes": [2, 32, 4]}]
+    assert report.dynamic_ops == [] and report.host_syncs == [] and report.logging_syncs == []
+    assert report.steps == 3
 
 
 def test_dynamic_pipeline_finds_torchvision_sites(reports):

@@ -83,3 +83,30 @@ def test_fail_on_recompile_names_the_tensor():
     expected = "tensor 'boxes' size mismatch at index 1" if GUARD_TEXT_IN_ERROR else "TORCH_LOGS"
     with pytest.raises(RecompileError, match=expected):
         step(torch.ones(2, 3), torch.ones(2, 5, 4))
+
+
+@pytest.mark.slow
+def test_device_augmentation_compiles_into_the_steps_one_graph(tiny_cfg, tmp_path):
+    """data.augment_on=device: the IoU crop, flip and fit join the step's graph; varying
+    images, box counts and crops never recompile it."""
+    reset()
+    cfg = tiny_cfg(
+        "canvas=[128,128]",
+        "max_boxes=8",
+        "compile=true",
+        "compiler.fail_on_recompile=true",
+        "augment=true",
+        "data.augment_on=device",
+        "data.slot=[320,320]",
+    )
+    t = build_training(cfg)
+    loop, progress = train_loop(t, tmp_path), Progress()
+    before, sizes = graphs_compiled(), set()
+    for i, batch in enumerate(t.data.train):
+        if i == 3:
+            break
+        sizes.update(tuple(s) for s in batch.sizes.tolist())
+        train_step(loop, batch, progress)
+    assert len(sizes) >= 3  # the images in the slots really differ
+    assert t.step.compiled.graphs_per_call == [1, 0, 0]
+    assert graphs_compiled() - before == 1 and t.step.recompiles == 0

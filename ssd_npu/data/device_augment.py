@@ -42,8 +42,10 @@ from ssd_npu.choices import FITS, Canvas
 from ssd_npu.data.iou_crop import IoUCropSampler
 
 # torchvision references/detection presets: which transforms each training recipe applies
-# (the photometric distortion of "ssd" is not on the device yet: build refuses that pair)
+# ("ssd" here is its zoom-out, IoU crop and flip; its photometric distortion is not on the
+# device yet, so training refuses that recipe: DEVICE_RECIPES are the whole recipes)
 RECIPES = ("none", "hflip", "ssdlite", "ssd")
+DEVICE_RECIPES = ("none", "hflip", "ssdlite")
 # torchvision's ssd recipe: RandomZoomOut(fill=mean) with mean [123, 117, 104] uint8
 SSD_ZOOM_FILL = (123.0 / 255.0, 117.0 / 255.0, 104.0 / 255.0)
 

@@ -100,13 +100,19 @@ class BatchForm:
     collate(list of samples) -> FixedBatch | DynamicBatch. `static`: every batch has exactly
     batch_size samples (train drops its last partial batch, val fills its last one with repeats
     whose image_id is -1), as a shape-compiling device needs. `buckets`: box-count buckets
-    (sorted M values) when train batches are grouped by box count, else None.
+    (sorted M values) when train batches are grouped by box count, else None. `train_finish`
+    and `train_collate`, when given, make the train batches instead (`SlotBatch`es for the
+    device augmentation); evaluation keeps `finish` and `collate`.
     """
 
     finish: Callable[..., dict[str, Any]]
     collate: Callable[[list[dict[str, Any]]], Any]
     static: bool
     buckets: tuple[int, ...] | None = None
+    # data.augment_on=device: the train set's own finish and collate (`SlotSample`,
+    # `collate_slots`); its augmentation then runs on the device, not in the workers
+    train_finish: Callable[..., dict[str, Any]] | None = None
+    train_collate: Callable[[list[dict[str, Any]]], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ class LoaderSpec:
     world_size: int = 1
     pin_memory: bool = False  # page-locked batches for asynchronous copies (cuda / npu)
     decode: str = "exact"  # exact | reduced (fixed path only: ssd_npu.data.decode)
+    recipe: str = "ssdlite"  # the model's training augmentation (ssd_npu.data.transforms)
 
 
 @dataclass
@@ -179,8 +186,9 @@ def build_loaders(spec: LoaderSpec, form: BatchForm, data_root: Path) -> Loaders
     check_num_classes(train_ds, spec.num_classes)
     check_num_classes(val_ds, spec.num_classes)
     finish, collate = form.finish, form.collate
-    augment = train_augmentation() if spec.augment else None
-    train_set = SampleDataset(train_ds, augment, finish, spec.seed)
+    on_host = form.train_finish is None  # else the device augments (data.augment_on=device)
+    augment = train_augmentation(spec.recipe) if spec.augment and on_host else None
+    train_set = SampleDataset(train_ds, augment, form.train_finish or finish, spec.seed)
     val_set = SampleDataset(val_ds, None, finish, spec.seed)
     bs = spec.batch_size
     if len(train_set) < bs:
@@ -193,14 +201,14 @@ def build_loaders(spec: LoaderSpec, form: BatchForm, data_root: Path) -> Loaders
         "persistent_workers": spec.num_workers > 0,
         "pin_memory": spec.pin_memory,
         "worker_init_fn": _worker_init,
-        "collate_fn": collate,
     }
+    train_common = {**common, "collate_fn": form.train_collate or collate}
     # The DataLoader's own generator only draws worker base seeds; the shuffle order is a
     # function of (seed, epoch) alone, so a resumed run sees the same order.
     gen = torch.Generator().manual_seed(spec.seed)
     if form.buckets is not None:
         train_sampler: ResumableSampler = _bucket_batches(spec, form.buckets, train_ds)
-        train = DataLoader(train_set, batch_sampler=train_sampler, generator=gen, **common)
+        train = DataLoader(train_set, batch_sampler=train_sampler, generator=gen, **train_common)
     else:
         # one process is a DistributedSampler with a single replica: the same order rule
         inner = DistributedSampler(
@@ -213,12 +221,19 @@ def build_loaders(spec: LoaderSpec, form: BatchForm, data_root: Path) -> Loaders
         )
         train_sampler = EpochSampler(inner, bs)
         train = DataLoader(
-            train_set, batch_size=bs, sampler=train_sampler, drop_last=True, generator=gen, **common
+            train_set,
+            batch_size=bs,
+            sampler=train_sampler,
+            drop_last=True,
+            generator=gen,
+            **train_common,
         )
     val_sampler: Sampler | list[SampleKey]
     if form.static:
         val_sampler = PaddedSequentialSampler(len(val_set), bs, spec.rank, spec.world_size)
     else:
         val_sampler = [SampleKey(i) for i in range(spec.rank, len(val_set), spec.world_size)]
-    val = DataLoader(val_set, batch_size=bs, sampler=val_sampler, drop_last=False, **common)
+    val = DataLoader(
+        val_set, batch_size=bs, sampler=val_sampler, drop_last=False, collate_fn=collate, **common
+    )
     return Loaders(train, val, train_sampler, train_ds, val_ds)

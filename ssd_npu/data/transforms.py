@@ -1,4 +1,9 @@
-"""Training augmentation: torchvision's `ssdlite` detection recipe, without its per-trial loop.
+"""Training augmentation: torchvision's detection recipes, the IoU crop without its per-trial loop.
+
+Each model trains with its own torchvision recipe (references/detection presets.py; the recipe
+is named by `ModelSpec.recipe`): `ssdlite` (IoU crop, flip) for ssdlite320, `ssd`
+(photometric distortion, zoom-out with the mean as fill, IoU crop, flip) for ssd300_vgg16,
+`hflip` (flip only) for RetinaNet; `train_augmentation(recipe)` builds one.
 
 torchvision's references build it as `RandomIoUCrop()` -> `RandomHorizontalFlip(0.5)` ->
 `SanitizeBoundingBoxes()` (transforms v2). Here the crop is drawn by `IoUCropSampler` (the
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from ssd_npu.data.decode import DeferredImage
 from ssd_npu.data.iou_crop import CropParams, IoUCropSampler, crop_boxes, hflip_boxes, sanitize
@@ -31,22 +37,32 @@ CropSampler = Callable[[np.ndarray, tuple[int, int]], CropParams | None]
 
 
 class SSDLiteAugmentation:
-    """IoU crop -> horizontal flip (p = 0.5) -> drop boxes under 1 px, as torchvision's ssdlite.
+    """[before] -> IoU crop -> horizontal flip (p = 0.5) -> drop boxes under 1 px, as
+    torchvision's ssdlite (no `before`), ssd (`before`: photometric distortion and zoom-out, as
+    torchvision's v2 transforms) and hflip (`crop=False`) recipes.
 
     RandomIoUCrop needs boxes: with none, no crop candidate passes its "a box centre lies in
     the crop" test, so torchvision loops until it happens to draw the leave-as-is option (slow
     and random). Images with zero boxes therefore skip the crop and only get the flip.
     """
 
-    def __init__(self, crop: CropSampler | None = None, flip_p: float = 0.5) -> None:
-        self.crop = crop or IoUCropSampler()  # any (boxes [N, 4] f32, (h, w)) -> crop or None
-        self.flip_p = flip_p
+    def __init__(
+        self,
+        crop: CropSampler | None | bool = None,
+        flip_p: float = 0.5,
+        before: Callable[..., Any] | None = None,
+    ) -> None:
+        # any (boxes [N, 4] f32, (h, w)) -> crop or None; None: IoUCropSampler(); False: no crop
+        self.crop = None if crop is False else (crop or IoUCropSampler())
+        self.flip_p, self.before = flip_p, before
 
     def __call__(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if self.before is not None:  # v2 transforms on (Image, {"boxes": BoundingBoxes, ...})
+            image, target = self.before(image, target)
         boxes = target["boxes"].as_subclass(Tensor).numpy()  # float32 [N, 4], numpy: few boxes
         labels = target["labels"]
         h, w = int(image.shape[-2]), int(image.shape[-1])
-        if boxes.shape[0] > 0:
+        if boxes.shape[0] > 0 and self.crop is not None:
             params = self.crop(boxes, (h, w))
             if params is not None:
                 image = _crop(image, params.top, params.left, params.height, params.width)
@@ -81,11 +97,20 @@ def _hflip(image: Tensor) -> Tensor:
     return image.flip(-1)
 
 
-def train_augmentation() -> SSDLiteAugmentation:
-    """The ssdlite training augmentation (torchvision references/detection `ssdlite`)."""
-    return SSDLiteAugmentation()
+# torchvision references/detection: the mean fill of the ssd recipe's zoom-out (uint8 pixels)
+SSD_MEAN = (123.0, 117.0, 104.0)
+RECIPES = ("ssdlite", "ssd", "hflip")
 
 
-def eval_transform() -> None:
-    """Evaluation uses no augmentation: the dataset's transforms stay None."""
-    return None
+def train_augmentation(recipe: str = "ssdlite") -> SSDLiteAugmentation:
+    """A model's training augmentation (torchvision references/detection presets.py)."""
+    if recipe == "ssdlite":
+        return SSDLiteAugmentation()
+    if recipe == "hflip":
+        return SSDLiteAugmentation(crop=False)
+    if recipe == "ssd":
+        before = v2.Compose(
+            [v2.RandomPhotometricDistort(), v2.RandomZoomOut(fill=list(SSD_MEAN))]
+        )
+        return SSDLiteAugmentation(before=before)
+    raise ValueError(f"recipe={recipe!r} is not valid; choose one of: {', '.join(RECIPES)}")

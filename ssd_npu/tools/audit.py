@@ -51,15 +51,19 @@ class _DataProbe:
 
     @staticmethod
     def _shapes(batch: Any) -> dict[str, Any]:
-        if isinstance(batch.images, list):  # DynamicBatch: what torchvision gets
+        if isinstance(getattr(batch, "images", None), list):  # DynamicBatch: torchvision's input
             sizes = [list(image.shape) for image in batch.images]
             boxes = [len(t["boxes"]) for t in batch.targets]
             return {"image_shapes": sizes, "boxes": boxes, "device": None}
-        # FixedBatch: the image and box count before fitting and padding
+        # FixedBatch / SlotBatch (data.augment_on=device: the image in its slot, augmented and
+        # fitted inside the recorded step): the image and box count before fitting and padding
+        slots = getattr(batch, "slots", None)
+        sizes = batch.orig_sizes if slots is None else batch.sizes
+        images = batch.images if slots is None else slots
         return {
-            "image_shapes": [[3, *hw] for hw in batch.orig_sizes.tolist()],
+            "image_shapes": [[3, *hw] for hw in sizes.tolist()],
             "boxes": batch.valid.sum(1).tolist(),
-            "device": {"images": list(batch.images.shape), "boxes": list(batch.boxes.shape)},
+            "device": {"images": list(images.shape), "boxes": list(batch.boxes.shape)},
         }
 
 
