@@ -42,6 +42,20 @@ def test_image_at_top_left_of_a_zero_slot():
     assert out["image_id"] == 7 and (out["degenerate"], out["clipped"], out["skipped"]) == (1, 2, 0)
 
 
+def test_slots_stay_channels_last_through_the_collate():
+    """The decoder's [h, w, 3] memory is kept: the slot and the batch are channels-last, so
+    neither the worker's copy nor the collate transposes pixels."""
+    image, target = _sample(20, 30, 3)
+    image = tv_tensors.Image(image.permute(1, 2, 0).contiguous().permute(2, 0, 1))  # as decoded
+    fill = SlotSample((32, 48), max_boxes=4, draws=5)
+    one = fill(image, target)
+    assert one["slot"].permute(1, 2, 0).is_contiguous()
+    batch = collate_slots([one, fill(image, {**target, "image_id": 8})])
+    assert batch.slots.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch.slots[1, :, :20, :30], image.as_subclass(torch.Tensor))
+    assert not batch.slots[:, :, 20:].any() and not batch.slots[:, :, :, 30:].any()
+
+
 def test_boxes_unchanged_when_the_image_fits():
     image, target = _sample(32, 48, 3)  # exactly the slot: no resize
     out = SlotSample((32, 48), max_boxes=5, draws=2)(image, target)

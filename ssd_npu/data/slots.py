@@ -48,6 +48,20 @@ def _downscale(image: Tensor, size: tuple[int, int]) -> Tensor:
     return _resize(x, size).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _channels_last_slot(image: Tensor, slot: tuple[int, int]) -> Tensor:
+    """uint8 [3, Hs, Ws] over [Hs, Ws, 3] memory with `image` [3, h, w] at the top left and
+    zeros elsewhere. Channels-last because the decoder gives [h, w, 3] memory: the copy is then
+    row by row, not a transposing copy (about 1.5 ms of a 640x480 photo's 3.8 ms per core),
+    and only the margins are zeroed."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    memory = torch.empty((*slot, 3), dtype=torch.uint8)
+    memory[h:].zero_()
+    memory[:h, w:].zero_()
+    out = memory.permute(2, 0, 1)
+    out[:, :h, :w] = image
+    return out
+
+
 class SlotSample:
     """Per-sample finish of `data.augment_on=device`: (image, target, epoch) -> slot sample.
 
@@ -81,8 +95,7 @@ class SlotSample:
         if downscaled:
             img = _downscale(img, (nh, nw))
             boxes = _clip(resize_boxes(boxes, [h, w], [nh, nw]), nh, nw)
-        slot = torch.zeros((3, *self.slot), dtype=torch.uint8)
-        slot[:, :nh, :nw] = img
+        slot = _channels_last_slot(img, self.slot)
         image_id = int(target["image_id"])
         gen = torch.Generator().manual_seed(sample_seed(self.seed, image_id, epoch))
         boxes, labels, valid, dropped = pad_targets(boxes, target["labels"], self.max_boxes, gen)
@@ -109,7 +122,9 @@ class SlotSample:
 class SlotBatch:
     """A batch of slot samples, every shape static. image_ids -1 mark padding samples."""
 
-    slots: Tensor  # [B, 3, Hs, Ws] uint8 0..255, each image at the top-left, zeros elsewhere
+    # [B, 3, Hs, Ws] uint8 0..255 over [B, Hs, Ws, 3] memory (channels-last), each image at
+    # the top-left, zeros elsewhere
+    slots: Tensor
     sizes: Tensor  # [B, 2] int64 (h, w) px of the image inside its slot
     boxes: Tensor  # [B, M, 4] float32 xyxy px of the image in its slot
     labels: Tensor  # [B, M] int64 category ids, 0 on padding rows
@@ -134,7 +149,9 @@ class SlotBatch:
 def collate_slots(samples: list[dict[str, Any]]) -> SlotBatch:
     """Stack SlotSample outputs into a SlotBatch; the counters are summed."""
     return SlotBatch(
-        slots=torch.stack([s["slot"] for s in samples]),
+        # stacked in [B, Hs, Ws, 3] memory (the slots' own), viewed as [B, 3, Hs, Ws]: a
+        # plain copy; torch.stack of the channels-last views would transpose every pixel
+        slots=torch.stack([s["slot"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2),
         sizes=torch.tensor([s["size"] for s in samples], dtype=torch.int64),
         boxes=torch.stack([s["boxes"] for s in samples]),
         labels=torch.stack([s["labels"] for s in samples]),
