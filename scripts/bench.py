@@ -27,6 +27,13 @@ fixed_compiled_reduce_overhead, which sets it; compiler.optimizer=true compiles 
 step too, and its graphs count in theirs). Each variant trains with the run's GradScaler (fp16).
 bench.json's ratios (vs_tv_eager, vs_floor) are null where either side has no steady time.
 
+After the variants, `device_augment` times data.augment_on=device's share of the step alone:
+`DeviceAugment` (the model's recipe: IoU crop, flip, fit) on a batch of photo-sized images
+(640x480 and 480x640 in the data.slot slots, max_boxes boxes each), eager, synchronised, the
+median of 10 after 2 warm-ups, at batch 64 and at the run's batch_size, beside the steady
+step of fixed_eager at that batch: bench.json "device_augment" {"canvas", "fit", "slot",
+"recipe", "batch_64_ms", "batch_ms", "batch_size", "vs_fixed_eager_step"}.
+
 Dynamo is reset between variants. Each variant's TensorBoard events go to <out_dir>/<variant>/
 (for scripts/plot_steptime.py). Prints a markdown table and writes bench.json (bench.out, or
 <out_dir>/bench.json): {"runs": {variant: {...}}, "machine": {...}, "skipped": {variant:
@@ -45,6 +52,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -223,6 +231,57 @@ def machine(device) -> dict:
     }
 
 
+def augment_ms(augment, device, batch: int, slot: tuple[int, int], max_boxes: int) -> float:
+    """Median ms of `augment` (a DeviceAugment) on one batch of photo-sized slot images."""
+    g = torch.Generator().manual_seed(0)
+    hs, ws = slot
+    sizes = torch.tensor([[min(480, hs), min(640, ws)], [min(640, hs), min(480, ws)]] * batch)
+    sizes = sizes[:batch]
+    slots = torch.randint(0, 256, (batch, 3, hs, ws), generator=g, dtype=torch.uint8)
+    xy = torch.rand(batch, max_boxes, 2, generator=g) * sizes[:, None].flip(-1) * 0.6
+    wh = 8 + torch.rand(batch, max_boxes, 2, generator=g) * sizes[:, None].flip(-1) * 0.3
+    boxes = torch.cat([xy, xy + wh], -1)
+    labels = torch.ones(batch, max_boxes, dtype=torch.int64)
+    valid = torch.rand(batch, max_boxes, generator=g) < 0.5
+    valid[:, 0] = True
+    draws = torch.rand(batch, augment.draws, generator=g)
+    args = [t.to(device.torch) for t in (slots, sizes, boxes, labels, valid, draws)]
+    times = []
+    with torch.no_grad():
+        for i in range(12):
+            device.synchronize()
+            start = time.perf_counter()
+            augment(*args)
+            device.synchronize()
+            if i >= 2:
+                times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def device_augment_cost(cfg: DictConfig, device, fixed_step_ms: float | None) -> dict:
+    """The device augmentation's own time (see the module docstring), beside the fixed step."""
+    from ssd_npu.build import canvas_of
+    from ssd_npu.data.device_augment import DEVICE_RECIPES, DeviceAugment
+    from ssd_npu.model_specs import MODELS
+
+    recipe = MODELS[cfg.model.name].recipe if cfg.augment else "none"
+    recipe = recipe if recipe in DEVICE_RECIPES else "ssdlite"
+    augment = DeviceAugment(canvas_of(cfg), cfg.fit, float(cfg.pad_value), recipe=recipe)
+    slot = tuple(int(v) for v in cfg.data.slot)
+    m = cfg.max_boxes if isinstance(cfg.max_boxes, int) else max(cfg.max_boxes)
+    at_batch = augment_ms(augment, device, int(cfg.batch_size), slot, m)
+    return {
+        "canvas": list(augment.canvas),
+        "fit": cfg.fit,
+        "slot": list(slot),
+        "recipe": recipe,
+        "batch_64_ms": augment_ms(augment, device, 64, slot, m),
+        "batch_size": int(cfg.batch_size),
+        "batch_ms": at_batch,
+        "vs_fixed_eager_step": at_batch / fixed_step_ms if fixed_step_ms else None,
+    }
+
+
 def table(runs: dict) -> str:
     cols = [
         "graphs_compiled", "recompiles", "warmup_steps", "first_step_ms", "steady_step_ms",
@@ -272,14 +331,29 @@ def main(cfg: DictConfig) -> None:
                 skipped[name] = f"failed: {type(err).__name__}: {err}"[:1000]
                 continue
             print(json.dumps({name: runs[name]}), flush=True)
+        fixed_step = runs.get("fixed_eager", {}).get("steady_step_ms")
+        augment_cost = device_augment_cost(cfg, device, fixed_step)
     info["load_avg_end"] = list(os.getloadavg())
     for r in runs.values():
         r["vs_tv_eager"] = ratio(r, runs.get("tv_eager"))
         r["vs_floor"] = ratio(r, runs.get("floor"))
     path = Path(cfg.bench.out or out_dir / "bench.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": runs, "machine": info, "skipped": skipped}, indent=2))
+    path.write_text(
+        json.dumps(
+            {"runs": runs, "machine": info, "skipped": skipped, "device_augment": augment_cost},
+            indent=2,
+        )
+    )
     print(table(runs))
+    a = augment_cost
+    share = a["vs_fixed_eager_step"]
+    print(
+        f"\ndevice augmentation ({a['recipe']}, fit={a['fit']}, canvas {a['canvas']}, slot "
+        f"{a['slot']}): {a['batch_64_ms']:.1f} ms per batch of 64; {a['batch_ms']:.1f} ms at "
+        f"batch {a['batch_size']}"
+        + (f", {100 * share:.1f}% of the fixed eager step" if share is not None else "")
+    )
     for name, reason in skipped.items():
         print(f"skipped: {name} ({reason})")
     print(f"\nbench.json: {path}")

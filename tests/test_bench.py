@@ -31,6 +31,7 @@ def test_bench_on_cpu_writes_bench_json_with_tv_compiled_stopped(tiny_coco, tmp_
         # torchvision's per-image code compiles a second graph within its first step: with a
         # limit of 1, tv_compiled stops there, before any step has a time
         "compiler.recompile_limit=1",
+        "data.slot=[128,128]",
         f"hydra.run.dir={tmp_path}",
     )
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), *overrides]
@@ -52,3 +53,11 @@ def test_bench_on_cpu_writes_bench_json_with_tv_compiled_stopped(tiny_coco, tmp_
         assert runs[name]["vs_tv_eager"] > 0 and runs[name]["vs_floor"] > 0
     assert runs["tv_eager"]["vs_tv_eager"] == 1.0
     assert "| tv_compiled |" in run.stdout
+    augment = result["device_augment"]  # data.augment_on=device's share, timed alone
+    assert augment["canvas"] == [64, 64] and augment["slot"] == [128, 128]
+    assert augment["recipe"] == "ssdlite" and augment["batch_size"] == 2
+    assert 0 < augment["batch_ms"] < augment["batch_64_ms"]
+    assert augment["vs_fixed_eager_step"] == pytest.approx(
+        augment["batch_ms"] / runs["fixed_eager"]["steady_step_ms"]
+    )
+    assert "ms per batch of 64" in run.stdout
