@@ -2,7 +2,12 @@
 
 Usage:
     python scripts/converge.py [converge.seeds=[0,1,2]] [converge.out=PATH]
+        [converge.compare=shape|augment_on]
         [any train.py override: epochs=7 data=coco data.root=... batch_size=8 ...]
+
+`converge.compare=augment_on` compares the augmentation on the device with the host's
+instead (both `shape=fixed`: `data.augment_on=device` minus `data.augment_on=host`); the rows'
+`path` is then "device" or "host" and the difference device - host.
 
 For every seed, trains `shape=fixed` and then `shape=dynamic` (torchvision's own
 `model(images, targets)`) exactly as `python train.py seed=<seed> shape=<path>` would with the
@@ -40,10 +45,12 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
-from ssd_npu.config import check_seeds, config_dir  # noqa: E402
+from ssd_npu.config import check_comparison, check_seeds, config_dir  # noqa: E402
 
 PATHS = ("fixed", "dynamic")
 METRICS = ("mAP", "mAP50")
+# converge.compare -> the config key each run sets, and its two values (first minus second)
+COMPARISONS = {"shape": ("shape", PATHS), "augment_on": ("data.augment_on", ("device", "host"))}
 
 
 def train_one(base: DictConfig, path: str, seed: int, out_dir: Path) -> dict:
@@ -58,8 +65,10 @@ def train_one(base: DictConfig, path: str, seed: int, out_dir: Path) -> dict:
             wall_s = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
             return _row(path, seed, summary, wall_s)
     cfg = copy.deepcopy(base)
+    key, _ = COMPARISONS[base.converge.compare]
     with open_dict(cfg):
-        cfg.shape, cfg.seed, cfg.out_dir, cfg.eval.enabled = path, seed, str(run_dir), True
+        OmegaConf.update(cfg, key, path)
+        cfg.seed, cfg.out_dir, cfg.eval.enabled = seed, str(run_dir), True
         cfg.resume = None
     start = time.perf_counter()
     summary = run(cfg)
@@ -95,8 +104,8 @@ def bootstrap_ci(values: list[float], level: float = 0.95, resamples: int = 10_0
     return [float(low), float(high)]
 
 
-def compare(rows: list[dict]) -> dict:
-    """Per-path mean and spread over seeds, and the paired fixed - dynamic difference."""
+def compare(rows: list[dict], pair: tuple[str, str] = PATHS) -> dict:
+    """Per-path mean and spread over seeds, and the paired pair[0] - pair[1] difference."""
     paths = {
         path: {
             m: {
@@ -105,21 +114,22 @@ def compare(rows: list[dict]) -> dict:
             }
             for m in METRICS
         }
-        for path in PATHS
+        for path in pair
         if any(r["path"] == path for r in rows)
     }
     by_seed = {(r["path"], r["seed"]): r for r in rows}
+    first, second = pair
     paired = sorted(
-        {seed for path, seed in by_seed if path == "fixed"}
-        & {seed for path, seed in by_seed if path == "dynamic"}
+        {seed for path, seed in by_seed if path == first}
+        & {seed for path, seed in by_seed if path == second}
     )
     difference = {}
     for m in METRICS:
-        diffs = [by_seed["fixed", s][m] - by_seed["dynamic", s][m] for s in paired]
+        diffs = [by_seed[first, s][m] - by_seed[second, s][m] for s in paired]
         if not diffs:
             continue
         mean = statistics.fmean(diffs)
-        spread = max(paths[p][m]["std"] for p in PATHS)
+        spread = max(paths[p][m]["std"] for p in pair)
         difference[m] = {
             "mean": mean,
             "std": _std(diffs),
@@ -130,7 +140,7 @@ def compare(rows: list[dict]) -> dict:
     return {"paths": paths, "difference": difference}
 
 
-def table(rows: list[dict], result: dict) -> str:
+def table(rows: list[dict], result: dict, pair: tuple[str, str] = PATHS) -> str:
     lines = ["| path | seed | mAP | mAP50 | wall s |", "|---|---|---|---|---|"]
     for r in rows:
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
@@ -141,14 +151,15 @@ def table(rows: list[dict], result: dict) -> str:
             f"| {stats['mAP50']['mean']:.3f} ± {stats['mAP50']['std']:.3f} | |"
         )
     diff = result["difference"]
+    name = f"{pair[0]} - {pair[1]}"
     if diff:
         lines.append(
-            f"| fixed - dynamic | paired mean ± std | {diff['mAP']['mean']:+.3f} ± "
+            f"| {name} | paired mean ± std | {diff['mAP']['mean']:+.3f} ± "
             f"{diff['mAP']['std']:.3f} | {diff['mAP50']['mean']:+.3f} ± "
             f"{diff['mAP50']['std']:.3f} | |"
         )
         ci = {m: "[{:+.3f}, {:+.3f}]".format(*diff[m]["ci95"]) for m in METRICS}
-        lines.append(f"| fixed - dynamic | 95% CI (bootstrap) | {ci['mAP']} | {ci['mAP50']} | |")
+        lines.append(f"| {name} | 95% CI (bootstrap) | {ci['mAP']} | {ci['mAP50']} | |")
     return "\n".join(lines)
 
 
@@ -161,10 +172,12 @@ def main(cfg: DictConfig) -> None:
     result: dict = {}
     with user_errors():
         check_seeds(seeds)
+        check_comparison(cfg.converge.compare, tuple(COMPARISONS))
+        _, pair = COMPARISONS[cfg.converge.compare]
         for seed in seeds:
-            for path in PATHS:
+            for path in pair:
                 rows.append(train_one(cfg, path, seed, out_dir))
-                result = compare(rows)
+                result = compare(rows, pair)
                 # written after every run: a stopped comparison keeps what it measured
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(
@@ -172,7 +185,7 @@ def main(cfg: DictConfig) -> None:
                         {"runs": rows, **result, "config": OmegaConf.to_container(cfg)}, indent=2
                     )
                 )
-    print(table(rows, result))
+    print(table(rows, result, pair))
     print(f"wrote {out}")
 
 

@@ -150,6 +150,8 @@ class ConvergeConfig:
     # scripts/converge.py: a whole run per path (fixed, dynamic) and seed
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out: str | None = None  # converge.json path; None: <out_dir>/converge.json
+    # what the paired runs differ in: shape (fixed vs dynamic) | augment_on (device vs host)
+    compare: str = "shape"
 
 
 @dataclass
@@ -301,6 +303,11 @@ def check_channels_last(setting: bool | None, device: str) -> None:
             "takes only the contiguous and preserve memory formats); set "
             "device.channels_last=null (or false)."
         )
+
+
+def check_comparison(value: str, allowed: tuple[str, ...]) -> None:
+    """converge.compare: one of the comparisons scripts/converge.py knows."""
+    _one_of("converge.compare", value, allowed)
 
 
 def check_seeds(seeds: list[int]) -> None:

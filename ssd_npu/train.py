@@ -130,6 +130,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         canvas=list(cfg.canvas),
         max_boxes=cfg.max_boxes if isinstance(cfg.max_boxes, int) else list(cfg.max_boxes),
         fit=cfg.fit,
+        augment_on=t.path.augment_on,  # host | device: where the augmentation and fit ran
         batch_size=cfg.batch_size,
         startup_s=startup_s,
         data_s=round(t.data_s, 3),
@@ -169,7 +170,7 @@ def _banner(cfg: TrainConfig, t: Training, out_dir: Path) -> str:
     return (
         f"ssd-npu: device={t.device.torch} ranks={t.world.size} shape={cfg.shape} "
         f"model={cfg.model.name} canvas={list(cfg.canvas)} max_boxes={cfg.max_boxes} fit={cfg.fit} "
-        f"batch={cfg.batch_size}x{t.world.size} steps={t.total_steps} amp={amp} "
+        f"augment_on={t.path.augment_on} batch={cfg.batch_size}x{t.world.size} steps={t.total_steps} amp={amp} "
         f"anchors={t.model.anchors.shape[0]} data={t.data_root} out={out_dir} "
         f"data_s={t.data_s:.1f} startup_s={process_age_s():.1f}"
     ) + (f"\nssd-npu: note: {note}" if note else "")

@@ -99,3 +99,37 @@ def test_bad_seeds_is_one_message(tmp_path):
            f"hydra.run.dir={tmp_path}"]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 2 and "converge.seeds=[1, 1] is not valid" in run.stderr
+
+
+def test_compare_device_against_host_augmentation():
+    rows = [_row("device", 0, 0.30, 0.60), _row("host", 0, 0.28, 0.62),
+            _row("device", 1, 0.34, 0.66), _row("host", 1, 0.30, 0.60)]  # fmt: skip
+    result = converge.compare(rows, ("device", "host"))
+    assert set(result["paths"]) == {"device", "host"}
+    assert result["difference"]["mAP50"]["mean"] == pytest.approx(0.02)
+    assert "| device - host | paired mean" in converge.table(rows, result, ("device", "host"))
+
+
+@pytest.mark.slow  # 2 subprocess runs, ~15 s
+def test_converge_compares_augmentation_on_device_and_host(tiny_coco, tmp_path):
+    cmd = [
+        sys.executable, str(REPO / "scripts" / "converge.py"),
+        *tiny_overrides(tiny_coco, *FAST, "eval=true", "max_steps=2", "epochs=1"),
+        "data.slot=[320,320]", "converge.compare=augment_on", "converge.seeds=[3]",
+        f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "converge.json").read_text())
+    assert [(r["path"], r["seed"]) for r in result["runs"]] == [("device", 3), ("host", 3)]
+    for r in result["runs"]:
+        summary = json.loads((tmp_path / f"{r['path']}_seed3" / "summary.json").read_text())
+        assert summary["augment_on"] == r["path"] and summary["shape"] == "fixed"
+    assert "| device - host |" in run.stdout
+
+
+def test_bad_comparison_is_one_message(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "converge.py"), "converge.compare=fit",
+           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and "converge.compare='fit' is not valid" in run.stderr
