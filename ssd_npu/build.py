@@ -155,9 +155,9 @@ def resolve_augment_on(cfg: TrainConfig, device_type: str) -> str:
     """`data.augment_on` -> "device" | "host". auto: the device on cuda and npu, where the
     workers' per-image work is the bottleneck (docs/bench.md); the host on the cpu, where the
     workers run beside the step on other cores. auto also stays on the host where the device
-    path does not apply: the dynamic baseline, box-count buckets (one M per slot batch) and
-    the ssd recipe's photometric distortion (not on the device yet); asked for explicitly,
-    those fail with a message."""
+    path does not apply: the dynamic baseline, box-count buckets (one M per slot batch) and a
+    recipe the device does not apply whole (none now: DEVICE_RECIPES has every model's);
+    asked for explicitly, those fail with a message."""
     choice = cfg.data.augment_on
     recipe = MODELS[cfg.model.name].recipe if cfg.augment else "none"
     blockers = {
@@ -165,8 +165,9 @@ def resolve_augment_on(cfg: TrainConfig, device_type: str) -> str:
         f"max_boxes={list(bucket_sizes(cfg.max_boxes))} buckets cut M per batch on the host": (
             len(bucket_sizes(cfg.max_boxes)) > 1
         ),
-        f"model={cfg.model.name} trains with the ssd recipe, whose photometric distortion "
-        "runs on the host only (or set augment=false)": recipe not in DEVICE_RECIPES,
+        f"model={cfg.model.name}'s recipe {recipe!r} runs on the host only": (
+            recipe not in DEVICE_RECIPES
+        ),
     }
     reasons = [why for why, blocked in blockers.items() if blocked]
     if choice == "device" and reasons:

@@ -69,7 +69,7 @@ def test_device_augmentation_changes_the_first_loss(tiny_cfg, tmp_path):
         (("data.augment_on=host",), "cuda", "host"),
         (("shape=dynamic",), "cuda", "host"),
         (("max_boxes=[8,16]",), "cuda", "host"),
-        (("model=ssd300_vgg16",), "cuda", "host"),  # its photometric distortion: host only
+        (("model=ssd300_vgg16",), "cuda", "device"),  # ssd recipe, photometric included
         (("model=ssd300_vgg16", "augment=false"), "cuda", "device"),
         (("model=retinanet_resnet50_fpn",), "npu", "device"),  # hflip
     ],
@@ -82,7 +82,6 @@ def test_auto_picks_the_device_where_it_applies(overrides, device_type, want):
     ("overrides", "needle"),
     [
         (("max_boxes=[8,16]",), "buckets"),
-        (("model=ssd300_vgg16",), "photometric distortion"),
     ],
 )
 def test_device_where_it_does_not_apply_says_why(overrides, needle):
