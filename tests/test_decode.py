@@ -244,3 +244,31 @@ def test_deferred_image_decodes_to_the_exact_pixels_on_request(tiny_coco):
         h, w = want.shape[-2:]
         part = image.crop(1, 2, h - 3, w - 5).hflip().decode()
         assert torch.equal(part, want[:, 1 : h - 2, 2 : w - 3].flip(-1))
+
+
+def test_libjpeg_turbo_through_torchcodec_gives_pils_pixels(tiny_coco, tmp_path):
+    """The colour-JPEG fast path decodes to exactly PIL's pixels: the synthetic set's files
+    and photo-like ones saved with every chroma subsampling, several qualities, baseline and
+    progressive, odd sizes. A grey JPEG takes PIL's path (torchcodec's is for YCbCr only)."""
+    pytest.importorskip("torchcodec.decoders")
+    from ssd_npu.data.decode import _decode_jpeg_turbo, decode_rgb, load_rgb
+
+    rng = np.random.default_rng(0)
+    files = sorted((tiny_coco / "train2017").glob("*.jpg"))[:6]
+    base = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(base).resize((331, 247), Image.BICUBIC))
+    for i, (sub, quality, progressive) in enumerate(
+        [(0, 95, False), (1, 75, False), (2, 90, False), (2, 50, True), (0, 85, True)]
+    ):
+        path = tmp_path / f"photo_{i}.jpg"
+        Image.fromarray(smooth).save(path, quality=quality, subsampling=sub, progressive=progressive)
+        files.append(path)
+    for path in files:
+        fast = _decode_jpeg_turbo(path)
+        assert fast is not None, path
+        want = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)
+        assert torch.equal(fast, want), path
+        assert torch.equal(decode_rgb(path), want) and decode_rgb(path).stride()[0] == 1
+    grey = tmp_path / "grey.jpg"
+    Image.fromarray(smooth[..., 0]).save(grey, quality=90)
+    assert torch.equal(decode_rgb(grey), torch.from_numpy(np.array(load_rgb(grey))).permute(2, 0, 1))
