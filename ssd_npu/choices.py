@@ -14,7 +14,9 @@ FITS = ("stretch", "letterbox", "pad")  # how an image meets the canvas (ssd_npu
 SHAPES = ("fixed", "dynamic")  # the fixed-shape path, or torchvision's own
 DATASETS = ("synthetic", "coco")
 ON_BAD_IMAGE = ("fail", "skip")
-DECODES = ("exact", "reduced")  # JPEG decoding (ssd_npu/data/decode.py)
+# JPEG decoding (ssd_npu/data/decode.py); device: the workers read the bytes, the device decodes
+# the batch (nvJPEG on cuda) into the slots of data.augment_on=device (ssd_npu/data/slots.py)
+DECODES = ("exact", "reduced", "device")
 # where the training augmentation (IoU crop, flip) and the fit to the canvas run on the fixed
 # path; device: workers only decode into fixed-size slots (ssd_npu/data/slots.py), the step does
 # the rest; auto: the device on cuda and npu, the host on the cpu

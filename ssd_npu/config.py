@@ -66,7 +66,8 @@ class DataConfig:
     val_split: str = "val2017"
     on_bad_image: str = "fail"  # fail | skip
     # exact: full decode, torchvision's pixels; reduced: JPEG decoded at 1/2-1/8 scale when
-    # the canvas is much smaller, uint8 resize and uint8 canvases (fixed shape only)
+    # the canvas is much smaller, uint8 resize and uint8 canvases (fixed shape only); device:
+    # the workers read the JPEG bytes, the device decodes the batch (data.augment_on=device)
     decode: str = "exact"
     # where the augmentation and the fit to the canvas run (fixed shape only): host (workers);
     # device (workers only decode into `slot`, the step crops, flips and fits the batch);
@@ -351,6 +352,11 @@ def _check_augment_on(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"data.slot=[{','.join(map(str, slot))}] is not valid; give two integers >= 32, "
             "[Hs,Ws] pixels, e.g. data.slot=[640,640]."
+        )
+    if cfg.data.decode == "device" and (cfg.data.augment_on == "host" or cfg.shape != "fixed"):
+        raise ConfigError(
+            "data.decode=device decodes into the slots of data.augment_on=device (shape=fixed): "
+            "set data.augment_on=device (or auto on cuda), or use data.decode=exact."
         )
     if cfg.data.augment_on != "device":
         return

@@ -39,9 +39,10 @@ from ssd_npu.telemetry import Telemetry
 
 Batch = FixedBatch | SlotBatch | DynamicBatch
 
-# Per-batch data counters (degenerate / clipped boxes, skipped images, images scaled down
-# by fit=pad) summed into summary.json's `data_counts`.
-DATA_COUNTS = ("degenerate", "clipped", "skipped", "downscaled")
+# Per-batch data counters (degenerate / clipped boxes, skipped images, images scaled down by
+# fit=pad or into a slot, images the host decoded under data.decode=device) summed into
+# summary.json's `data_counts`.
+DATA_COUNTS = ("degenerate", "clipped", "skipped", "downscaled", "host_decoded")
 
 # How training ended, for `Hook.after_train`: "done" (epochs or max_steps reached),
 # "interrupted" (a hook's `after_update` answered "stop", e.g. a stop signal), "failed" (raised).

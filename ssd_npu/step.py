@@ -240,8 +240,9 @@ class FixedStep(TrainStep):
         if isinstance(batch, SlotBatch):
             if self.augment is None:
                 raise TypeError("FixedStep got a SlotBatch but has no DeviceAugment to fit it")
+            slots = batch.decode_slots(self.device.torch)  # data.decode=device: decoded here
             return self.losses(
-                batch.slots, batch.sizes, batch.boxes, batch.labels, batch.valid, batch.draws
+                slots, batch.sizes, batch.boxes, batch.labels, batch.valid, batch.draws
             )
         return self.losses(batch.images, batch.boxes, batch.labels, batch.valid)
 

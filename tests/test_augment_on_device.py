@@ -3,19 +3,21 @@ the run (same seed, resume, recipes per model), against the host pipeline it rep
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from ssd_npu.build import build_training, resolve_augment_on
 from ssd_npu.config import ConfigError
 from ssd_npu.data.slots import SlotBatch
+from ssd_npu.device import Device
 from ssd_npu.engine import Progress
 from ssd_npu.train import run
 from tests.helpers import FAST, compose_cfg, losses, train_loop, train_step
 
 # Larger than every image of the tiny set: nothing is scaled down on the host, so the device
 # fit sees the very pixels the host fit does.
-WIDE_SLOT = "data.slot=[2048,2048]"
+WIDE_SLOT = "data.slot=[800,800]"  # the tiny set's largest image is 800 x 790
 
 
 def _first_step_loss(tiny_cfg, tmp_path, *overrides: str) -> tuple[float, object]:
@@ -75,7 +77,7 @@ def test_device_augmentation_changes_the_first_loss(tiny_cfg, tmp_path):
     ],
 )
 def test_auto_picks_the_device_where_it_applies(overrides, device_type, want):
-    assert resolve_augment_on(compose_cfg(*overrides), device_type) == want
+    assert resolve_augment_on(compose_cfg(*overrides), Device(device_type, 0)) == want
 
 
 @pytest.mark.parametrize(
@@ -87,5 +89,66 @@ def test_auto_picks_the_device_where_it_applies(overrides, device_type, want):
 def test_device_where_it_does_not_apply_says_why(overrides, needle):
     cfg = compose_cfg("data.augment_on=device", *overrides)
     with pytest.raises(ConfigError, match=needle) as err:
-        resolve_augment_on(cfg, "cuda")
+        resolve_augment_on(cfg, Device("cuda", 0))
     assert "data.augment_on=host" in str(err.value)
+
+
+def test_device_decode_gives_the_exact_decodes_first_loss(tiny_cfg, tmp_path):
+    """data.decode=device: the workers send JPEG bytes, the step decodes the batch (here with
+    libjpeg-turbo on the cpu; nvJPEG on cuda) into the slots: the same pixels as the host's
+    exact decode, so the same first loss."""
+    on = ("data.augment_on=device", WIDE_SLOT)
+    exact, exact_batch = _first_step_loss(tiny_cfg, tmp_path, *on)
+    device, batch = _first_step_loss(tiny_cfg, tmp_path, *on, "data.decode=device")
+    assert batch.jpegs is not None and batch.slots is not None  # decoded by the step
+    assert sum(j.numel() > 0 for j in batch.jpegs) + batch.host_decoded == len(batch.jpegs)
+    assert torch.equal(batch.slots, exact_batch.slots)
+    assert device == pytest.approx(exact, rel=1e-6)
+
+
+def test_device_decode_falls_back_to_the_host_and_counts(tmp_path):
+    """Grey JPEGs, PNGs and images larger than the slot are decoded by the worker (counted in
+    host_decoded); the slots are the exact path's either way."""
+    from PIL import Image
+
+    from ssd_npu.data.decode import DeferredImage, decode_rgb
+    from ssd_npu.data.slots import SlotSample, collate_slots
+
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    files = {
+        "colour.jpg": Image.fromarray(colour),
+        "grey.jpg": Image.fromarray(colour[..., 0]),
+        "colour.png": Image.fromarray(colour),
+        "large.jpg": Image.fromarray(rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)),
+    }
+    target = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]), "labels": torch.tensor([1])}
+    encoded = SlotSample((64, 64), 4, draws=3, device_decode=True)
+    exact = SlotSample((64, 64), 4, draws=3)
+    samples, wants = [], []
+    for i, (name, image) in enumerate(files.items()):
+        path = tmp_path / name
+        image.save(path, quality=90) if name.endswith(".jpg") else image.save(path)
+        key = {**target, "image_id": i}
+        samples.append(encoded(DeferredImage.open(path), key))
+        wants.append(exact(decode_rgb(path), key))
+    assert [s["host_decoded"] for s in samples] == [0, 1, 1, 1]
+    batch = collate_slots(samples, slot=(64, 64))
+    assert batch.host_decoded == 3 and batch.slots is None
+    slots = batch.decode_slots(torch.device("cpu"))
+    assert torch.equal(slots, collate_slots(wants).slots)
+    assert torch.equal(batch.boxes, collate_slots(wants).boxes)  # large.jpg's boxes scaled
+
+
+@pytest.mark.parametrize(
+    ("overrides", "device_type", "needle"),
+    [
+        (("data.augment_on=auto",), "cpu", "resolved to host on cpu"),
+        (("data.augment_on=device",), "npu", "DVPP"),
+        (("data.augment_on=device", "max_boxes=[8,16]"), "cuda", "buckets"),
+    ],
+)
+def test_device_decode_where_it_cannot_run_says_why(overrides, device_type, needle):
+    cfg = compose_cfg("data.decode=device", *overrides)
+    with pytest.raises(ConfigError, match=needle):
+        resolve_augment_on(cfg, Device(device_type, 0))

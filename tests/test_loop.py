@@ -20,7 +20,7 @@ from torch import nn
 from ssd_npu.checkpoint import TrainState, list_checkpoints
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
-from ssd_npu.device import Device, HostCopy
+from ssd_npu.device import CPU, Device, HostCopy
 from ssd_npu.engine import (
     DATA_COUNTS,
     BatchCounts,
@@ -42,7 +42,7 @@ EVENTS: list[tuple[str, int]] = []
 
 class _LoggedCopy(HostCopy):
     def __init__(self, tensor: torch.Tensor, step: int) -> None:
-        super().__init__(tensor, "cpu")
+        super().__init__(tensor, CPU)
         self.step = step
 
     def values(self) -> list[float]:
@@ -133,7 +133,7 @@ def test_step_k_plus_1_is_launched_before_step_k_is_read(tmp_path):
 
 def test_a_checkpoint_step_is_read_at_once(tmp_path):
     loop, model, optimizer, scheduler, _ = make_loop(tmp_path)
-    state = TrainState(model, optimizer, scheduler, None, {})
+    state = TrainState(model, optimizer, scheduler, None, {}, CPU)
     loop.hooks.append(CheckpointHook(state, tmp_path / "ckpt", every=3, keep=5, main=True))
     loop.run(epochs=1)
     # step 3 is saved with exactly its own weights: read before step 4 is launched
@@ -145,7 +145,7 @@ def test_a_checkpoint_step_is_read_at_once(tmp_path):
 
 def test_nan_at_step_k_stops_naming_step_k_and_keeps_the_last_good_checkpoint(tmp_path):
     loop, model, optimizer, scheduler, telemetry = make_loop(tmp_path, nan_at=4)
-    state = TrainState(model, optimizer, scheduler, None, {})
+    state = TrainState(model, optimizer, scheduler, None, {}, CPU)
     loop.hooks.append(CheckpointHook(state, tmp_path / "ckpt", every=2, keep=5, main=True))
     with pytest.raises(NonFiniteLoss, match=r"the loss of step 4 \(epoch 0\) is not finite"):
         loop.run(epochs=1)
@@ -213,7 +213,7 @@ def test_a_step_record_keeps_the_batch_counters_not_the_batch(tmp_path):
         counts = record.counts
         assert counts == BatchCounts.of(batch)
         assert (counts.images, counts.box_rows, counts.boxes_dropped) == (2, 1, record.step - 1)
-        assert counts.data == {k: getattr(batch, k) for k in DATA_COUNTS}
+        assert counts.data == {k: getattr(batch, k, 0) for k in DATA_COUNTS}
         values = [getattr(record, f.name) for f in dataclasses.fields(record)]
         values += [getattr(counts, f.name) for f in dataclasses.fields(counts)]
         assert not any(isinstance(v, torch.Tensor) for v in values)  # plain host numbers
@@ -245,7 +245,7 @@ def test_after_train_gets_the_outcome(
     of the stop from the outcome, not from the stop hook); "failed" writes neither."""
     seen = Seen(stop_at)
     loop, model, optimizer, scheduler, telemetry = make_loop(tmp_path, nan_at=nan_at)
-    state = TrainState(model, optimizer, scheduler, None, {})
+    state = TrainState(model, optimizer, scheduler, None, {}, CPU)
     evals = EvalHook(val_evaluator(tiny_coco), telemetry, every_epochs=0, epochs=1)
     loop.hooks += [seen, CheckpointHook(state, tmp_path / "ckpt", 0, keep=5, main=True), evals]
     if outcome == "failed":

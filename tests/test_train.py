@@ -55,7 +55,9 @@ def test_few_step_run_writes_events_and_summary(tiny_cfg, tmp_path):
     assert 0 <= summary["warmup_steps"] <= 4 and summary["steady_step_ms"] > 0
     assert 0.0 <= summary["eval"]["mAP"] <= 1.0
     assert summary["boxes_dropped"] > 0  # max_boxes=3 on images with up to ~30 objects
-    assert set(summary["data_counts"]) == {"degenerate", "clipped", "skipped", "downscaled"}
+    assert set(summary["data_counts"]) == {
+        "degenerate", "clipped", "skipped", "downscaled", "host_decoded"
+    }  # fmt: skip
 
     scalars = read_scalar_series(tmp_path, "loss/total")
     assert set(scalars) >= TAGS

@@ -130,7 +130,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     """COCO detection samples: `(image, target)`.
 
     image: `tv_tensors.Image` uint8 [3, h, w] RGB (L, P, RGBA, CMYK, ... converted by PIL);
-    with `decode="reduced"` a `DeferredImage` instead (size from the file header; the fit
+    with `decode="reduced"` (or "device") a `DeferredImage` instead (size from the file header; the fit
     decodes it at the scale the canvas needs: `ssd_npu.data.decode`).
     target: `boxes` `tv_tensors.BoundingBoxes` XYXY float32 [N, 4] in original pixels
     (crowd annotations excluded, boxes clipped to the image, boxes empty after clipping
@@ -220,7 +220,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
                 f"from {self.ann_file.name}, or set data.on_bad_image=skip."
             )
         name = f"{path} (image_id {img_id})"
-        if self.decode == "reduced":  # the header only: the fit decodes (ssd_npu.data.decode)
+        # the header only: the fit (reduced) or the device (data.decode=device) decodes
+        if self.decode in ("reduced", "device"):
             return DeferredImage.open(path, skip_bad=self.on_bad_image == "skip", name=name)
         return decode_rgb(path, name)  # a full decode: truncation shows here
 

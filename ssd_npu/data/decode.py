@@ -73,8 +73,33 @@ def decode_rgb(path: Path, name: str | None = None) -> Tensor:
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
+def jpeg_for_device(path: Path) -> Tensor | None:
+    """The file's bytes as uint8 [L] for a batched decode on the device (`data.decode=device`),
+    or None where it must be decoded on the host: not a colour (YCbCr) JPEG (grey, CMYK, PNG:
+    nvJPEG's batched decode takes colour JPEGs), or torchcodec is not there."""
+    if jpeg_decoder() is None:
+        return None
+    try:
+        with Image.open(path) as img:  # the header only
+            if img.format != "JPEG" or img.mode != "RGB":
+                return None
+    except _DECODE_ERRORS:
+        return None  # the host decode names the problem
+    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
+
+def decode_jpegs(jpegs: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Decode encoded JPEGs (uint8 [L] each, on the host) on `device` in one batched call:
+    nvJPEG on cuda, libjpeg-turbo on the cpu (torchcodec's `decode_jpeg`). uint8 [3, h, w]
+    each, on `device`."""
+    decode = jpeg_decoder()
+    if decode is None:
+        raise DataError("data.decode=device needs torchcodec (pip install -r requirements.txt).")
+    return decode(list(jpegs), mode="RGB", device=device)
+
+
 @functools.cache
-def _jpeg_decoder() -> Callable[..., Tensor] | None:
+def jpeg_decoder() -> Callable[..., Tensor] | None:
     """torchcodec's `decode_jpeg`, or None where torchcodec is missing or does not load
     (its binary is built for one torch release: another torch, e.g. a GPU host's, may not load
     it)."""
@@ -88,7 +113,7 @@ def _jpeg_decoder() -> Callable[..., Tensor] | None:
 def _decode_jpeg_turbo(path: Path) -> Tensor | None:
     """uint8 [3, h, w] (channels-last memory) from libjpeg-turbo, or None to let PIL decode
     (no torchcodec, or it refused the file: PIL then decodes it or names the problem)."""
-    decode = _jpeg_decoder()
+    decode = jpeg_decoder()
     if decode is None:
         return None
     try:

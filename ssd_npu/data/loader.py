@@ -181,8 +181,10 @@ def build_loaders(spec: LoaderSpec, form: BatchForm, data_root: Path) -> Loaders
     """
     reading = {"on_bad_image": spec.on_bad_image, "decode": spec.decode}
     train_ds = CocoDetectionDataset(data_root, spec.train_split, **reading)
+    # data.decode=device is the train slots' (the host fits the val images: it decodes them)
+    val_reading = {**reading, "decode": "exact" if spec.decode == "device" else spec.decode}
     # evaluation's ground truth: val keeps its pycocotools index (built from the same parse)
-    val_ds = CocoDetectionDataset(data_root, spec.val_split, **reading, ground_truth=True)
+    val_ds = CocoDetectionDataset(data_root, spec.val_split, **val_reading, ground_truth=True)
     check_num_classes(train_ds, spec.num_classes)
     check_num_classes(val_ds, spec.num_classes)
     finish, collate = form.finish, form.collate

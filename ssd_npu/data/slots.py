@@ -29,9 +29,13 @@ from torch import Tensor
 from torchvision.models.detection.transform import resize_boxes
 
 from ssd_npu.choices import Canvas
-from ssd_npu.data.decode import DeferredImage
+from ssd_npu.data.decode import DeferredImage, decode_jpegs, decode_rgb, jpeg_for_device
 from ssd_npu.data.fit import _clip, _resize, content_size
 from ssd_npu.data.fixed_shape import map_tensors, pad_targets, sample_seed
+from ssd_npu.errors import DataError
+
+_NO_BYTES = torch.zeros(0, dtype=torch.uint8)  # data.decode=device: no JPEG (host-decoded)
+_NO_PIXELS = torch.zeros(3, 0, 0, dtype=torch.uint8)  # ... or no host pixels (a JPEG)
 
 # the key the draws are seeded from: (seed, image_id, epoch, DRAWS_STREAM); FixSample's box
 # subset uses (seed, image_id, epoch), the host augmentation (..., 1)
@@ -77,25 +81,43 @@ class SlotSample:
     `skipped` (FixSample's meanings).
     """
 
-    def __init__(self, slot: Any, max_boxes: int, draws: int, seed: int = 0):
+    def __init__(
+        self, slot: Any, max_boxes: int, draws: int, seed: int = 0, device_decode: bool = False
+    ):
         self.slot = Canvas.of(slot)
         self.max_boxes, self.draws, self.seed = int(max_boxes), int(draws), int(seed)
+        self.device_decode = device_decode  # data.decode=device: JPEG bytes, not pixels
 
     def __call__(self, image: Any, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
-        if isinstance(image, DeferredImage):
-            raise ValueError(
-                "data.augment_on=device places decoded images in slots; data.decode=reduced "
-                "defers the decode to the host fit, which the device does now: use "
-                "data.decode=exact."
-            )
-        img = image.as_subclass(Tensor)
-        h, w = int(img.shape[-2]), int(img.shape[-1])
         boxes = target["boxes"].as_subclass(Tensor).to(torch.float32).reshape(-1, 4)
-        nh, nw, downscaled = content_size(h, w, self.slot, "pad")
+        pixels: dict[str, Any] = {}
+        if isinstance(image, DeferredImage):
+            if not self.device_decode:
+                raise ValueError(
+                    "data.augment_on=device places decoded images in slots; data.decode=reduced "
+                    "defers the decode to the host fit, which the device does now: use "
+                    "data.decode=exact."
+                )
+            h, w = image.orig_size
+            jpeg = jpeg_for_device(image.path) if h <= self.slot[0] and w <= self.slot[1] else None
+            if jpeg is not None:  # the device decodes it straight into its slot
+                nh, nw, downscaled = h, w, False
+                pixels = {"jpeg": jpeg, "pixels": _NO_PIXELS, "host_decoded": 0}
+            else:  # grey / CMYK / not a JPEG / larger than the slot: decoded here, counted
+                image = decode_rgb(image.path)
+                pixels = {"jpeg": _NO_BYTES, "host_decoded": 1}
+        if not pixels or pixels["host_decoded"]:
+            img = image.as_subclass(Tensor)
+            h, w = int(img.shape[-2]), int(img.shape[-1])
+            nh, nw, downscaled = content_size(h, w, self.slot, "pad")
+            if downscaled:
+                img = _downscale(img, (nh, nw))
+            if pixels:  # device decode's fallback: the image alone, placed on the device
+                pixels["pixels"] = img
+            else:
+                pixels = {"slot": _channels_last_slot(img, self.slot)}
         if downscaled:
-            img = _downscale(img, (nh, nw))
             boxes = _clip(resize_boxes(boxes, [h, w], [nh, nw]), nh, nw)
-        slot = _channels_last_slot(img, self.slot)
         image_id = int(target["image_id"])
         gen = torch.Generator().manual_seed(sample_seed(self.seed, image_id, epoch))
         boxes, labels, valid, dropped = pad_targets(boxes, target["labels"], self.max_boxes, gen)
@@ -103,7 +125,7 @@ class SlotSample:
             sample_seed(self.seed, image_id, epoch, DRAWS_STREAM)
         )
         return {
-            "slot": slot,
+            **pixels,
             "size": (nh, nw),
             "boxes": boxes,
             "labels": labels,
@@ -124,7 +146,7 @@ class SlotBatch:
 
     # [B, 3, Hs, Ws] uint8 0..255 over [B, Hs, Ws, 3] memory (channels-last), each image at
     # the top-left, zeros elsewhere
-    slots: Tensor
+    slots: Tensor | None
     sizes: Tensor  # [B, 2] int64 (h, w) px of the image inside its slot
     boxes: Tensor  # [B, M, 4] float32 xyxy px of the image in its slot
     labels: Tensor  # [B, M] int64 category ids, 0 on padding rows
@@ -136,22 +158,71 @@ class SlotBatch:
     clipped: int = 0
     downscaled: int = 0
     skipped: int = 0
+    host_decoded: int = 0  # data.decode=device: images the host decoded instead (counted)
+    # data.decode=device: `slots` is None until `decode_slots` fills it on the device from
+    # `jpegs` (each image's file bytes, uint8 [L], kept on the host: the decoder reads them
+    # there) and `pixels` (uint8 [3, h, w] images the host decoded; empty where a JPEG is)
+    jpegs: list[Tensor] | None = None
+    pixels: list[Tensor] | None = None
+    slot_size: tuple[int, int] = (0, 0)  # (Hs, Ws), for decode_slots
 
     def to(self, device: Any, non_blocking: bool = True) -> SlotBatch:
-        """Move the tensors (in place) and return self."""
+        """Move the tensors (in place; `jpegs` stay on the host for the decoder) and return
+        self."""
+        if self.pixels is not None:
+            self.pixels = [t.to(device, non_blocking=non_blocking) for t in self.pixels]
         return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> SlotBatch:
         """Page-locked host memory (DataLoader pin_memory=True): copies can run asynchronously."""
+        if self.pixels is not None:
+            self.pixels = [t.pin_memory() for t in self.pixels]
         return map_tensors(self, Tensor.pin_memory)
 
+    def decode_slots(self, device: torch.device) -> Tensor:
+        """data.decode=device: the slots [B, 3, Hs, Ws] uint8 (channels-last) on `device`, the
+        JPEGs decoded there in one batched call (nvJPEG on cuda), the host's fallbacks copied in;
+        stored in `slots` and returned. Outside the compiled step: the decoder is opaque to it.
+        """
+        if self.slots is not None:
+            return self.slots
+        if self.jpegs is None or self.pixels is None:
+            raise ValueError("SlotBatch has neither slots nor encoded images")
+        B, (hs, ws) = len(self.jpegs), self.slot_size
+        slots = torch.zeros((B, hs, ws, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+        encoded = [i for i, data in enumerate(self.jpegs) if data.numel() > 0]
+        try:
+            decoded = decode_jpegs([self.jpegs[i] for i in encoded], device) if encoded else []
+        except RuntimeError as err:
+            ids = self.image_ids.tolist()
+            raise DataError(
+                f"data.decode=device: a JPEG of images {ids} failed to decode on {device} "
+                f"({err}); find it with data.decode=exact, which names the file."
+            ) from err
+        for i, image in zip(encoded, decoded, strict=True):
+            slots[i, :, : image.shape[1], : image.shape[2]] = image
+        for i, image in enumerate(self.pixels):
+            if image.numel() > 0:
+                slots[i, :, : image.shape[1], : image.shape[2]] = image
+        self.slots = slots
+        return slots
 
-def collate_slots(samples: list[dict[str, Any]]) -> SlotBatch:
-    """Stack SlotSample outputs into a SlotBatch; the counters are summed."""
+
+def collate_slots(samples: list[dict[str, Any]], slot: tuple[int, int] = (0, 0)) -> SlotBatch:
+    """Stack SlotSample outputs into a SlotBatch; the counters are summed. With
+    data.decode=device the samples carry JPEG bytes instead of slots: `jpegs` and `pixels` are
+    lists, `slot` (Hs, Ws) the size `decode_slots` makes."""
+    encoded = "jpeg" in samples[0]
     return SlotBatch(
         # stacked in [B, Hs, Ws, 3] memory (the slots' own), viewed as [B, 3, Hs, Ws]: a
         # plain copy; torch.stack of the channels-last views would transpose every pixel
-        slots=torch.stack([s["slot"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2),
+        slots=None
+        if encoded
+        else torch.stack([s["slot"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2),
+        jpegs=[s["jpeg"] for s in samples] if encoded else None,
+        pixels=[s["pixels"] for s in samples] if encoded else None,
+        slot_size=tuple(slot),
+        host_decoded=sum(s.get("host_decoded", 0) for s in samples),
         sizes=torch.tensor([s["size"] for s in samples], dtype=torch.int64),
         boxes=torch.stack([s["boxes"] for s in samples]),
         labels=torch.stack([s["labels"] for s in samples]),
