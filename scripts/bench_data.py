@@ -27,6 +27,8 @@ Variants, each the full per-image path from the file to what the collate stacks:
                            the top-left of a uint8 data.slot (scaled down only when larger),
                            targets padded, the device's uniforms drawn (SampleDataset +
                            SlotSample); no augmentation and no fit: the device does those
+    fixed_device_decode    the host's share with data.decode=device as well: the file's bytes
+                           and header (the device decodes), targets padded, uniforms drawn
 
 Each repeat runs every image through every variant back to back (the order rotated per image
 and repeat: a noisy neighbour slows all variants alike), with the same per-image seeds;
@@ -59,7 +61,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ssd_npu.choices import DECODES, FITS, Canvas  # noqa: E402
+from ssd_npu.choices import FITS, Canvas  # noqa: E402
 from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
 from ssd_npu.config import config_dir  # noqa: E402
 
@@ -135,7 +137,7 @@ def _ours(cfg, root: Path, fit: str, decode: str):
     return ds, (lambda index: ds[SampleKey(index)])
 
 
-def _device(cfg, root: Path):
+def _device(cfg, root: Path, decode: str = "exact"):
     """data.augment_on=device's worker: decode + SlotSample (no augmentation, no fit), with
     as many uniforms per sample as the step's DeviceAugment takes for this canvas and fit."""
     from ssd_npu.data.coco import CocoDetectionDataset
@@ -144,10 +146,11 @@ def _device(cfg, root: Path):
     from ssd_npu.data.samplers import SampleKey
     from ssd_npu.data.slots import SlotSample
 
-    base = CocoDetectionDataset(root, cfg.data.train_split)
+    base = CocoDetectionDataset(root, cfg.data.train_split, decode=decode)
     mb = cfg.max_boxes if isinstance(cfg.max_boxes, int) else max(cfg.max_boxes)
     draws = DeviceAugment(Canvas.of(cfg.canvas), cfg.fit, cfg.pad_value).draws
-    ds = SampleDataset(base, None, SlotSample(cfg.data.slot, mb, draws, cfg.seed), cfg.seed)
+    finish = SlotSample(cfg.data.slot, mb, draws, cfg.seed, device_decode=decode == "device")
+    ds = SampleDataset(base, None, finish, cfg.seed)
     return lambda index: ds[SampleKey(index)]
 
 
@@ -156,11 +159,12 @@ def _variants(cfg, root: Path) -> dict:
 
     base = CocoDetectionDataset(root, cfg.data.train_split)
     out = {"decode_only": _decode_only(base), "torchvision_reference": _reference(base)}
-    for decode in DECODES:
+    for decode in ("exact", "reduced"):  # data.decode=device: fixed_device_decode below
         for fit in FITS:
             name = f"fixed_{fit}" if decode == "exact" else f"fixed_{fit}_{decode}"
             out[name] = _ours(cfg, root, fit, decode)[1]
     out["fixed_device"] = _device(cfg, root)
+    out["fixed_device_decode"] = _device(cfg, root, decode="device")
     return out
 
 

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"decode_only", "torchvision_reference", "fixed_stretch", "fixed_letterbox",
             "fixed_pad", "fixed_stretch_reduced", "fixed_letterbox_reduced",
-            "fixed_pad_reduced", "fixed_device"}  # fmt: skip
+            "fixed_pad_reduced", "fixed_device", "fixed_device_decode"}  # fmt: skip
 
 
 def test_bench_data_writes_every_variant(tiny_coco, tmp_path):
