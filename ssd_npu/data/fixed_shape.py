@@ -225,9 +225,16 @@ def collate_fixed(samples: list[dict[str, Any]], buckets: Any = None) -> FixedBa
         orig_sizes=torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),
         content_sizes=torch.tensor([s["content_size"] for s in samples], dtype=torch.int64),
         scales=torch.tensor([s["scale"] for s in samples], dtype=torch.float32),
-        boxes_dropped=sum(s["boxes_dropped"] for s in samples),
-        degenerate=sum(s["degenerate"] for s in samples),
-        clipped=sum(s["clipped"] for s in samples),
-        downscaled=sum(s["downscaled"] for s in samples),
-        skipped=sum(s["skipped"] for s in samples),
+        **summed_counters(samples),
     )
+
+
+# Per-sample counters a collate sums (a padding sample carries zeros: data.loader)
+SAMPLE_COUNTERS = ("boxes_dropped", "degenerate", "clipped", "downscaled", "skipped")
+
+
+def summed_counters(
+    samples: list[dict[str, Any]], names: tuple[str, ...] = SAMPLE_COUNTERS
+) -> dict[str, int]:
+    """{counter: its sum over the samples} (0 where a sample has no such counter)."""
+    return {name: sum(int(s.get(name, 0)) for s in samples) for name in names}

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ssd_npu.data.buckets import BucketBatchSampler
 from ssd_npu.data.coco import CocoDetectionDataset, check_num_classes
-from ssd_npu.data.fixed_shape import sample_seed
+from ssd_npu.data.fixed_shape import SAMPLE_COUNTERS, sample_seed
 from ssd_npu.data.samplers import (
     EpochSampler,
     PaddedSequentialSampler,
@@ -30,9 +30,6 @@ from ssd_npu.data.samplers import (
 )
 from ssd_npu.data.transforms import train_augmentation
 from ssd_npu.errors import DataError
-
-# Per-sample counters that must not count a repeated (padding) sample twice.
-_COUNTERS = ("boxes_dropped", "degenerate", "clipped", "downscaled", "skipped")
 
 
 class SampleDataset(Dataset):
@@ -76,7 +73,8 @@ class SampleDataset(Dataset):
         sample = self.finish(image, target, key.epoch)
         if key.pad:
             sample["image_id"] = -1
-            for k in _COUNTERS:
+            # a repeated (padding) sample must not count twice
+            for k in SAMPLE_COUNTERS:
                 sample[k] = 0
         return sample
 

@@ -31,7 +31,13 @@ from torchvision.models.detection.transform import resize_boxes
 from ssd_npu.choices import Canvas
 from ssd_npu.data.decode import DeferredImage, decode_jpegs, decode_rgb, jpeg_for_device
 from ssd_npu.data.fit import _clip, _resize, content_size
-from ssd_npu.data.fixed_shape import map_tensors, pad_targets, sample_seed
+from ssd_npu.data.fixed_shape import (
+    SAMPLE_COUNTERS,
+    map_tensors,
+    pad_targets,
+    sample_seed,
+    summed_counters,
+)
 from ssd_npu.errors import DataError
 
 _NO_BYTES = torch.zeros(0, dtype=torch.uint8)  # data.decode=device: no JPEG (host-decoded)
@@ -222,16 +228,11 @@ def collate_slots(samples: list[dict[str, Any]], slot: tuple[int, int] = (0, 0))
         jpegs=[s["jpeg"] for s in samples] if encoded else None,
         pixels=[s["pixels"] for s in samples] if encoded else None,
         slot_size=tuple(slot),
-        host_decoded=sum(s.get("host_decoded", 0) for s in samples),
         sizes=torch.tensor([s["size"] for s in samples], dtype=torch.int64),
         boxes=torch.stack([s["boxes"] for s in samples]),
         labels=torch.stack([s["labels"] for s in samples]),
         valid=torch.stack([s["valid"] for s in samples]),
         draws=torch.stack([s["draws"] for s in samples]),
         image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
-        boxes_dropped=sum(s["boxes_dropped"] for s in samples),
-        degenerate=sum(s["degenerate"] for s in samples),
-        clipped=sum(s["clipped"] for s in samples),
-        downscaled=sum(s["downscaled"] for s in samples),
-        skipped=sum(s["skipped"] for s in samples),
+        **summed_counters(samples, (*SAMPLE_COUNTERS, "host_decoded")),
     )
