@@ -13,6 +13,9 @@ training loop"):
     FixedBatch          a batch of static shapes; collate_fixed stacks FixSample outputs
     find_dynamic_shapes record any step function and report the ops whose shapes change
     fixed_batched_nms   torchvision's batched_nms with static shapes: [B, K] indices + a mask
+    SlotSample          the per-sample transform of augmentation on the device: image in a slot
+    SlotBatch           a batch of slots; collate_slots stacks SlotSample outputs
+    DeviceAugment       a batch of slots -> the augmented canvas batch, static shapes, on the device
 
 Names are imported on first use, so that `import ssd_npu.data...` stays light (the training
 input path never loads the model, the compiler or the tools).
@@ -39,14 +42,22 @@ _API = {
     "collate_fixed": "ssd_npu.data.fixed_shape",
     "find_dynamic_shapes": "ssd_npu.tools.shapes",
     "fixed_batched_nms": "ssd_npu.nms",
+    "SlotSample": "ssd_npu.data.slots",
+    "SlotBatch": "ssd_npu.data.slots",
+    "collate_slots": "ssd_npu.data.slots",
+    "DeviceAugment": "ssd_npu.data.device_augment",
 }
 
 __all__ = [
+    "DeviceAugment",
     "FixSample",
     "FixedBatch",
     "FixedSSD",
+    "SlotBatch",
+    "SlotSample",
     "build_detector",
     "collate_fixed",
+    "collate_slots",
     "find_dynamic_shapes",
     "fixed_batched_nms",
     "fit_to_canvas",
@@ -56,6 +67,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ssd_npu.data.device_augment import DeviceAugment
     from ssd_npu.data.fixed_shape import (
         FixedBatch,
         FixSample,
@@ -64,6 +76,7 @@ if TYPE_CHECKING:
         pad_targets,
         unfit_boxes,
     )
+    from ssd_npu.data.slots import SlotBatch, SlotSample, collate_slots
     from ssd_npu.loss import fixed_ssd_loss
     from ssd_npu.model import FixedSSD, build_detector
     from ssd_npu.nms import fixed_batched_nms

@@ -24,6 +24,10 @@ PUBLIC = (
     "FixedBatch",
     "collate_fixed",
     "find_dynamic_shapes",
+    "SlotSample",
+    "SlotBatch",
+    "collate_slots",
+    "DeviceAugment",
 )
 
 
