@@ -37,7 +37,7 @@ from ssd_npu.data.loader import BatchForm, Loaders, LoaderSpec, build_loaders
 from ssd_npu.data.slots import SlotSample, collate_slots
 from ssd_npu.data.synthetic import ensure_synthetic_coco
 from ssd_npu.detections import DetectionSheet
-from ssd_npu.device import Device, cudnn_benchmark, resolve_device, use_deterministic_kernels
+from ssd_npu.device import CPU, Device, resolve_device, use_deterministic_kernels
 from ssd_npu.distributed import World
 from ssd_npu.errors import DataError
 from ssd_npu.evaluate import (
@@ -151,13 +151,13 @@ def canvas_of(cfg: TrainConfig) -> Canvas:
     return Canvas.of(cfg.canvas)
 
 
-def resolve_augment_on(cfg: TrainConfig, device_type: str) -> str:
-    """`data.augment_on` -> "device" | "host". auto: the device on cuda and npu, where the
-    workers' per-image work is the bottleneck (docs/bench.md); the host on the cpu, where the
-    workers run beside the step on other cores. auto also stays on the host where the device
-    path does not apply: the dynamic baseline, box-count buckets (one M per slot batch) and a
-    recipe the device does not apply whole (none now: DEVICE_RECIPES has every model's);
-    asked for explicitly, those fail with a message."""
+def resolve_augment_on(cfg: TrainConfig, device: Device) -> str:
+    """`data.augment_on` -> "device" | "host". auto: `device.auto_place` (the device on an
+    accelerator, where the workers' per-image work is the bottleneck; the host on the cpu,
+    where the workers run beside the step on other cores). auto also stays on the host where
+    the device path does not apply: the dynamic baseline, box-count buckets (one M per slot
+    batch) and a recipe the device does not apply whole (none now: DEVICE_RECIPES has every
+    model's); asked for explicitly, those fail with a message."""
     choice = cfg.data.augment_on
     recipe = MODELS[cfg.model.name].recipe if cfg.augment else "none"
     blockers = {
@@ -174,13 +174,13 @@ def resolve_augment_on(cfg: TrainConfig, device_type: str) -> str:
         raise ConfigError(f"data.augment_on=device is not available here: {reasons[0]}; "
                           "use data.augment_on=host (or auto).")  # fmt: skip
     if choice == "auto":
-        return "device" if device_type in ("cuda", "npu") and not reasons else "host"
+        return device.auto_place if not reasons else "host"
     return choice
 
 
-def shape_path(cfg: TrainConfig, device_type: str = "cpu") -> ShapePath:
+def shape_path(cfg: TrainConfig, device: Device = CPU) -> ShapePath:
     """The path `cfg.shape` names, with its sample finishing, collate and step class; with
-    data.augment_on=device (`resolve_augment_on` for `device_type`) the train batches are
+    data.augment_on=device (`resolve_augment_on` for `device`) the train batches are
     slots and the step augments and fits them."""
     if cfg.shape == "dynamic":
         return ShapePath(
@@ -194,7 +194,7 @@ def shape_path(cfg: TrainConfig, device_type: str = "cpu") -> ShapePath:
     finish = FixSample(canvas_of(cfg), sizes[-1], cfg.fit, float(cfg.pad_value), int(cfg.seed))
     buckets = sizes if len(sizes) > 1 else None
     collate = partial(collate_fixed, buckets=sizes) if buckets else collate_fixed
-    if resolve_augment_on(cfg, device_type) == "device":
+    if resolve_augment_on(cfg, device) == "device":
         augment = DeviceAugment(
             canvas_of(cfg),
             cfg.fit,
@@ -210,15 +210,16 @@ def shape_path(cfg: TrainConfig, device_type: str = "cpu") -> ShapePath:
     )
 
 
-def resolve_postprocess(choice: str, device_type: str, path: ShapePath) -> str:
-    """`eval.postprocess` -> "device" | "host". auto: the device on cuda and npu (the host path
-    copies every head output and runs NMS in Python; torchvision's nms has no NPU kernel), the
-    host on the cpu, where both are the same processor and the host path is faster
-    (docs/bench.md). The dynamic baseline is torchvision's own inference: always "host"."""
+def resolve_postprocess(choice: str, device: Device, path: ShapePath) -> str:
+    """`eval.postprocess` -> "device" | "host". auto: `device.auto_place`, the device on an
+    accelerator (the host path copies every head output and runs NMS in Python; torchvision's
+    nms has no NPU kernel), the host on the cpu, where both are the same processor and the
+    host path is faster (docs/bench.md). The dynamic baseline is torchvision's own
+    inference: always "host"."""
     if not path.static:
         return "host"
     if choice == "auto":
-        return "device" if device_type in ("cuda", "npu") else "host"
+        return device.auto_place
     return choice
 
 
@@ -259,17 +260,14 @@ def step_options(cfg: TrainConfig, device: Device, world: World, ddp: Wrap | Non
     )
 
 
-def uses_channels_last(setting: bool | None, device_type: str, amp: bool) -> bool:
+def uses_channels_last(setting: bool | None, device: Device, amp: bool) -> bool:
     """`device.channels_last`: weights stored channels-last (NHWC), so the convolutions run
-    their channels-last kernels. None: on for fp32 training on cpu, where oneDNN's
-    channels-last step of ssdlite320 is about 1.45x faster (docs/bench.md). Off under amp:
-    with bf16 autocast on the CPU, channels-last weights diverged within 18 steps in
-    tests/test_train.py where NCHW weights did not. cuda and npu keep the layout torchvision
-    gives unless asked; npu refuses it (`check_channels_last`: also for device=auto)."""
-    check_channels_last(setting, device_type)
+    their channels-last kernels. None: the device's default (`Device.channels_last_default`:
+    fp32 on the cpu). npu refuses it (`check_channels_last`: also for device=auto)."""
+    check_channels_last(setting, device.type)
     if setting is not None:
         return bool(setting)
-    return device_type == "cpu" and not amp
+    return device.channels_last_default(amp)
 
 
 def build_training(cfg: TrainConfig) -> Training:
@@ -280,9 +278,9 @@ def build_training(cfg: TrainConfig) -> Training:
     """
     validate(cfg)
     device = resolve_device(cfg.device.name, cfg.device.index, cfg.device.jit_compile)
-    path = shape_path(cfg, device.type)
+    path = shape_path(cfg, device)
     deterministic = cfg.device.deterministic
-    torch.backends.cudnn.benchmark = cudnn_benchmark(device.type, path.static) and not deterministic
+    device.tune_convolutions(path.static, deterministic)
     if deterministic:
         use_deterministic_kernels()
     world = distributed.init(device, cfg.dist_timeout_min)
@@ -300,14 +298,13 @@ def build_training(cfg: TrainConfig) -> Training:
     if cfg.sync_bn and world.distributed:
         distributed.convert_sync_batchnorm(detector, device)
     model = FixedSSD(detector, canvas).to(device.torch)
-    if uses_channels_last(cfg.device.channels_last, device.type, cfg.amp):
+    if uses_channels_last(cfg.device.channels_last, device, cfg.amp):
         model.to(memory_format=torch.channels_last)
     model.train()
     # Under torchrun the step wraps what it calls (the compiled call, if compiled) in DDP.
     ddp = None
     if world.distributed:
-        device_ids = None if device.type == "cpu" else [device.index]
-        ddp = partial(DistributedDataParallel, device_ids=device_ids)
+        ddp = partial(DistributedDataParallel, device_ids=device.ddp_device_ids)
 
     # The schedule spans the configured epochs; max_steps only stops early (a smoke run
     # sees the start of the real schedule, and a resumed run the same learning rates).
@@ -316,7 +313,7 @@ def build_training(cfg: TrainConfig) -> Training:
     o = cfg.optim
     lr = scaled_lr(o.lr, o.base_lr, o.base_batch, cfg.batch_size * world.size)
     scaler = device.grad_scaler(cfg.amp, cfg.amp_dtype)
-    fused = use_fused_sgd(device.type, scaler is not None)  # fp16 on cuda: no per-step sync
+    fused = use_fused_sgd(device, scaler is not None)  # fp16 on cuda: no per-step sync
     optimizer = build_optimizer(model.parameters(), lr, o.momentum, o.weight_decay, fused=fused)
     scheduler = build_scheduler(optimizer, o.warmup_steps, o.warmup_factor, schedule_steps)
     options = step_options(cfg, device, world, ddp)
@@ -346,7 +343,7 @@ def build_evaluator(cfg: TrainConfig, t: Training) -> Evaluator:
     the device on cuda/npu, the host on cpu). The device postprocess is compiled once under
     compile=true, with the training step's compiler options."""
     detect = None
-    if resolve_postprocess(cfg.eval.postprocess, t.device.type, t.path) == "device":
+    if resolve_postprocess(cfg.eval.postprocess, t.device, t.path) == "device":
         compile_options = step_options(cfg, t.device, t.world, None).compile
         detect = DeviceDetect(t.model, t.device, cfg.amp, compile_options)
     detections = t.path.detections(t.model, t.device, cfg.amp, detect)

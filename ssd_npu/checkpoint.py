@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ssd_npu import distributed
+from ssd_npu.device import Device
 from ssd_npu.engine import Progress
 from ssd_npu.errors import UserError
 
@@ -85,38 +86,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 RngState = dict[str, Any]
 """One process's RNG states: `python` (random.getstate()), `numpy` (list), `torch` (the cpu
-generator, uint8 [N]) and, where CUDA is in use, `cuda` (the current device's generator,
-uint8 [16]). Plain lists and CPU uint8 tensors, so a checkpoint loads with weights_only=True."""
+generator, uint8 [N]) and, on an accelerator, the generator of the device this rank works on
+under its type's name (`cuda`: uint8 [16]; `npu`: torch_npu's state; `Device.rng_state`).
+Plain lists and CPU uint8 tensors, so a checkpoint loads with weights_only=True."""
 
 
-def _cuda_index() -> int | None:
-    """The current CUDA device's index, or None in a process that does not use CUDA (none
-    here, or device=cpu on a GPU host: asking would start a CUDA context for nothing)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.current_device()
-    return None
-
-
-def rng_state() -> RngState:
-    """This process's RNG states (see `RngState`)."""
+def rng_state(device: Device) -> RngState:
+    """This process's RNG states (see `RngState`) on `device`."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: RngState = {
         "python": random.getstate(),
         "numpy": [name, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    # Only the generator of the device this rank works on: one state, whatever the GPU count.
-    index = _cuda_index()
-    if index is not None:
-        state["cuda"] = torch.cuda.get_rng_state(index)
+    # Only the generator of the device this rank works on: one state, whatever the device count.
+    generator = device.rng_state()
+    if generator is not None:
+        state[device.type] = generator
     return state
 
 
-def gather_rng_states() -> list[RngState] | None:
-    """Every rank's `rng_state()` on rank 0, as a list indexed by rank (None on the others;
-    [rng_state()] in a world of one). A collective: every rank must call it at the same point.
+def gather_rng_states(device: Device) -> list[RngState] | None:
+    """Every rank's `rng_state(device)` on rank 0, as a list indexed by rank (None on the
+    others; [rng_state(device)] in a world of one). A collective: every rank must call it at
+    the same point.
     """
-    return distributed.gather_to_main(rng_state())
+    return distributed.gather_to_main(rng_state(device))
 
 
 def _rank_and_size() -> tuple[int, int]:
@@ -125,41 +120,42 @@ def _rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def _entries(saved: list[RngState] | dict[str, Any]) -> list[RngState]:
+def _entries(saved: list[RngState] | dict[str, Any], device: Device) -> list[RngState]:
     """A checkpoint's `rng` as a list indexed by rank. An older checkpoint holds one dict
-    (rank 0's states, `cuda` a list of one state per visible GPU): a list of one, whose CUDA
-    state is the one of the current device's index (what `set_rng_state_all` restored there).
+    (rank 0's states, `cuda` a list of one state per visible GPU): a list of one, whose device
+    state is the one of `device`'s index (what `set_rng_state_all` restored there).
     """
     if isinstance(saved, list):
         return saved
     entry = {k: saved[k] for k in ("python", "numpy", "torch")}
-    cuda, index = saved.get("cuda") or [], _cuda_index()
-    if index is not None and index < len(cuda):
-        entry["cuda"] = cuda[index]
+    per_device, index = saved.get(device.type) or [], device.index
+    if index is not None and index < len(per_device):
+        entry[device.type] = per_device[index]
     return [entry]
 
 
-def _restore(entry: RngState) -> None:
+def _restore(entry: RngState, device: Device) -> None:
     random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in entry["python"]))
     name, keys, pos, has_gauss, cached = entry["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(entry["torch"])
-    index = _cuda_index()
-    if "cuda" in entry and index is not None:  # a CPU process has no CUDA generator to set
-        torch.cuda.set_rng_state(entry["cuda"], device=index)
+    # a generator of another device type (a cuda checkpoint on npu or cpu) is left as seeded
+    if device.type in entry:
+        device.set_rng_state(entry[device.type])
 
 
-def set_rng_state(saved: list[RngState] | dict[str, Any]) -> None:
-    """Restore this rank's RNG states from a checkpoint's `rng` (every rank calls it).
+def set_rng_state(saved: list[RngState] | dict[str, Any], device: Device) -> None:
+    """Restore this rank's RNG states on `device` from a checkpoint's `rng` (every rank calls
+    it).
 
     Rule: rank r restores entry r, the states rank r saved, if the checkpoint has one. With
     the world size it was written with, every rank continues exactly. With fewer ranks now,
     each rank takes the states of the rank of the same number; with more, the ranks past the
     list keep their seeded states (seed + rank). Either way rank 0 says so in one line. The
-    CUDA state goes to the current device only, and only in a process that uses CUDA: a
-    checkpoint from any GPU count resumes on any other, or on the CPU.
+    device generator's state goes to this rank's device only, and only where the device is of
+    the type that saved it: a checkpoint from any GPU count resumes on any other, or on the CPU.
     """
-    entries = _entries(saved)
+    entries = _entries(saved, device)
     rank, size = _rank_and_size()
     if size != len(entries) and rank == 0:
         print(
@@ -169,7 +165,7 @@ def set_rng_state(saved: list[RngState] | dict[str, Any]) -> None:
             flush=True,
         )
     if rank < len(entries):
-        _restore(entries[rank])
+        _restore(entries[rank], device)
 
 
 @dataclass
@@ -182,6 +178,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     config: dict[str, Any]
+    device: Device  # whose generator the RNG states include
 
     def to_dict(self, progress: Progress, rng: list[RngState] | None = None) -> dict[str, Any]:
         """The checkpoint's contents. `rng`: every rank's states from `gather_rng_states()`
@@ -194,7 +191,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "progress": asdict(progress),
             "config": self.config,
-            "rng": rng if rng is not None else [rng_state()],
+            "rng": rng if rng is not None else [rng_state(self.device)],
         }
 
     def load(self, state: dict[str, Any]) -> Progress:
@@ -204,5 +201,5 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
         return Progress(**state["progress"])

@@ -85,7 +85,7 @@ def device_of(args: tuple) -> Device:
     (torch's own CUDA-graph call, as before devices were told apart here)."""
     tensors = (a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor))
     first = next(tensors, None)
-    return Device("cuda", None) if first is None else Device(first.device.type, first.device.index)
+    return Device.of(None if first is None else first.device)
 
 
 class CompiledStep:

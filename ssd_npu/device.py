@@ -3,7 +3,9 @@
 `resolve_device(name, index, jit_compile)` parses the name, imports the backend (torch_npu
 for `npu`), checks it works, and fails with a message that says what to do. Nothing falls
 back to another device silently: `auto` is the only name that chooses, and it says what
-it chose.
+it chose. The rest of the package asks the `Device` (streams, events, the generator, DDP's
+ids, the defaults that differ per device) and never names a device type itself
+(tests/test_device_seam.py), so a new device type is added here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from time import perf_counter
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -29,14 +32,14 @@ _NPU_REQUIREMENTS = (
 
 class Mark:
     """A point in the device's queue, for timing without waiting: a timing event recorded on
-    the current stream (cuda / npu), or a wall-clock stamp on the cpu, where ops run at once.
+    the current stream (an accelerator), or a wall-clock stamp on the cpu, where ops run at once.
     """
 
-    def __init__(self, device_type: str) -> None:
-        self.event = None
+    def __init__(self, device: Device) -> None:
+        self.event: torch.Event | None = None
         self.time = perf_counter()
-        if device_type in ("cuda", "npu"):
-            self.event = getattr(torch, device_type).Event(enable_timing=True)
+        if device.is_accelerator:
+            self.event = device.event(timing=True)
             self.event.record()
 
     def wait(self) -> None:
@@ -56,9 +59,9 @@ class HostCopy:
     """A device tensor copied to the host without waiting; `values()` waits for that copy only
     (the device may already run later work), then returns the numbers."""
 
-    def __init__(self, tensor: Tensor, device_type: str) -> None:
-        self.tensor = tensor.detach().to("cpu", non_blocking=device_type != "cpu")
-        self.ready = Mark(device_type)
+    def __init__(self, tensor: Tensor, device: Device) -> None:
+        self.tensor = tensor.detach().to("cpu", non_blocking=device.is_accelerator)
+        self.ready = Mark(device)
 
     def values(self) -> list[float]:
         self.ready.wait()
@@ -84,29 +87,162 @@ class Device:
     index: int | None
     amp_default: str | None = None
 
+    @classmethod
+    def of(cls, where: torch.device | None) -> Device:
+        """The Device a tensor lives on (`tensor.device`). None, a call without tensors: cuda,
+        whose graph trees torch's own CUDA-graph call marks (as before devices were told apart).
+        """
+        if where is None:
+            return cls("cuda", None)
+        return cls(where.type, where.index)
+
     @property
     def torch(self) -> torch.device:
         return torch.device(self.type if self.index is None else f"{self.type}:{self.index}")
 
+    @property
+    def is_accelerator(self) -> bool:
+        """A device with its own queue and memory (cuda, npu): its work is queued behind the
+        host's back, copies to it can overlap a step, and the host must wait to read. False
+        on the cpu, where every op has run when it returns."""
+        return self.type != "cpu"
+
+    @property
+    def _backend(self) -> ModuleType:
+        """torch's module of this device type: `torch.cuda`, or `torch.npu` (torch_npu's, once
+        imported). Both offer the same streams, events, synchronize and generator calls."""
+        if not self.is_accelerator:
+            raise DeviceError(f"device={self.type} has no streams, events or generator of its own.")
+        return getattr(torch, self.type)
+
+    def _on_this(self) -> dict[str, int]:
+        """The `device=` argument of the backend's calls: this device's index, or nothing (the
+        current device) where none was given."""
+        return {} if self.index is None else {"device": self.index}
+
+    # --- the queue: waits, timing, streams, events ------------------------------------------
+
     def synchronize(self) -> None:
         """Wait for queued device work, so a clock read after it measures the work."""
-        if self.type == "cuda":
-            torch.cuda.synchronize(self.torch)
-        elif self.type == "npu":
-            torch.npu.synchronize()
+        if self.is_accelerator:
+            self._backend.synchronize(**self._on_this())
 
     def mark(self) -> Mark:
         """A timing mark at this point of the device's queue (see `Mark`)."""
-        return Mark(self.type)
+        return Mark(self)
 
     def to_host(self, tensor: Tensor) -> HostCopy:
         """Start copying `tensor` to the host; read it later with `.values()`."""
-        return HostCopy(tensor, self.type)
+        return HostCopy(tensor, self)
+
+    def event(self, timing: bool = False) -> torch.Event:
+        """A new event of this accelerator (`timing`: one `elapsed_time` can measure from)."""
+        return self._backend.Event(enable_timing=True) if timing else self._backend.Event()
+
+    def stream(self) -> torch.Stream:
+        """A new side stream of this accelerator, e.g. for copies beside the step's stream."""
+        return self._backend.Stream(**self._on_this())
+
+    def current_stream(self) -> torch.Stream:
+        """The stream this device's ops are queued on now (the step's stream)."""
+        return self._backend.current_stream(**self._on_this())
+
+    def on_stream(self, stream: torch.Stream) -> contextlib.AbstractContextManager:
+        """A context whose ops this device queues on `stream` instead of the current one."""
+        return self._backend.stream(stream)
+
+    def record_stream(self, tensor: Tensor, stream: torch.Stream) -> Tensor:
+        """Tie `tensor`'s memory to `stream`, so the caching allocator does not hand it out
+        again before the work queued on `stream` so far has run; returns `tensor`."""
+        tensor.record_stream(stream)
+        return tensor
+
+    def mark_step_begin(self) -> None:
+        """The step boundary: a new training iteration begins. Here the graph trees learn that
+        the previous replay's outputs may be overwritten (compile modes with device graphs):
+        torch_npu's NPU graph trees on npu, torch's CUDA graph trees elsewhere (a no-op where
+        nothing was captured). A lazy-tensor device (XLA-like) would cut and run its traced
+        graph here (its `mark_step`)."""
+        if self.type == "npu":
+            torch.compiler.npugraph_mark_step_begin()
+        else:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    # --- the generator -------------------------------------------------------------------
+
+    def rng_state(self) -> Tensor | None:
+        """This device's generator state (a cpu uint8 tensor), for a checkpoint; None on the
+        cpu, whose generator is torch's own (`torch.get_rng_state`)."""
+        if not self.is_accelerator:
+            return None
+        return self._backend.get_rng_state(**self._on_this())
+
+    def set_rng_state(self, state: Tensor) -> None:
+        """Restore this device's generator from `rng_state()`'s tensor (no-op on the cpu)."""
+        if self.is_accelerator:
+            self._backend.set_rng_state(state, **self._on_this())
+
+    # --- what the build asks of a device type ------------------------------------------
 
     @property
     def pin_memory(self) -> bool:
         """Whether host batches should be pinned (page-locked) for asynchronous copies."""
-        return self.type in ("cuda", "npu")
+        return self.is_accelerator
+
+    @property
+    def auto_place(self) -> str:
+        """Where `auto` puts per-batch work either side can do (`data.augment_on`,
+        `eval.postprocess`): "device" on an accelerator, where the host's per-image work is
+        the bottleneck and the host postprocess copies every head output (docs/bench.md);
+        "host" on the cpu, where the workers run beside the step on other cores and both
+        sides are the same processor."""
+        return "device" if self.is_accelerator else "host"
+
+    @property
+    def ddp_device_ids(self) -> list[int] | None:
+        """DistributedDataParallel's `device_ids`: this rank's device; None on the cpu (DDP
+        takes no device ids for cpu modules)."""
+        return [self.index] if self.is_accelerator and self.index is not None else None
+
+    @property
+    def process_group_device(self) -> torch.device | None:
+        """The device `init_process_group` binds the group to (`device_id`), so NCCL / HCCL
+        connect at once and fail there, not at the first step; None on the cpu (torch wants an
+        accelerator with an index there)."""
+        return self.torch if self.is_accelerator else None
+
+    @property
+    def fused_sgd_with_scaler(self) -> bool:
+        """Whether this device's fused SGD takes GradScaler's inf check as a tensor (no host
+        read per step): cuda; torch_npu's fused SGD is unproven (optim.use_fused_sgd)."""
+        return self.type == "cuda"
+
+    def cudnn_benchmark(self, static_shapes: bool) -> bool:
+        """Whether cuDNN should time its convolution algorithms and keep the fastest
+        (`torch.backends.cudnn.benchmark`): on cuda when every shape is static (the fixed path),
+        so the timing is paid once. Off for the dynamic path: each new shape would be timed
+        anew; off where there is no cuDNN."""
+        return self.type == "cuda" and static_shapes
+
+    def tune_convolutions(self, static_shapes: bool, deterministic: bool) -> None:
+        """Set cuDNN's algorithm search for this run (`cudnn_benchmark`); off with
+        `device.deterministic`, whose kernels must not be chosen by timing."""
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark(static_shapes) and not deterministic
+
+    @property
+    def decodes_jpeg(self) -> bool:
+        """Whether `data.decode=device` can decode a batch's JPEGs here (torchcodec): nvJPEG on
+        cuda, libjpeg-turbo on the cpu. Not on npu yet: Ascend's DVPP decoder comes with
+        torchvision_npu, which this project does not drive."""
+        return self.type in ("cpu", "cuda")
+
+    def channels_last_default(self, amp: bool) -> bool:
+        """`device.channels_last=null`: on for fp32 training on the cpu, where oneDNN's
+        channels-last step of ssdlite320 is about 1.45x faster (docs/bench.md). Off under amp:
+        with bf16 autocast on the cpu, channels-last weights diverged within 18 steps in
+        tests/test_train.py where NCHW weights did not. cuda and npu keep the layout
+        torchvision gives (npu refuses channels-last: config.check_channels_last)."""
+        return self.type == "cpu" and not amp
 
     def amp_name(self, name: str | None = None) -> str:
         """The autocast dtype's name: `name` (bf16 | fp16), else `amp_default`, else bf16 on
@@ -183,15 +319,6 @@ class Device:
                 "set compiler.backend=npu (torchair's GE graph mode), or compile=false."
             )
 
-    def mark_step_begin(self) -> None:
-        """Tell the graph trees a new iteration begins, so the previous replay's outputs may be
-        overwritten (compile modes with device graphs): torch_npu's NPU graph trees on npu,
-        torch's CUDA graph trees elsewhere (a no-op where nothing was captured)."""
-        if self.type == "npu":
-            torch.compiler.npugraph_mark_step_begin()
-        else:
-            torch.compiler.cudagraph_mark_step_begin()
-
     @property
     def dynamic_postprocess(self) -> str:
         """Where torchvision's own postprocess of `shape=dynamic` runs ("device" | "host"); on
@@ -201,6 +328,10 @@ class Device:
 
 def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+CPU = Device("cpu", None)
+"""The host as a device: where nothing is queued (tests, tools, and `shape_path`'s default)."""
 
 
 def dynamic_postprocess_place(device_type: str, torchvision_npu: bool) -> str:
@@ -287,13 +418,6 @@ def import_torch_npu():
             f"{_NPU_REQUIREMENTS}."
         )
     return torch_npu
-
-
-def cudnn_benchmark(device_type: str, static_shapes: bool) -> bool:
-    """Whether cuDNN should time its convolution algorithms and keep the fastest
-    (`torch.backends.cudnn.benchmark`): on cuda when every shape is static (the fixed path),
-    so the timing is paid once. Off for the dynamic path: each new shape would be timed anew."""
-    return device_type == "cuda" and static_shapes
 
 
 def use_deterministic_kernels() -> None:

@@ -59,7 +59,8 @@ def init(device: Device, timeout_min: int = 30) -> World:
         return World()
     timeout = datetime.timedelta(minutes=timeout_min)
     if not dist.is_initialized():
-        bound = {"device_id": device.torch} if device.type in ("cuda", "npu") else {}
+        where = device.process_group_device
+        bound = {"device_id": where} if where is not None else {}
         dist.init_process_group(backend=device.dist_backend, timeout=timeout, **bound)
     global _host_group
     _host_group = dist.new_group(backend="gloo", timeout=timeout)
@@ -150,7 +151,7 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
 
 def convert_sync_batchnorm(module: nn.Module, device: Device) -> nn.Module:
     """BatchNorm -> statistics over all ranks: torch's SyncBatchNorm on cuda/npu, ours on cpu."""
-    if device.type != "cpu":
+    if device.is_accelerator:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, CrossRankBatchNorm2d):

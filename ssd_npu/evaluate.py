@@ -140,8 +140,7 @@ class DeviceDetect:
 def _as_device(device: Device | torch.device | str) -> Device:
     if isinstance(device, Device):
         return device
-    d = torch.device(device)
-    return Device(d.type, d.index)
+    return Device.of(torch.device(device))
 
 
 def coco_records(image_id: int, boxes: Tensor, scores: Tensor, labels: Tensor) -> list[dict]:

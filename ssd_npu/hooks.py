@@ -80,7 +80,8 @@ class CheckpointHook(Hook):
                 f"training stopped: the weights after step {progress.step} are not finite (the "
                 "update diverged). Lower the learning rate (optim.lr) or check the data."
             )
-        rng = gather_rng_states()  # a collective: every rank sends its RNG states to rank 0
+        # a collective: every rank sends its RNG states (its device's generator's too) to rank 0
+        rng = gather_rng_states(self.state.device)
         if self.main:
             state = self.state.to_dict(progress, rng)
             self.saved.append(save_checkpoint(state, self.folder, progress.step, self.keep))

@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, S
 
 from ssd_npu.compiler import CompiledStep
 from ssd_npu.config import ConfigError
+from ssd_npu.device import Device
 from ssd_npu.step import CompileOptions
 
 
@@ -30,16 +31,17 @@ def fused_sgd_available() -> bool:
     return "fused" in inspect.signature(torch.optim.SGD).parameters
 
 
-def use_fused_sgd(device_type: str, grad_scaler: bool) -> bool:
+def use_fused_sgd(device: Device, grad_scaler: bool) -> bool:
     """Fused SGD exactly for fp16 on cuda (a GradScaler in use), where this torch has it.
 
     Why: `GradScaler.step` with a plain SGD reads the inf/NaN check on the host
     (`found_inf.item()`), a device sync every step. A fused SGD declares
     `_step_supports_amp_scaling`: the scaler hands it `grad_scale` and `found_inf` as tensors
     and the kernel unscales and skips the update on the device, with no read. Only there:
-    bf16 and fp32 need no scaler (nothing to gain), and torch_npu's fused SGD is unproven.
+    bf16 and fp32 need no scaler (nothing to gain), and torch_npu's fused SGD is unproven
+    (`Device.fused_sgd_with_scaler`).
     """
-    return device_type == "cuda" and grad_scaler and fused_sgd_available()
+    return device.fused_sgd_with_scaler and grad_scaler and fused_sgd_available()
 
 
 def build_optimizer(

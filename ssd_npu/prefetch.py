@@ -30,7 +30,7 @@ class _Copy(Generic[B]):
     right after it: the event is done when this batch's copy is."""
 
     batch: B
-    done: torch.cuda.Event  # or torch.npu.Event (the same interface)
+    done: torch.Event
 
 
 class DevicePrefetcher(Iterable[B]):
@@ -38,23 +38,23 @@ class DevicePrefetcher(Iterable[B]):
 
     def __init__(self, loader: Iterable[B], device: Device) -> None:
         self.loader, self.device = loader, device
-        self.backend = getattr(torch, device.type) if device.type in ("cuda", "npu") else None
-        self.stream = self.backend.Stream(device.torch) if self.backend is not None else None
+        # the copy stream; None on the cpu, where there is no queue to overlap
+        self.stream = device.stream() if device.is_accelerator else None
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
-    def _start(self, batch: B) -> _Copy[B]:
-        with self.backend.stream(self.stream):
+    def _start(self, batch: B, stream: torch.Stream) -> _Copy[B]:
+        with self.device.on_stream(stream):
             moved = batch.to(self.device.torch, non_blocking=True)
-            done = self.backend.Event()
-            done.record(self.stream)
+            done = self.device.event()
+            done.record(stream)
         return _Copy(moved, done)
 
     def _ready(self, copy: _Copy[B]) -> B:
-        current = self.backend.current_stream(self.device.torch)
+        current = self.device.current_stream()
         current.wait_event(copy.done)  # this batch's copy only, not the one queued after it
-        return map_tensors(copy.batch, lambda t: (t.record_stream(current), t)[1])
+        return map_tensors(copy.batch, lambda t: self.device.record_stream(t, current))
 
     def __iter__(self) -> Iterator[B]:
         if self.stream is None:
@@ -64,8 +64,8 @@ class DevicePrefetcher(Iterable[B]):
         upcoming = next(batches, None)
         if upcoming is None:
             return
-        upcoming = self._start(upcoming)
+        upcoming = self._start(upcoming, self.stream)
         for batch in batches:
-            ready, upcoming = upcoming, self._start(batch)
+            ready, upcoming = upcoming, self._start(batch, self.stream)
             yield self._ready(ready)
         yield self._ready(upcoming)

@@ -43,9 +43,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
-    state = TrainState(
-        t.model, t.optimizer, t.scheduler, t.scaler, OmegaConf.to_container(cfg, resolve=True)
-    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, config, t.device)
     progress = Progress()
     if cfg.resume:
         path = find_resume(cfg.resume, ckpt_dir)

@@ -23,6 +23,7 @@ from ssd_npu.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ssd_npu.device import CPU, Device
 from ssd_npu.engine import NonFiniteLoss
 from ssd_npu.train import run
 from tests.helpers import FAST, REPO, TinyCfg, losses, run_train, tiny_overrides
@@ -219,7 +220,7 @@ def seed(n: int) -> None:
 
 def seeded_state(n: int) -> dict:
     seed(n)
-    return rng_state()
+    return rng_state(CPU)
 
 
 def draws() -> list[float]:
@@ -246,13 +247,10 @@ def test_a_checkpoint_with_8_cuda_states_resumes_with_1_gpu_or_none(
     loaded = load_checkpoint(path)  # weights_only=True reads both layouts
 
     seed(7)  # a fresh process's seeding (before the seam: manual_seed would seed CUDA too)
-    # The seam: this process's CUDA (one GPU, device 0, in use; or none at all).
+    # The seam: CUDA's generator (this rank on GPU 0; or a cpu run, which has none).
     restored: list[tuple[torch.Tensor, int]] = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: gpus > 0)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s, device)))
-    set_rng_state(loaded["rng"])
+    set_rng_state(loaded["rng"], Device("cuda", 0) if gpus else CPU)
 
     assert draws() == expected  # python, numpy and torch: rank 0's
     if gpus:  # exactly one state, this device's (rank 0 / GPU 0), to this device
@@ -264,6 +262,37 @@ def test_a_checkpoint_with_8_cuda_states_resumes_with_1_gpu_or_none(
     assert ("RNG states of 8 rank(s), this run has 1" in note) == (layout == "ranks")
 
 
+class FakeNpuGenerator:
+    """torch.npu's generator calls (torch_npu.npu.random): what was set, and on which device."""
+
+    def __init__(self) -> None:
+        self.state = torch.arange(16, dtype=torch.uint8)
+        self.restored: list[tuple[torch.Tensor, int]] = []
+
+    def get_rng_state(self, device: int) -> torch.Tensor:
+        return self.state.clone()
+
+    def set_rng_state(self, new_state: torch.Tensor, device: int) -> None:
+        self.restored.append((new_state, device))
+
+
+def test_the_npu_generator_is_saved_and_restored_on_npu_only(tmp_path, monkeypatch):
+    """An npu rank's states hold its generator under `npu`; resume gives it back to that
+    device, and a checkpoint of another device type (cuda, old or new layout) leaves it."""
+    generator = FakeNpuGenerator()
+    monkeypatch.setattr(torch, "npu", generator, raising=False)
+    npu = Device("npu", 1)
+    path = save_atomic({"rng": [rng_state(npu)]}, tmp_path / "step.pt")
+    saved = load_checkpoint(path)["rng"]
+    assert torch.equal(saved[0]["npu"], generator.state) and "cuda" not in saved[0]
+    set_rng_state(saved, npu)
+    assert [(s.tolist(), d) for s, d in generator.restored] == [(list(range(16)), 1)]
+    for layout in ("ranks", "old"):  # cuda checkpoints resumed on npu
+        set_rng_state(eight_gpu_checkpoint(layout)["rng"], npu)
+    set_rng_state(saved, CPU)  # an npu checkpoint resumed on the cpu
+    assert len(generator.restored) == 1
+
+
 RANK_SCRIPT = """
 import json, random, sys
 from pathlib import Path
@@ -271,7 +300,7 @@ import numpy as np
 import torch, torch.distributed as dist
 from ssd_npu import distributed
 from ssd_npu.checkpoint import TrainState, load_checkpoint, set_rng_state
-from ssd_npu.device import Device
+from ssd_npu.device import CPU, Device
 from ssd_npu.engine import Progress
 from ssd_npu.hooks import CheckpointHook
 
@@ -284,7 +313,7 @@ model = torch.nn.Linear(2, 1)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 hook = CheckpointHook(
-    TrainState(model, optimizer, scheduler, None, {}), Path(sys.argv[2]), 1, 1, rank == 0
+    TrainState(model, optimizer, scheduler, None, {}, CPU), Path(sys.argv[2]), 1, 1, rank == 0
 )
 random.seed(10 + rank), np.random.seed(10 + rank), torch.manual_seed(10 + rank)  # its own
 hook.save(Progress(step=1))  # every rank calls it: the RNG gather is a collective
@@ -292,7 +321,7 @@ expected = draws()  # what this rank draws right after the checkpoint
 dist.barrier()  # the file is written
 saved = load_checkpoint(hook.last)
 draws()  # training went on
-set_rng_state(saved["rng"])
+set_rng_state(saved["rng"], CPU)
 print(json.dumps({"expected": expected, "resumed": draws(), "ranks": len(saved["rng"])}))
 distributed.shutdown()
 """

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssd_npu.build import build_training
-from ssd_npu.device import cudnn_benchmark
+from ssd_npu.device import Device
 from tests.helpers import FAST
 
 
@@ -20,7 +20,7 @@ from tests.helpers import FAST
     ],
 )
 def test_benchmark_only_for_fixed_shapes_on_cuda(device_type, shape, on):
-    assert cudnn_benchmark(device_type, static_shapes=shape) is on
+    assert Device(device_type, 0).cudnn_benchmark(static_shapes=shape) is on
 
 
 def test_build_sets_the_flag_from_the_device_and_shape(tiny_cfg, monkeypatch):

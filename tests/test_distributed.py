@@ -154,8 +154,8 @@ class QueueLog:
 
 
 class LoggedMark(Mark):
-    def __init__(self, device_type: str, log: QueueLog, step: int) -> None:
-        super().__init__(device_type)
+    def __init__(self, device: Device, log: QueueLog, step: int) -> None:
+        super().__init__(device)
         self.log, self.step = log, step
 
     def wait(self) -> None:
@@ -164,8 +164,8 @@ class LoggedMark(Mark):
 
 
 class LoggedHostCopy(HostCopy):
-    def __init__(self, tensor: torch.Tensor, device_type: str, log: QueueLog) -> None:
-        super().__init__(tensor, device_type)
+    def __init__(self, tensor: torch.Tensor, device: Device, log: QueueLog) -> None:
+        super().__init__(tensor, device)
         self.log, self.step = log, log.queued
 
     def values(self) -> list[float]:
@@ -184,11 +184,11 @@ class LoggedDevice(Device):
         if self.log.in_step:
             self.log.queued += 1
         self.log.in_step = not self.log.in_step
-        return LoggedMark(self.type, self.log, self.log.queued + int(self.log.in_step))
+        return LoggedMark(self, self.log, self.log.queued + int(self.log.in_step))
 
     def to_host(self, tensor: torch.Tensor) -> HostCopy:
         self.log.to_host.append(tensor)
-        return LoggedHostCopy(tensor, self.type, self.log)
+        return LoggedHostCopy(tensor, self, self.log)
 
 
 class StopOnRank(Hook):

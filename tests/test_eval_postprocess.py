@@ -14,6 +14,7 @@ import torch
 
 from ssd_npu.build import build_evaluator, build_training, resolve_postprocess, shape_path
 from ssd_npu.config import ConfigError, expand_short_forms, validate
+from ssd_npu.device import Device
 from ssd_npu.evaluate import (
     DeviceDetect,
     fixed_detections,
@@ -36,7 +37,8 @@ from tests.helpers import calibrate_batchnorm, compose_cfg, run_train, tiny_over
     ],
 )
 def test_resolve_postprocess(choice, device, shape, want):
-    assert resolve_postprocess(choice, device, shape_path(compose_cfg(f"shape={shape}"))) == want
+    path = shape_path(compose_cfg(f"shape={shape}"))
+    assert resolve_postprocess(choice, Device(device, 0), path) == want
 
 
 def test_eval_short_form_and_bad_values():

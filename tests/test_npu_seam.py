@@ -7,6 +7,7 @@ calls. Everything above it (ssd_npu.device, distributed, engine) is the real cod
 """
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -35,55 +36,128 @@ from ssd_npu.model import FixedSSD, build_detector
 from tests.helpers import REPO, compose_cfg
 
 FAKE_TORCH_NPU = """
+import contextlib
 import os
+from time import perf_counter
 
 import torch
 
-CALLS = []
+CALLS = []  # the fake's own record of the calls made to it, in order (not a torch_npu name)
 __version__ = torch.__version__.split("+")[0]
 
 
-class _Npu:
+def _log(*entry):
+    CALLS.append(list(entry))
+
+
+class _Stream:  # torch_npu.npu.Stream; s0 is the default stream, current until one is entered
+    _made = 0
+
+    def __init__(self, device=None, priority=0):
+        self._name = f"s{_Stream._made}"
+        _Stream._made += 1
+
+    def wait_event(self, event):
+        assert event._stream is not None, "waits for an event that was never recorded"
+        _log("Stream.wait_event", self._name, event._name)
+
+    def wait_stream(self, stream):
+        _log("Stream.wait_stream", self._name, stream._name)
+
+
+_current = [_Stream()]  # the stream stack of torch.npu.stream(...): its top is current
+
+
+class _Event:  # torch_npu.npu.Event, timed by the host clock
+    _made = 0
+
+    def __init__(self, enable_timing=False, blocking=False, interprocess=False):
+        self._name, self._timing, self._stream = f"e{_Event._made}", enable_timing, None
+        _Event._made += 1
+        _log("Event", self._name, enable_timing)
+
+    def record(self, stream=None):
+        self._stream, self._time = stream or _current[-1], perf_counter()
+        _log("Event.record", self._name, self._stream._name)
+
+    def synchronize(self):
+        _log("Event.synchronize", self._name)
+
+    def query(self):
+        _log("Event.query", self._name)
+        return self._stream is not None
+
+    def elapsed_time(self, end_event):
+        assert self._timing and end_event._timing, "elapsed_time needs enable_timing=True"
+        _log("Event.elapsed_time", self._name, end_event._name)
+        return (end_event._time - self._time) * 1000.0
+
+
+class _GradScaler:  # torch_npu.npu.amp.GradScaler
+    def __init__(self):
+        _log("GradScaler")
+
+
+class _Amp:  # torch_npu.npu.amp
+    GradScaler = _GradScaler
+
+
+class _Npu:  # torch_npu.npu, registered as torch.npu
+    Stream = _Stream
+    Event = _Event
+    amp = _Amp
+
     def is_available(self):
         return True
 
     def set_device(self, device):
-        CALLS.append(["set_device", str(device)])
+        _log("set_device", str(device))
 
     def set_compile_mode(self, jit_compile):
-        CALLS.append(["set_compile_mode", jit_compile])
+        _log("set_compile_mode", jit_compile)
 
     def synchronize(self, device=None):
-        CALLS.append(["synchronize"])
+        _log("synchronize")
 
     def is_bf16_supported(self):  # FAKE_NPU_BF16=1: an Ascend 910B or later
-        CALLS.append(["is_bf16_supported"])
+        _log("is_bf16_supported")
         return os.environ.get("FAKE_NPU_BF16") == "1"
 
     def get_amp_supported_dtype(self):
         return [torch.float16, torch.bfloat16]
 
-    def is_autocast_enabled(self):
-        return True
+    @contextlib.contextmanager
+    def stream(self, stream):
+        _log("stream", stream._name)
+        _current.append(stream)
+        try:
+            yield
+        finally:
+            _current.pop()
 
-    def get_autocast_dtype(self):
-        return torch.float16
+    def current_stream(self, device=None):
+        _log("current_stream", device)
+        return _current[-1]
+
+    def get_rng_state(self, device="npu"):
+        _log("get_rng_state", device)
+        return torch.arange(16, dtype=torch.uint8)
+
+    def set_rng_state(self, new_state, device="npu"):
+        _log("set_rng_state", new_state.tolist(), device)
+
+    def manual_seed_all(self, seed):  # torch.manual_seed seeds the device module through it
+        _log("manual_seed_all", seed)
+
+    def _is_in_bad_fork(self):  # asked by torch.manual_seed before manual_seed_all
+        return False
 
 
-class _Amp:
-    class GradScaler:
-        def __init__(self):
-            CALLS.append(["GradScaler"])
-
-
-class npu:  # torch_npu.npu
-    amp = _Amp
-
-
+npu = _Npu()
 torch.utils.rename_privateuse1_backend("npu")
-torch._register_device_module("npu", _Npu())
+torch._register_device_module("npu", npu)
 # what torch_npu's dynamo patches install at import (torch_npu/utils/_dynamo.py)
-torch.compiler.npugraph_mark_step_begin = lambda: CALLS.append(["npugraph_mark_step_begin"])
+torch.compiler.npugraph_mark_step_begin = lambda: _log("npugraph_mark_step_begin")
 """
 
 SEAM_SCRIPT = """
@@ -113,7 +187,7 @@ scaler = dev.grad_scaler(True)
 dev.synchronize()
 dev.mark_step_begin()
 try:
-    channels_last = uses_channels_last(True, dev.type, False)
+    channels_last = uses_channels_last(True, dev, False)
 except ConfigError as err:
     channels_last = str(err)
 print(json.dumps({
@@ -273,7 +347,7 @@ def test_channels_last_on_npu_is_refused_at_start():
         validate(compose_cfg("device=npu", "device.channels_last=true"))
     assert str(err.value).startswith("device.channels_last=true is not supported on device=npu")
     validate(compose_cfg("device=npu", "device.channels_last=false"))
-    assert uses_channels_last(None, "npu", amp=False) is False
+    assert uses_channels_last(None, Device("npu", 0), amp=False) is False
 
 
 def test_a_device_graph_step_marks_the_iteration_on_its_inputs_device(monkeypatch):
@@ -287,6 +361,212 @@ def test_a_device_graph_step_marks_the_iteration_on_its_inputs_device(monkeypatc
     assert marked == ["cpu"]
     assert device_of(([1, {"images": torch.ones(1)}],)).type == "cpu"
     assert device_of((3,)).type == "cuda"
+
+
+LOOP_SCRIPT = """
+import json, sys
+from pathlib import Path
+import ssd_npu  # sets TORCH_DEVICE_BACKEND_AUTOLOAD=0 before torch
+import torch
+import torch_npu  # the fake: torch.npu with its streams, events and generator
+from ssd_npu.build import build_training
+from ssd_npu.checkpoint import TrainState, load_checkpoint
+from ssd_npu.device import Device
+from ssd_npu.engine import TrainLoop
+from ssd_npu.hooks import CheckpointHook
+from ssd_npu.prefetch import DevicePrefetcher
+from ssd_npu.telemetry import Telemetry
+from tests.helpers import FAST, tiny_config
+
+
+class HostNpu(Device):
+    # An npu whose tensors live on the cpu (no NPU kernel exists here): its queue, waits and
+    # generator are torch.npu's, so the fake sees every call the loop makes.
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device("cpu")
+
+    def record_stream(self, tensor, stream):
+        torch_npu.CALLS.append(["record_stream", stream._name])  # a host tensor has no stream
+        return tensor
+
+
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = tiny_config(root, out, *FAST, "max_steps=3")
+t = build_training(cfg)
+npu = HostNpu("npu", 0)
+state = TrainState(t.model, t.optimizer, t.scheduler, None, {}, npu)
+hook = CheckpointHook(state, out / "checkpoints", every=2, keep=5, main=True)
+loop = TrainLoop(
+    t.step, t.optimizer, t.scheduler, DevicePrefetcher(t.data.train, npu), t.data.train_sampler,
+    npu, Telemetry(out, 0, enabled=False), [hook], world=t.world, optimizer_step=t.optimizer_step,
+)
+torch_npu.CALLS.clear()
+loop.run(cfg.epochs, cfg.max_steps)
+calls, saved = list(torch_npu.CALLS), load_checkpoint(hook.last)
+torch_npu.CALLS.clear()
+state.load(saved)
+print(json.dumps({
+    "loop": calls, "resume": torch_npu.CALLS, "rng": saved["rng"][0]["npu"].tolist(),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_loop(tmp_path_factory: pytest.TempPathFactory, tiny_coco: Path) -> dict:
+    """LOOP_SCRIPT on the fake torch_npu: 3 steps of the tiny config through the prefetcher,
+    a checkpoint at step 2 and at the end, then a resume from the last one (what it saw)."""
+    tmp_path = tmp_path_factory.mktemp("fake_loop")
+    site = fake_site(tmp_path, FAKE_TORCH_NPU)
+    proc = run_python(site, LOOP_SCRIPT, str(tiny_coco), str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def step_reads(calls: list[list]) -> list[tuple[int, int]]:
+    """(step read, steps queued then) for each host wait on an event. The loop's timing events
+    (enable_timing) come three per step: its start and end marks, then its losses' copy."""
+    step_of: dict[str, int] = {}
+    queued, reads = 0, []
+    for call in calls:
+        if call[0] == "Event" and call[2]:  # a timing event
+            step_of[call[1]] = len(step_of) // 3 + 1
+            queued = max(queued, step_of[call[1]])
+        elif call[0] == "Event.synchronize":
+            reads.append((step_of[call[1]], queued))
+    return reads
+
+
+def test_the_loop_on_the_fake_npu_waits_only_where_it_reads(fake_loop):
+    """TrainLoop + DevicePrefetcher on an npu (the fake torch_npu, tensors on the cpu): the
+    copies go on one side stream, each step waits for its own batch's copy event only, and the
+    host waits on an event only to read a step: step 1 after step 2 is queued, step 2 (the
+    checkpoint's) and step 3 (the last) at once; never a device-wide synchronize."""
+    calls = fake_loop["loop"]
+    names = [c[0] for c in calls]
+    assert "synchronize" not in names and "Stream.wait_stream" not in names
+    copy_events = [c[1] for c in calls if c[0] == "Event" and not c[2]]
+    recorded = {c[1]: c[2] for c in calls if c[0] == "Event.record"}
+    # 4 batches copied (one ahead of the 3 steps), each on the copy stream s1, entered for it
+    assert len(copy_events) == 4 and {recorded[e] for e in copy_events} == {"s1"}
+    assert [c[1] for c in calls if c[0] == "stream"] == ["s1"] * 4
+    # the step's stream (s0) waits for batches 0, 1, 2's own copies, each after its record
+    waits = [c for c in calls if c[0] == "Stream.wait_event"]
+    assert waits == [["Stream.wait_event", "s0", e] for e in copy_events[:3]]
+    for wait in waits:
+        record = calls.index(["Event.record", wait[2], "s1"])
+        assert record < calls.index(wait)
+    assert {c[1] for c in calls if c[0] == "record_stream"} == {"s0"}  # memory tied to s0
+    # the marks and the losses' copies are recorded on the step's stream, 3 per step
+    timing = [c[1] for c in calls if c[0] == "Event" and c[2]]
+    assert len(timing) == 9 and {recorded[e] for e in timing} == {"s0"}
+    assert step_reads(calls) == [(1, 2), (1, 2), (2, 2), (2, 2), (3, 3), (3, 3)]
+    elapsed = [c[1:] for c in calls if c[0] == "Event.elapsed_time"]
+    assert elapsed == [[timing[k], timing[k + 1]] for k in (0, 3, 6)]  # start -> end mark
+
+
+def test_a_checkpoint_keeps_the_npu_generator(fake_loop):
+    """The checkpoints of the fake-npu loop hold torch.npu's generator state (asked of this
+    rank's device, 0), and resuming gives it back to that device."""
+    seen = fake_loop
+    asked = [c for c in seen["loop"] if c[0] == "get_rng_state"]
+    assert asked == [["get_rng_state", 0]] * 2  # the checkpoints at steps 2 and 3
+    assert seen["rng"] == list(range(16))
+    assert seen["resume"] == [["set_rng_state", list(range(16)), 0]]
+
+
+API_LIST = REPO / "tests" / "data" / "torch_npu_api.txt"
+UNPACKED_WHEEL = Path("/tmp/npu/torch_npu-2.14.0-cp311-cp311-manylinux_2_28_x86_64")
+_spec = importlib.util.spec_from_file_location("npu_api_names", REPO / "scripts/npu_api_names.py")
+npu_api_names = importlib.util.module_from_spec(_spec)
+sys.modules["npu_api_names"] = npu_api_names  # dataclasses look their module up while being made
+_spec.loader.exec_module(npu_api_names)
+
+
+def listed_names() -> set[str]:
+    return set(npu_api_names.read_names(API_LIST.read_text()))
+
+
+def fake_api(source: str) -> set[str]:
+    """The torch_npu names a fake offers: its public module-level names (CALLS, its own record,
+    aside), the members of the classes they are instances or aliases of, recursively (`npu =
+    _Npu()`, `Event = _Event`: npu.Event.record), and the torch attributes it sets. A class's
+    methods are all offered (torch asks for `_is_in_bad_fork`), dunders aside; a leading _
+    marks the fake's own data (`_made`) and module-level helpers (`_log`, `_Stream`)."""
+    tree = ast.parse(source)
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    names: set[str] = set()
+
+    def bind(name: str, value: ast.expr) -> None:
+        names.add(name)
+        if isinstance(value, ast.Call):
+            value = value.func  # an instance: its class's members
+        if isinstance(value, ast.Name) and value.id in classes:
+            for node in classes[value.id].body:
+                if isinstance(node, ast.FunctionDef) and not node.name.startswith("__"):
+                    names.add(f"{name}.{node.name}")
+                if isinstance(node, ast.Assign):
+                    for target in node.targets:
+                        if isinstance(target, ast.Name) and not target.id.startswith("_"):
+                            bind(f"{name}.{target.id}", node.value)
+
+    for node in tree.body:
+        for target in node.targets if isinstance(node, ast.Assign) else []:
+            if isinstance(target, ast.Attribute):
+                names.add(ast.unparse(target))  # torch.compiler.npugraph_mark_step_begin
+            elif isinstance(target, ast.Name) and not target.id.startswith("_"):
+                bind(target.id, node.value)
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_"):
+            names.add(node.name)
+    return names - {"CALLS"}
+
+
+def test_the_fake_offers_only_names_torch_npu_has():
+    offered = fake_api(FAKE_TORCH_NPU)
+    assert {"npu.Event.record", "npu.stream", "npu.get_rng_state"} <= offered  # it reads them
+    assert offered - listed_names() == set(), "add them to scripts/npu_api_names.py (API)"
+
+
+def test_the_fake_api_reader_sees_what_is_offered():
+    source = "class _E:\n    _made = 0\n    def record(self): ...\n    def __init__(self): ...\n"
+    source += "class _N:\n    Event = _E\n    def _in_fork(self): ...\nnpu = _N()\n"
+    source += "_private = 1\ndef _log(): ...\ntorch.a.b = 2\nCALLS = []\n"
+    want = {"npu", "npu.Event", "npu.Event.record", "npu._in_fork", "torch.a.b"}
+    assert fake_api(source) == want
+
+
+def test_the_list_is_what_the_script_writes():
+    text = API_LIST.read_text()
+    assert npu_api_names.read_names(text) == npu_api_names.API
+    assert text.endswith(npu_api_names.render("2.14.0").split("\n", 5)[-1])
+
+
+def test_the_device_module_calls_only_listed_names():
+    """What ssd_npu/device.py reaches through torch.npu (`self._backend` on npu, `torch.npu`)
+    and torch_npu (`import_torch_npu()`) is on the list (calls on events and streams it holds
+    are covered by the fake instead)."""
+    tree = ast.parse((REPO / "ssd_npu" / "device.py").read_text())
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    prefixes = {"self._backend.": "npu.", "torch.npu.": "npu.", "import_torch_npu().": ""}
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            text = ast.unparse(node)
+            used |= {
+                new + text[len(old) :] for old, new in prefixes.items() if text.startswith(old)
+            }
+    assert {"npu.Event", "npu.get_rng_state", "npu.amp.GradScaler", "profiler"} <= used
+    assert used - listed_names() == set()
+
+
+@pytest.mark.skipif(not UNPACKED_WHEEL.is_dir(), reason=f"no torch_npu wheel at {UNPACKED_WHEEL}")
+def test_every_listed_name_is_in_torch_npu_2_14():
+    sources = npu_api_names.Sources(UNPACKED_WHEEL)
+    assert sources.version == "2.14.0"
+    missing = [name for name in sorted(listed_names()) if npu_api_names.find(sources, name) is None]
+    assert missing == []
+    assert npu_api_names.find(sources, "npu.Event.no_such_method") is None  # it can say no
 
 
 @pytest.mark.slow  # 3 subprocesses, ~11 s; the import-order checks below cover it statically

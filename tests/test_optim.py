@@ -15,6 +15,7 @@ from torch import nn
 from ssd_npu.build import Training, build_training
 from ssd_npu.compiler import CompiledStep, reset
 from ssd_npu.config import ConfigError, validate
+from ssd_npu.device import Device
 from ssd_npu.engine import Hook, Progress, StepRecord
 from ssd_npu.optim import (
     OptimizerStep,
@@ -69,9 +70,10 @@ def test_grad_scaler_step_with_fused_sgd_reads_nothing_back():
 
 
 def test_fused_sgd_is_picked_exactly_for_cuda_with_a_grad_scaler():
-    assert use_fused_sgd("cuda", grad_scaler=True) == fused_sgd_available()
+    assert use_fused_sgd(Device("cuda", 0), grad_scaler=True) == fused_sgd_available()
     for device_type, scaler in (("cuda", False), ("cpu", True), ("cpu", False), ("npu", True)):
-        assert not use_fused_sgd(device_type, grad_scaler=scaler), (device_type, scaler)
+        device = Device(device_type, 0)
+        assert not use_fused_sgd(device, grad_scaler=scaler), (device_type, scaler)
 
 
 def test_cpu_fp16_build_keeps_plain_sgd(tiny_cfg):

@@ -31,7 +31,7 @@ class FakeStream:
 class FakeEvent:
     made = 0
 
-    def __init__(self) -> None:
+    def __init__(self, enable_timing: bool = False) -> None:
         self.name = f"event {FakeEvent.made}"
         FakeEvent.made += 1
 

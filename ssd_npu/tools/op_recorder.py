@@ -69,6 +69,8 @@ def sync_reason(name: str, args: tuple, out: Any, kwargs: dict | None = None) ->
             non_blocking = bool(args[2]) if len(args) > 2 else False
         else:
             non_blocking = bool((kwargs or {}).get("non_blocking", False))
+        # host vs device only (which side the copy lands on), not which accelerator: the one
+        # device-type test outside ssd_npu/device.py (tests/test_device_seam.py allows it)
         if out.device.type == "cpu" and src.device.type != "cpu" and not non_blocking:
             return "copy from the device to the host"
     return None
