@@ -30,6 +30,7 @@ from ssd_npu.config import (
     validate,
 )
 from ssd_npu.data.buckets import bucket_sizes
+from ssd_npu.data.decode import jpeg_decoder
 from ssd_npu.data.device_augment import DEVICE_RECIPES, DeviceAugment
 from ssd_npu.data.dynamic import collate_dynamic, to_dynamic_sample
 from ssd_npu.data.fixed_shape import FixSample, collate_fixed
@@ -169,13 +170,37 @@ def resolve_augment_on(cfg: TrainConfig, device: Device) -> str:
             recipe not in DEVICE_RECIPES
         ),
     }
+    blockers["data.decode=reduced picks its JPEG scale from the host's fit"] = (
+        cfg.data.decode == "reduced"
+    )
     reasons = [why for why, blocked in blockers.items() if blocked]
     if choice == "device" and reasons:
         raise ConfigError(f"data.augment_on=device is not available here: {reasons[0]}; "
                           "use data.augment_on=host (or auto).")  # fmt: skip
-    if choice == "auto":
-        return device.auto_place if not reasons else "host"
-    return choice
+    place = (device.auto_place if not reasons else "host") if choice == "auto" else choice
+    if cfg.data.decode == "device":
+        check_device_decode(device, place, reasons)
+    return place
+
+
+def check_device_decode(device: Device, augment_on: str, reasons: list[str]) -> None:
+    """data.decode=device: the batch's JPEGs decoded on the device into the augmentation's
+    slots: nvJPEG on cuda (torchcodec), libjpeg-turbo on the cpu (the same process as the
+    step: a check of the path more than a speed-up). Not on npu yet: Ascend's DVPP decoder
+    comes with torchvision_npu, which this project does not drive."""
+    if augment_on != "device":
+        why = reasons[0] if reasons else f"data.augment_on resolved to host on {device.type}"
+        raise ConfigError(
+            f"data.decode=device needs data.augment_on=device ({why}); set "
+            "data.augment_on=device or use data.decode=exact."
+        )
+    if not device.decodes_jpeg:
+        raise ConfigError(
+            "data.decode=device is not available on npu (Ascend's DVPP JPEG decoder comes with "
+            "torchvision_npu, not driven here yet); use data.decode=exact."
+        )
+    if jpeg_decoder() is None:
+        raise ConfigError("data.decode=device needs torchcodec: pip install -r requirements.txt.")
 
 
 def shape_path(cfg: TrainConfig, device: Device = CPU) -> ShapePath:
@@ -201,8 +226,16 @@ def shape_path(cfg: TrainConfig, device: Device = CPU) -> ShapePath:
             float(cfg.pad_value),
             recipe=MODELS[cfg.model.name].recipe if cfg.augment else "none",
         )
-        slots = SlotSample(cfg.data.slot, sizes[-1], augment.draws, int(cfg.seed))
-        form = BatchForm(finish, collate, True, None, slots, collate_slots)
+        slots = SlotSample(
+            cfg.data.slot,
+            sizes[-1],
+            augment.draws,
+            int(cfg.seed),
+            device_decode=cfg.data.decode == "device",
+        )
+        form = BatchForm(
+            finish, collate, True, None, slots, partial(collate_slots, slot=slots.slot)
+        )
         step = partial(FixedStep, augment=augment)
         return ShapePath("fixed", form, step, static=True, augment_on="device")
     return ShapePath(
