@@ -100,7 +100,8 @@ class StepRecord:
     start: Mark
     end: Mark
     losses: HostCopy  # total, then each term, as queued on the device
-    names: list[str]
+    names: list[str]  # the losses' names ("total" first)
+    counted: list[str]  # then the step's device counters (TrainStep.device_counts)
     graphs: int  # graphs the step compiled when it was queued (0 when eager)
     step_ms: float = 0.0  # filled when read: device time of the step
     values: dict[str, float] = field(default_factory=dict)  # filled when read
@@ -269,7 +270,10 @@ class TrainLoop:
         self.scheduler.step()
         progress.step += 1
         progress.batch += 1
-        stacked = torch.stack([total.detach(), *(v.detach() for v in losses.values())]).float()
+        counted = self.step.device_counts()  # read with the losses, one step late
+        stacked = torch.stack(
+            [total.detach(), *(v.detach() for v in losses.values()), *counted.values()]
+        ).float()
         return StepRecord(
             step=progress.step,
             epoch=progress.epoch,
@@ -280,12 +284,17 @@ class TrainLoop:
             end=end,
             losses=self.device.to_host(all_reduce(stacked)),
             names=["total", *losses],
+            counted=list(counted),
             graphs=self.step.graphs_last_call,
         )
 
     def finish(self, record: StepRecord, progress: Progress) -> None:
         """Read a queued step's losses and time, stop on a non-finite loss, log, call hooks."""
-        record.values = dict(zip(record.names, record.losses.values(), strict=True))
+        read = record.losses.values()
+        record.values = dict(zip(record.names, read[: len(record.names)], strict=True))
+        device_counts = {
+            k: int(v) for k, v in zip(record.counted, read[len(record.names) :], strict=True)
+        }
         record.step_ms = record.end.ms_since(record.start)
         data_ms = record.data_ms
         if self.world.distributed:  # the slowest rank sets the pace
@@ -309,7 +318,7 @@ class TrainLoop:
             lr=record.lr,
             boxes_dropped=counts.boxes_dropped,
             graphs=self.step.graphs,
-            data_counts=counts.data,
+            data_counts=counts.data | device_counts,
         )
         for hook in self.hooks:
             hook.after_step(record, progress)

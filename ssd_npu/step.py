@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ssd_npu.compiler import CompiledStep
@@ -35,6 +36,9 @@ from ssd_npu.model_specs import ModelSpec
 from ssd_npu.retinanet_loss import RetinaNetLossOptions, retinanet_loss_sums, retinanet_normalise
 
 Losses = dict[str, Tensor]
+# summary.json data_counts of data.augment_on=device, counted on the device: valid boxes its
+# crop or sanitising removed, images whose IoU crop no round decided (left whole)
+DEVICE_COUNTS = ("augment_removed", "crop_undecided")
 Wrap = Callable[[nn.Module], nn.Module]  # e.g. functools.partial(DistributedDataParallel, ...)
 
 
@@ -82,6 +86,11 @@ class TrainStep:
     @property
     def recompile_reasons(self) -> list[str]:
         return list(self.compiled.recompile_reasons) if self.compiled is not None else []
+
+    def device_counts(self) -> dict[str, Tensor]:
+        """Counters the last call computed on the device (0-d tensors, read with its losses,
+        one step late): the device augmentation's; none for most steps."""
+        return {}
 
     @property
     def graphs_last_call(self) -> int:
@@ -170,8 +179,9 @@ class SlotLossSums(nn.Module):
     `compile=true` compiles them into one graph (and one CUDA graph with reduce-overhead).
 
     forward(slots uint8 [B, 3, Hs, Ws], sizes [B, 2] (h, w) px, boxes [B, M, 4] xyxy image px,
-    labels [B, M], valid [B, M], draws float32 [B, K]) -> LossSums' three outputs. The
-    augmentation runs outside autocast (float32 pixels, as the host's), the network inside.
+    labels [B, M], valid [B, M], draws float32 [B, K]) -> LossSums' three outputs and the
+    augmentation's counters [2] (`DEVICE_COUNTS`: boxes it removed, crops left undecided).
+    The augmentation runs outside autocast (float32 pixels, as the host's), the network inside.
     """
 
     def __init__(self, sums: LossSums, augment: DeviceAugment) -> None:
@@ -186,9 +196,12 @@ class SlotLossSums(nn.Module):
         labels: Tensor,
         valid: Tensor,
         draws: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         out = self.augment(slots, sizes, boxes, labels, valid, draws)
-        return self.sums(out.images, out.boxes, out.labels, out.valid)
+        bbox_sum, cls_sum, num_foreground = self.sums(out.images, out.boxes, out.labels, out.valid)
+        # the augmentation's own counters, read one step late with the losses (`device_counts`)
+        counts = torch.stack([out.removed, out.undecided]).float()
+        return bbox_sum, cls_sum, num_foreground, counts
 
 
 class FixedStep(TrainStep):
@@ -217,6 +230,7 @@ class FixedStep(TrainStep):
         augment: DeviceAugment | None = None,
     ):
         self.model, self.device, self.options, self.augment = model, device, options, augment
+        self._counts: Tensor | None = None  # the last call's DEVICE_COUNTS [2], with augment
         sums = LossSums(model, device, options.amp, options.amp_dtype)
         self.sums: nn.Module = sums if augment is None else SlotLossSums(sums, augment)
         self.compiled = _compiled(self.sums, options)
@@ -225,7 +239,8 @@ class FixedStep(TrainStep):
     def losses(self, *inputs: Tensor) -> Losses:
         """inputs: images [B, 3, H, W], boxes [B, M, 4] xyxy canvas px, labels [B, M], valid
         [B, M]; with `augment`, `SlotLossSums`' six inputs instead."""
-        bbox_sum, cls_sum, num_foreground = self.network(*inputs)
+        bbox_sum, cls_sum, num_foreground, *counts = self.network(*inputs)
+        self._counts = counts[0] if counts else None
         world = self.options.world
         if self.model.kind == "retinanet":
             return retinanet_normalise(
@@ -235,6 +250,12 @@ class FixedStep(TrainStep):
         return normalise(
             bbox_sum, cls_sum, all_reduce(num_foreground) if world.distributed else num_foreground
         )
+
+    def device_counts(self) -> dict[str, Tensor]:
+        """The last call's device counters (`DEVICE_COUNTS`: with `augment` only), 0-d."""
+        if self._counts is None:
+            return {}
+        return dict(zip(DEVICE_COUNTS, self._counts.unbind(), strict=True))
 
     def __call__(self, batch: FixedBatch | SlotBatch) -> Losses:
         if isinstance(batch, SlotBatch):

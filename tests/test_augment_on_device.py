@@ -152,3 +152,23 @@ def test_device_decode_where_it_cannot_run_says_why(overrides, device_type, need
     cfg = compose_cfg("data.decode=device", *overrides)
     with pytest.raises(ConfigError, match=needle):
         resolve_augment_on(cfg, Device(device_type, 0))
+
+
+def test_device_counters_are_read_with_the_losses(tiny_cfg, tmp_path):
+    """The boxes the device's crop and sanitising removed, and the crops no round decided, are
+    counted on the device and summed into summary.json's data_counts (read one step late)."""
+    from ssd_npu.data.device_augment import DeviceAugment
+
+    on = (*FAST, "augment=true", "data.augment_on=device", "data.slot=[320,320]")
+    t = build_training(tiny_cfg(*on))
+    batch = next(iter(t.data.train))
+    train_step(train_loop(t, tmp_path), batch, Progress())
+    counts = t.step.device_counts()
+    augment: DeviceAugment = t.step.augment
+    out = augment(batch.slots, batch.sizes, batch.boxes, batch.labels, batch.valid, batch.draws)
+    assert int(counts["augment_removed"]) == int(out.removed)
+    assert int(counts["crop_undecided"]) == int(out.undecided)
+    summary = run(tiny_cfg(*on, "max_steps=6", out=tmp_path / "run"))
+    data = summary["data_counts"]
+    assert {"augment_removed", "crop_undecided"} <= set(data)
+    assert data["augment_removed"] >= 0 and data["crop_undecided"] >= 0

@@ -173,13 +173,16 @@ class AugmentParams(NamedTuple):
 class AugmentOut(NamedTuple):
     """The canvas batch: images float32 [B, 3, H, W] in [0, 1]; boxes float32 [B, M, 4] xyxy
     canvas px (zeros on invalid rows); labels int64 [B, M]; valid bool [B, M]; undecided:
-    int64 scalar tensor, images whose IoU crop was left as it is for lack of rounds."""
+    int64 scalar tensor, images whose IoU crop was left as it is for lack of rounds; removed:
+    int64 scalar tensor, valid boxes the crop or the sanitising dropped (the host path drops
+    them too, in `sanitize`)."""
 
     images: Tensor
     boxes: Tensor
     labels: Tensor
     valid: Tensor
     undecided: Tensor
+    removed: Tensor
 
 
 def _ratio(value: float, name: str) -> tuple[int, int]:
@@ -252,7 +255,8 @@ class DeviceAugment:
         params = self.params(sizes, boxes, valid, draws)
         images, out_boxes, out_valid = self.apply(slots, sizes, boxes, valid, params)
         labels = torch.where(out_valid, labels, torch.zeros_like(labels))
-        return AugmentOut(images, out_boxes, labels, out_valid, params.undecided.sum())
+        removed = (valid & ~out_valid).sum()
+        return AugmentOut(images, out_boxes, labels, out_valid, params.undecided.sum(), removed)
 
     # -- parameters -------------------------------------------------------------------------
 
