@@ -264,7 +264,7 @@ def test_libjpeg_turbo_through_torchcodec_gives_pils_pixels(tiny_coco, tmp_path)
         Image.fromarray(smooth).save(path, quality=quality, subsampling=sub, progressive=progressive)
         files.append(path)
     for path in files:
-        fast = _decode_jpeg_turbo(path)
+        fast = _decode_jpeg_turbo(path.read_bytes())
         assert fast is not None, path
         want = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)
         assert torch.equal(fast, want), path
@@ -272,3 +272,33 @@ def test_libjpeg_turbo_through_torchcodec_gives_pils_pixels(tiny_coco, tmp_path)
     grey = tmp_path / "grey.jpg"
     Image.fromarray(smooth[..., 0]).save(grey, quality=90)
     assert torch.equal(decode_rgb(grey), torch.from_numpy(np.array(load_rgb(grey))).permute(2, 0, 1))
+
+
+def test_colour_jpeg_reads_the_frame_header_as_pil_does(tmp_path):
+    """`colour_jpeg` (the marker walk that picks libjpeg-turbo's path) agrees with PIL's
+    header parse: colour baseline and progressive JPEGs (also behind EXIF), not grey, CMYK,
+    PNG or a truncated header."""
+    import io
+
+    from ssd_npu.data.decode import colour_jpeg
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    cases = {}
+    for name, image, kwargs in [
+        ("rgb", rgb, {}),
+        ("progressive", rgb, {"progressive": True}),
+        ("exif", rgb, {"exif": rgb.getexif().tobytes() + b"x" * 3000}),
+        ("grey", rgb.convert("L"), {}),
+        ("cmyk", rgb.convert("CMYK"), {}),
+    ]:
+        out = io.BytesIO()
+        image.save(out, "JPEG", **kwargs)
+        cases[name] = out.getvalue()
+    png = io.BytesIO()
+    rgb.save(png, "PNG")
+    cases["png"] = png.getvalue()
+    for name, data in cases.items():
+        with Image.open(io.BytesIO(data)) as im:
+            want = im.format == "JPEG" and im.mode == "RGB"
+        assert colour_jpeg(data) == want, name
+    assert colour_jpeg(cases["rgb"]) and not colour_jpeg(cases["rgb"][:12])

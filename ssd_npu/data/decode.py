@@ -63,9 +63,8 @@ def decode_rgb(path: Path, name: str | None = None) -> Tensor:
     on one thread it converts a contiguous image to channels-last anyway).
     """
     try:
-        with Image.open(path) as img:  # the header only
-            turbo = img.format == "JPEG" and img.mode == "RGB"
-        if turbo and (pixels := _decode_jpeg_turbo(path)) is not None:
+        data = Path(path).read_bytes()
+        if colour_jpeg(data) and (pixels := _decode_jpeg_turbo(data)) is not None:
             return pixels
         rgb = load_rgb(path)
     except _DECODE_ERRORS as e:
@@ -75,17 +74,17 @@ def decode_rgb(path: Path, name: str | None = None) -> Tensor:
 
 def jpeg_for_device(path: Path) -> Tensor | None:
     """The file's bytes as uint8 [L] for a batched decode on the device (`data.decode=device`),
-    or None where it must be decoded on the host: not a colour (YCbCr) JPEG (grey, CMYK, PNG:
-    nvJPEG's batched decode takes colour JPEGs), or torchcodec is not there."""
+    or None where it must be decoded on the host: not a colour (3-component) JPEG (grey,
+    CMYK, PNG: nvJPEG's batched decode takes colour JPEGs), or torchcodec is not there."""
     if jpeg_decoder() is None:
         return None
     try:
-        with Image.open(path) as img:  # the header only
-            if img.format != "JPEG" or img.mode != "RGB":
-                return None
-    except _DECODE_ERRORS:
+        data = Path(path).read_bytes()
+    except OSError:
         return None  # the host decode names the problem
-    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    if not colour_jpeg(data):
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def decode_jpegs(jpegs: list[Tensor], device: torch.device) -> list[Tensor]:
@@ -110,16 +109,47 @@ def jpeg_decoder() -> Callable[..., Tensor] | None:
     return decode_jpeg
 
 
-def _decode_jpeg_turbo(path: Path) -> Tensor | None:
+def _decode_jpeg_turbo(data: bytes) -> Tensor | None:
     """uint8 [3, h, w] (channels-last memory) from libjpeg-turbo, or None to let PIL decode
     (no torchcodec, or it refused the file: PIL then decodes it or names the problem)."""
     decode = jpeg_decoder()
     if decode is None:
         return None
     try:
-        return decode(str(path), mode="RGB")
+        return decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
     except RuntimeError:
         return None
+
+
+# JPEG start-of-frame markers (the frame header holds the component count); the other
+# 0xC0-0xCF markers are DHT (C4), JPG (C8) and DAC (CC)
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def colour_jpeg(data: bytes) -> bool:
+    """Whether `data` is a JPEG with 3 components (what PIL opens as mode "RGB"): its frame
+    header read by walking the marker segments (a few microseconds; PIL's header parse costs
+    about 0.1 ms). False for anything else, a truncated header included (PIL decides then)."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # standalone markers: no length
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker in _SOF:
+            return at + 9 < len(data) and data[at + 9] == 3  # length, P, Y, X, then Nf
+        if marker == 0xDA:  # start of scan before any frame header: not a valid JPEG
+            return False
+        at += 2 + length
+    return False
 
 
 def load_rgb(path: Path, reduce: int = 1) -> Image.Image:
