@@ -212,7 +212,7 @@ def queue_worker(rank: int, world: int, port: int, root: str, out: str, stop_at:
     cfg = tiny_config(Path(root), out_dir, *SMALL, "sync_bn=true", "epochs=2")
     t = build_training(cfg)
     log = QueueLog()
-    device = LoggedDevice(t.device.type, t.device.index, log)
+    device = LoggedDevice(t.device.type, t.device.index, log=log)
     stop = StopSignalHook()
     telemetry = Telemetry(out_dir / f"tb{rank}", stop_at, enabled=t.world.is_main)
     hooks = [StopOnRank(rank, world, stop_at), stop]
