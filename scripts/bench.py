@@ -261,11 +261,10 @@ def augment_ms(augment, device, batch: int, slot: tuple[int, int], max_boxes: in
 def device_augment_cost(cfg: DictConfig, device, fixed_step_ms: float | None) -> dict:
     """The device augmentation's own time (see the module docstring), beside the fixed step."""
     from ssd_npu.build import canvas_of
-    from ssd_npu.data.device_augment import DEVICE_RECIPES, DeviceAugment
+    from ssd_npu.data.device_augment import DeviceAugment
     from ssd_npu.model_specs import MODELS
 
     recipe = MODELS[cfg.model.name].recipe if cfg.augment else "none"
-    recipe = recipe if recipe in DEVICE_RECIPES else "ssdlite"
     augment = DeviceAugment(canvas_of(cfg), cfg.fit, float(cfg.pad_value), recipe=recipe)
     slot = tuple(int(v) for v in cfg.data.slot)
     m = cfg.max_boxes if isinstance(cfg.max_boxes, int) else max(cfg.max_boxes)

@@ -31,7 +31,7 @@ from ssd_npu.config import (
 )
 from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.data.decode import jpeg_decoder
-from ssd_npu.data.device_augment import DEVICE_RECIPES, DeviceAugment
+from ssd_npu.data.device_augment import DeviceAugment
 from ssd_npu.data.dynamic import collate_dynamic, to_dynamic_sample
 from ssd_npu.data.fixed_shape import FixSample, collate_fixed
 from ssd_npu.data.loader import BatchForm, Loaders, LoaderSpec, build_loaders
@@ -157,22 +157,17 @@ def resolve_augment_on(cfg: TrainConfig, device: Device) -> str:
     accelerator, where the workers' per-image work is the bottleneck; the host on the cpu,
     where the workers run beside the step on other cores). auto also stays on the host where
     the device path does not apply: the dynamic baseline, box-count buckets (one M per slot
-    batch) and a recipe the device does not apply whole (none now: DEVICE_RECIPES has every
-    model's); asked for explicitly, those fail with a message."""
+    batch) and data.decode=reduced; asked for explicitly, those fail with a message."""
     choice = cfg.data.augment_on
-    recipe = MODELS[cfg.model.name].recipe if cfg.augment else "none"
     blockers = {
         "shape=dynamic keeps torchvision's own host pipeline": cfg.shape != "fixed",
         f"max_boxes={list(bucket_sizes(cfg.max_boxes))} buckets cut M per batch on the host": (
             len(bucket_sizes(cfg.max_boxes)) > 1
         ),
-        f"model={cfg.model.name}'s recipe {recipe!r} runs on the host only": (
-            recipe not in DEVICE_RECIPES
+        "data.decode=reduced picks its JPEG scale from the host's fit": (
+            cfg.data.decode == "reduced"
         ),
     }
-    blockers["data.decode=reduced picks its JPEG scale from the host's fit"] = (
-        cfg.data.decode == "reduced"
-    )
     reasons = [why for why, blocked in blockers.items() if blocked]
     if choice == "device" and reasons:
         raise ConfigError(f"data.augment_on=device is not available here: {reasons[0]}; "

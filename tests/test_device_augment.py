@@ -27,17 +27,17 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ssd_npu.choices import Canvas
-from ssd_npu.data.device_augment import (
+from ssd_npu.data import photometric
+from ssd_npu.data.device_augment import AugmentParams, DeviceAugment, DrawLayout
+from ssd_npu.data.fit import _clip, content_size, fit_to_canvas
+from ssd_npu.data.iou_crop import IoUCropSampler, crop_boxes, hflip_boxes, sanitize
+from ssd_npu.data.photometric import (
     PERMUTATIONS,
-    AugmentParams,
-    DeviceAugment,
-    DrawLayout,
     PhotometricDistort,
     PhotoParams,
     _permutation_index,
+    distort,
 )
-from ssd_npu.data.fit import _clip, content_size, fit_to_canvas
-from ssd_npu.data.iou_crop import IoUCropSampler, crop_boxes, hflip_boxes, sanitize
 from ssd_npu.data.transforms import _crop, _hflip
 
 OPTIONS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -373,7 +373,7 @@ def test_photometric_distortion_equals_torchvisions_for_given_parameters(all_on)
         on = torch.ones(B, dtype=torch.bool)
         q = q._replace(do_brightness=on, do_contrast=on, do_saturation=on, do_hue=on)
         q = q._replace(do_permute=on)
-    out = DeviceAugment(Canvas(32, 32), recipe="ssd").distort(slots, sizes, q)
+    out = distort(slots, sizes, q)
     assert out.dtype == torch.uint8 and out.shape == slots.shape
     assert out.is_contiguous(memory_format=torch.channels_last)  # as the resample reads it
     transform = v2.RandomPhotometricDistort()
@@ -469,7 +469,7 @@ def test_ssd_recipe_distorts_on_the_device_without_syncs_or_dynamic_shapes():
         slots, sizes, boxes, valid = _batch(g, 4, 3, (40, 56))
         labels = valid.long()
         draws = torch.rand(4, aug.draws, generator=g)
-        draws[:, aug.layout.photo_start + DrawLayout.PHOTO_APPLY] = 0.0  # brightness on all
+        draws[:, aug.layout.photo_start + photometric.APPLY] = 0.0  # brightness on all
         recorder.start_step()
         try:
             out = aug(
