@@ -84,7 +84,10 @@ class SlotSample:
     from (seed, image_id, epoch) as FixSample's), `draws` float32 [K] in [0, 1) (seeded from
     (seed, image_id, epoch, 2)), `image_id`, and the counters `boxes_dropped`, `degenerate`,
     `clipped`, `downscaled` (1 when the image was larger than the slot and scaled down),
-    `skipped` (FixSample's meanings).
+    `skipped` (FixSample's meanings). With `device_decode` (data.decode=device; image a
+    `DeferredImage`) `slot` gives way to `jpeg` (the file's bytes, uint8 [L]; empty when the
+    worker decoded it), `pixels` (uint8 [3, h, w] the worker decoded; empty for a JPEG) and
+    `host_decoded` (1 when the worker decoded it).
     """
 
     def __init__(
@@ -94,32 +97,36 @@ class SlotSample:
         self.max_boxes, self.draws, self.seed = int(max_boxes), int(draws), int(seed)
         self.device_decode = device_decode  # data.decode=device: JPEG bytes, not pixels
 
+    def _jpeg_for_device(self, image: Any) -> Tensor | None:
+        """data.decode=device: the file's bytes when the device can decode it (a colour JPEG
+        that fits the slot), else None: the worker decodes it (grey, CMYK, PNG, larger)."""
+        if not isinstance(image, DeferredImage):
+            return None
+        if not self.device_decode:
+            raise ValueError(
+                "data.augment_on=device places decoded images in slots; data.decode=reduced "
+                "defers the decode to the host fit, which the device does now: use "
+                "data.decode=exact."
+            )
+        h, w = image.orig_size
+        return jpeg_for_device(image.path) if h <= self.slot[0] and w <= self.slot[1] else None
+
     def __call__(self, image: Any, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
         boxes = target["boxes"].as_subclass(Tensor).to(torch.float32).reshape(-1, 4)
-        pixels: dict[str, Any] = {}
-        if isinstance(image, DeferredImage):
-            if not self.device_decode:
-                raise ValueError(
-                    "data.augment_on=device places decoded images in slots; data.decode=reduced "
-                    "defers the decode to the host fit, which the device does now: use "
-                    "data.decode=exact."
-                )
-            h, w = image.orig_size
-            jpeg = jpeg_for_device(image.path) if h <= self.slot[0] and w <= self.slot[1] else None
-            if jpeg is not None:  # the device decodes it straight into its slot
-                nh, nw, downscaled = h, w, False
-                pixels = {"jpeg": jpeg, "pixels": _NO_PIXELS, "host_decoded": 0}
-            else:  # grey / CMYK / not a JPEG / larger than the slot: decoded here, counted
-                image = decode_rgb(image.path)
-                pixels = {"jpeg": _NO_BYTES, "host_decoded": 1}
-        if not pixels or pixels["host_decoded"]:
-            img = image.as_subclass(Tensor)
+        jpeg = self._jpeg_for_device(image)
+        if jpeg is not None:  # the device decodes it straight into its slot, at its own size
+            h, w = nh, nw = image.orig_size
+            downscaled = False
+            pixels = {"jpeg": jpeg, "pixels": _NO_PIXELS, "host_decoded": 0}
+        else:
+            img = decode_rgb(image.path) if isinstance(image, DeferredImage) else image
+            img = img.as_subclass(Tensor)
             h, w = int(img.shape[-2]), int(img.shape[-1])
             nh, nw, downscaled = content_size(h, w, self.slot, "pad")
             if downscaled:
                 img = _downscale(img, (nh, nw))
-            if pixels:  # device decode's fallback: the image alone, placed on the device
-                pixels["pixels"] = img
+            if self.device_decode:  # decoded here (counted), placed in its slot on the device
+                pixels = {"jpeg": _NO_BYTES, "pixels": img, "host_decoded": 1}
             else:
                 pixels = {"slot": _channels_last_slot(img, self.slot)}
         if downscaled:
