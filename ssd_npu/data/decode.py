@@ -17,6 +17,7 @@ not need torchvision's pixels.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import warnings
 from collections.abc import Callable
@@ -66,7 +67,7 @@ def decode_rgb(path: Path, name: str | None = None) -> Tensor:
         data = Path(path).read_bytes()
         if colour_jpeg(data) and (pixels := _decode_jpeg_turbo(data)) is not None:
             return pixels
-        rgb = load_rgb(path)
+        rgb = load_rgb(io.BytesIO(data))  # the bytes already read: no second read
     except _DECODE_ERRORS as e:
         raise _bad(name or str(path), e) from e
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
@@ -152,7 +153,7 @@ def colour_jpeg(data: bytes) -> bool:
     return False
 
 
-def load_rgb(path: Path, reduce: int = 1) -> Image.Image:
+def load_rgb(path: Path | io.BytesIO, reduce: int = 1) -> Image.Image:
     """The decoded RGB image (OSError & co. if the file is bad); `reduce` 2, 4 or 8 asks
     libjpeg for a 1/reduce-scale decode (JPEG only; other formats decode at full size).
 
