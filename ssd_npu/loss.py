@@ -49,7 +49,6 @@ def match_anchors(
         (background). Anchors between thresholds do not exist here: SSDMatcher uses one.
     """
     max_boxes = valid.shape[1]
-    num_anchors = anchors.shape[0]
     iou = padded_iou(anchors, boxes, valid)  # [B, M, A]
 
     # Matcher: best box per anchor (first index on ties, as torch.max), below threshold -> -1.
@@ -58,13 +57,13 @@ def match_anchors(
 
     # SSDMatcher: each box is forced onto its best anchor. torchvision writes
     # `matches[best_anchor] = arange(M)`; when two boxes share a best anchor the later box
-    # wins (CPU index_put order), so take the largest box index that chose each anchor.
+    # wins (CPU index_put order), so take the largest box index that chose each anchor: a
+    # scatter of the box indices onto their best anchors, reduced by max (padding rows
+    # scatter -1, which changes nothing).
     best_anchor = iou.argmax(dim=2)  # [B, M]
-    chose = (best_anchor[:, :, None] == torch.arange(num_anchors, device=anchors.device)) & valid[
-        :, :, None
-    ]  # [B, M, A]
-    box_index = torch.arange(max_boxes, device=anchors.device)[None, :, None]
-    forced = torch.where(chose, box_index, -1).amax(dim=1)  # [B, A]
+    box_index = torch.arange(max_boxes, device=anchors.device).expand_as(best_anchor)
+    box_index = torch.where(valid, box_index, -1)
+    forced = torch.full_like(matched, -1).scatter_reduce(1, best_anchor, box_index, "amax")
     return torch.where(forced >= 0, forced, matched)
 
 
@@ -137,7 +136,7 @@ def ssd_loss_sums(
         target_of.boxes.reshape(-1, 4), target_of.anchors.reshape(-1, 4)
     ).reshape_as(bbox_regression)
     smooth_l1 = F.smooth_l1_loss(bbox_regression, target, reduction="none")
-    bbox_loss = torch.where(foreground[:, :, None], smooth_l1, 0.0).sum()
+    bbox_loss = torch.where(foreground, smooth_l1.sum(dim=2), 0.0).sum()
 
     # Classification: cross entropy on every anchor, then hard negative mining exactly as
     # torchvision does it (sort, rank, keep the top 3 x positives per image).
@@ -148,9 +147,14 @@ def ssd_loss_sums(
     ).reshape(cls_targets.shape)
     positive = cls_targets > 0
     num_negative = options.neg_to_pos_ratio * positive.sum(1, keepdim=True)
-    negative_loss = torch.where(positive, -float("inf"), cls_loss)
-    _, order = negative_loss.sort(1, descending=True)
-    negative = order.sort(1)[1] < num_negative
+    # torchvision sorts the negatives' losses, then sorts the order again for each anchor's
+    # rank. The rank is the order's inverse permutation: one scatter instead of a second
+    # sort. Mining picks anchors, it needs no gradient: the loss is sorted detached.
+    negative_loss = torch.where(positive, -float("inf"), cls_loss.detach())
+    order = negative_loss.sort(1, descending=True)[1]  # [B, A] anchor at each rank
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)  # [B, A] rank of each anchor
+    negative = rank < num_negative
     # Summed separately, as torchvision does: when 4 x positives exceeds A an anchor can be
     # in both sets and then counts twice there too.
     cls_sum = (

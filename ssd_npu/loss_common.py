@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 # Below any real IoU (>= 0): padding rows never win a max and never pass a threshold.
 PADDING_IOU = -1.0
@@ -36,13 +35,23 @@ def padded_iou(anchors: Tensor, boxes: Tensor, valid: Tensor) -> Tensor:
         boxes: [B, M, 4] xyxy, canvas pixels; rows where `valid` is False may hold anything.
         valid: [B, M] bool.
     Returns:
-        iou [B, M, A].
+        iou [B, M, A], equal bit for bit to torchvision's `box_iou` on each valid row.
+
+    torchvision's `box_iou` broadcasts the corners as `[N, A, 2]` pairs (max, min, subtract,
+    clamp, then a product of the two columns); here each coordinate is its own `[B, M, 1]`
+    against `[A]` broadcast, which does the same float operations on each element without
+    the strided pairs (about half the time on a CPU, and less memory traffic anywhere).
     """
-    batch, max_boxes = valid.shape
-    boxes = torch.where(valid[:, :, None], boxes, boxes.new_zeros(()))
-    # box_iou is [M, A] per image; flattening the batch keeps one call and one shape.
-    iou = box_iou(boxes.reshape(-1, 4), anchors).reshape(batch, max_boxes, anchors.shape[0])
-    return torch.where(valid[:, :, None], iou, PADDING_IOU)
+    boxes = torch.where(valid[:, :, None], boxes, boxes.new_zeros(()))  # [B, M, 4]: cheap
+    bx1, by1, bx2, by2 = (c[:, :, None] for c in boxes.unbind(dim=2))  # [B, M, 1] each
+    ax1, ay1, ax2, ay2 = anchors.unbind(dim=1)  # [A] each
+    # In place where a [B, M, A] result is fresh: four fewer large buffers (no gradient flows
+    # through the matching). The float operations are box_iou's, element for element.
+    inter = torch.minimum(bx2, ax2).sub_(torch.maximum(bx1, ax1)).clamp_(min=0)  # width
+    inter.mul_(torch.minimum(by2, ay2).sub_(torch.maximum(by1, ay1)).clamp_(min=0))
+    union = ((bx2 - bx1) * (by2 - by1) + (ax2 - ax1) * (ay2 - ay1)).sub_(inter)
+    iou = inter.div_(union)  # [B, M, A]
+    return iou.masked_fill_(~valid[:, :, None], PADDING_IOU)
 
 
 class Matched(NamedTuple):

@@ -30,6 +30,7 @@ BOX_LOSS_TYPES = ("l1", "smooth_l1", "ciou", "diou", "giou")
 # `_box_loss` defaults when it is called without `cnf`, as RetinaNet calls it.
 _SMOOTH_L1_BETA = 1.0
 _IOU_LOSS_EPS = 1e-7
+_ABOVE_ANY_IOU = 2.0  # IoU is at most 1
 
 
 def retinanet_box_coder() -> BoxCoder:
@@ -88,8 +89,11 @@ def match_anchors_retinanet(
     if allow_low_quality_matches:
         # set_low_quality_matches_: every anchor that ties for some box's best IoU (even a
         # low one) gets back its *own* best box (`all_matches`), not necessarily that box.
+        # Padding rows' "best" is set above any IoU, so no anchor equals it: one [B, M, A]
+        # comparison instead of a comparison and a mask.
         best_per_box = iou.amax(dim=2, keepdim=True)  # [B, M, 1]
-        is_best = ((iou == best_per_box) & valid[:, :, None]).any(dim=1)  # [B, A]
+        best_per_box = best_per_box.masked_fill(~valid[:, :, None], _ABOVE_ANY_IOU)
+        is_best = (iou == best_per_box).any(dim=1)  # [B, A]
         matched = torch.where(is_best, all_matches, matched)
     return matched
 
@@ -192,14 +196,15 @@ def retinanet_loss_sums(
 
     # Classification: one-hot target of the matched box's label on foreground anchors, zeros
     # on background; anchors between the thresholds (-2) are left out of the sum.
-    classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)
-    one_hot = (target_of.labels[:, :, None] == classes) & foreground[:, :, None]
+    # The one-hot written by one scatter into zeros, as torchvision's index_put does it (a 1 on
+    # foreground, a 0 written over the 0 on background): [B, A, C] once, no compare-and-mask.
+    on_label = foreground[:, :, None].to(cls_logits.dtype)
+    one_hot = torch.zeros_like(cls_logits).scatter_(2, target_of.labels[:, :, None], on_label)
     alpha, gamma = options.focal_alpha, options.focal_gamma
-    focal = sigmoid_focal_loss(
-        cls_logits, one_hot.to(cls_logits.dtype), alpha, gamma, reduction="none"
-    )  # [B, A, C]
+    focal = sigmoid_focal_loss(cls_logits, one_hot, alpha, gamma, reduction="none")  # [B, A, C]
+    # Per anchor first, then the mask on [B, A]: an ignored anchor's row drops out whole.
     counted = matched != Matcher.BETWEEN_THRESHOLDS
-    cls_sums = torch.where(counted[:, :, None], focal, 0.0).sum(dim=(1, 2))
+    cls_sums = torch.where(counted, focal.sum(dim=2), 0.0).sum(dim=1)
 
     # Regression over every anchor (background: the anchor itself as its box, a finite
     # target and a non-degenerate IoU), masked out of the sum on background.

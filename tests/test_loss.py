@@ -4,8 +4,10 @@ import pytest
 import torch
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou
 
 from ssd_npu.loss import fixed_ssd_loss, match_anchors
+from ssd_npu.loss_common import PADDING_IOU, padded_iou
 from ssd_npu.model import canvas_anchors
 from ssd_npu.tools.op_recorder import OpRecorder
 from tests.helpers import op_calls, recorded_step, torchvision_loss
@@ -180,3 +182,19 @@ def test_box_coder_is_keyword_only_and_defaults_to_torchvisions(reference):
         torch.testing.assert_close(default[key], theirs[key], rtol=0, atol=0)
     with pytest.raises(TypeError):
         fixed_ssd_loss(logits, deltas, anchors, boxes, labels, valid, model.box_coder)
+
+
+def test_padded_iou_is_torchvisions_box_iou_bit_for_bit(reference):
+    """The per-coordinate IoU does box_iou's float operations: equal bits, not just close."""
+    _, anchors = reference
+    g = torch.Generator().manual_seed(7)
+    counts = [0, 5, 12]
+    boxes, _, valid = pad(
+        [random_boxes(g, n) for n in counts], [torch.ones(n, dtype=torch.int64) for n in counts],
+        12, g,
+    )  # fmt: skip
+    iou = padded_iou(anchors, boxes, valid)
+    assert iou.shape == (3, 12, anchors.shape[0])
+    for i in range(3):
+        assert torch.equal(iou[i, valid[i]], box_iou(boxes[i, valid[i]], anchors))
+        assert (iou[i, ~valid[i]] == PADDING_IOU).all()  # NaN/inf padding never leaks
