@@ -128,17 +128,18 @@ def suppression_matrix(
     rows = []
     for start in range(0, coords.shape[-2], ROW_CHUNK):
         part = slice(start, start + ROW_CHUNK)
-        w = torch.minimum(x2[..., part, None], x2[..., None, :])
-        w = (w - torch.maximum(x1[..., part, None], x1[..., None, :])).clamp(min=0)
+        # In place on each fresh [..., rows, N] buffer (nothing here needs a gradient): the
+        # same float operations with a third of the large allocations.
+        inter = torch.minimum(x2[..., part, None], x2[..., None, :])
+        inter = inter.sub_(torch.maximum(x1[..., part, None], x1[..., None, :])).clamp_(min=0)
         h = torch.minimum(y2[..., part, None], y2[..., None, :])
-        h = (h - torch.maximum(y1[..., part, None], y1[..., None, :])).clamp(min=0)
-        inter = w * h
-        union = area[..., part, None] + area[..., None, :] - inter
+        inter.mul_(h.sub_(torch.maximum(y1[..., part, None], y1[..., None, :])).clamp_(min=0))
+        union = (area[..., part, None] + area[..., None, :]).sub_(inter)
         empty = union == 0  # both boxes zero-area: torchvision's 0 / 0 = NaN, never > t
-        ovr = inter / torch.where(empty, torch.ones_like(union), union)
-        suppress = (ovr > threshold) & ~empty
+        ovr = inter.div_(union.masked_fill_(empty, 1.0))
+        suppress = (ovr > threshold).logical_and_(~empty)
         if classes is not None:
-            suppress = suppress & (classes[..., part, None] == classes[..., None, :])
+            suppress.logical_and_(classes[..., part, None] == classes[..., None, :])
         rows.append(suppress)
     return torch.cat(rows, dim=-2)
 
