@@ -4,15 +4,18 @@ Usage:
     python scripts/bench.py [bench.steps=30] [bench.out=PATH] [any train.py override:
         device=cpu canvas=[H,W] batch_size=8 num_workers=2 seed=0 ...]
 
-One invocation runs five variants (six on cuda) one after another in this process, each on
-the same data, batch size and seed (each builds its pipeline afresh with `build_training`, so
-each sees the same batches in the same order), each driven by `TrainLoop` for `bench.steps`
-steps:
+One invocation runs six variants (seven on cuda), each on the same data, batch size and seed
+(each builds its pipeline afresh with `build_training`, so each sees the same batches in the
+same order), each driven by `TrainLoop` for `bench.steps` steps:
 
     tv_eager        shape=dynamic compile=false: torchvision's model(images, targets)
     fixed_eager     shape=fixed   compile=false
-    floor           the bare backbone + head forward, backward and optimizer step on one
-                    batch kept on the device: no loss (a plain mean), no data loading
+    floor           the bare backbone + head forward, backward and optimizer step, fed by the
+                    same live DataLoader as the others: no loss (a plain mean). The fair
+                    floor: its workers compete for the cores as the other variants' do
+    floor_no_loader the same on one batch kept on the device, no DataLoader: what the network
+                    alone costs on a machine with cores to spare for the loader (on 2 cores the
+                    live workers add 15-22% to the main process's step)
     fixed_compiled  shape=fixed   compile=true (one graph; the first step is the compile)
     fixed_compiled_reduce_overhead
                     shape=fixed   compile=true compiler.mode=reduce-overhead: the step replayed
@@ -22,10 +25,16 @@ steps:
     tv_compiled     shape=dynamic compile=true, bounded: stops at dynamo's recompile limit
                     (compiler.recompile_limit, torch's default 8) or after bench.steps
 
-The compiled variants take the command line's compiler.* (compiler.mode too, except in
-fixed_compiled_reduce_overhead, which sets it; compiler.optimizer=true compiles their optimizer
-step too, and its graphs count in theirs). Each variant trains with the run's GradScaler (fp16).
-bench.json's ratios (vs_tv_eager, vs_floor) are null where either side has no steady time.
+Rounds: the whole set runs `bench.repeats` times (default 3), in alternating order (forward,
+then reversed, ...), because a shared machine's speed drifts within a minute: each ratio is
+taken within a round, between variants run minutes apart at most, and bench.json gives its
+median over the rounds with the min-max spread. A variant's steady_step_ms is the median of
+its rounds' (each listed in steady_step_ms_rounds); its other figures (compile statistics,
+first step, peak memory) are the first round's, which compiled cold.
+
+Canvas: the model's own (320x320 for ssdlite) unless the command line gives canvas=[H,W], also
+on the synthetic set, whose demo settings train at 224: bench.json "canvas" and
+"canvas_from" ("model" or "command line") say which, and the table's title repeats it.
 
 After the variants, `device_augment` times data.augment_on=device's share of the step alone:
 `DeviceAugment` (the model's recipe: IoU crop, flip, fit) on a batch of photo-sized images
@@ -35,9 +44,11 @@ step of fixed_eager at that batch: bench.json "device_augment" {"canvas", "fit",
 "recipe", "batch_64_ms", "batch_ms", "batch_size", "vs_fixed_eager_step"}.
 
 Dynamo is reset between variants. Each variant's TensorBoard events go to <out_dir>/<variant>/
-(for scripts/plot_steptime.py). Prints a markdown table and writes bench.json (bench.out, or
-<out_dir>/bench.json): {"runs": {variant: {...}}, "machine": {...}, "skipped": {variant:
-reason}}; machine names the device ("device") and the GPU on cuda ("device_name"). Times in
+(for scripts/plot_steptime.py) in the first round, <out_dir>/round<r>/<variant>/ in round r. Prints a markdown table and writes bench.json (bench.out, or
+<out_dir>/bench.json): {"runs": {variant: {...}}, "ratios": {"<variant>_vs_<tv_eager|floor>":
+{"median", "min", "max", "rounds"}}, "canvas", "canvas_from", "repeats", "machine": {...},
+"skipped": {variant: reason}}; runs[variant]["vs_tv_eager"] and ["vs_floor"] are the medians
+of those ratios; machine names the device ("device") and the GPU on cuda ("device_name"). Times in
 ms; steady = median after warm-up (`detect_warmup`); data_wait_pct = steady data wait /
 steady step time.
 peak_rss_mb is the main process's peak resident memory during the variant (Linux VmHWM, reset
@@ -67,16 +78,18 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
-from ssd_npu.config import config_dir  # noqa: E402
+from ssd_npu.config import ConfigError, config_dir  # noqa: E402
 
 VARIANTS = {  # name: (shape, compile, compiler.mode; None: the command line's)
     "tv_eager": ("dynamic", False, None),
     "fixed_eager": ("fixed", False, None),
     "floor": ("fixed", False, None),
+    "floor_no_loader": ("fixed", False, None),
     "fixed_compiled": ("fixed", True, None),
     "fixed_compiled_reduce_overhead": ("fixed", True, "reduce-overhead"),
     "tv_compiled": ("dynamic", True, None),
 }
+FLOORS = ("floor", "floor_no_loader")
 CUDA_ONLY = {"fixed_compiled_reduce_overhead": "compiler.mode=reduce-overhead (CUDA graphs)"}
 
 
@@ -111,7 +124,7 @@ def floor_step(model):
     return FloorStep()
 
 
-def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
+def run_variant(name: str, base: DictConfig, events_dir: Path) -> dict:
     from ssd_npu.build import build_training
     from ssd_npu.compiler import reset
     from ssd_npu.engine import TrainLoop
@@ -133,8 +146,9 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
         cfg.epochs = math.ceil(steps / len(t.data.train))
         t = build_training(cfg)
     step, loader, sampler = t.step, t.data.train, t.data.train_sampler
-    if name == "floor":
+    if name in FLOORS:
         step = floor_step(t.model)
+    if name == "floor_no_loader":
         loader, sampler = [next(iter(t.data.train)).to(t.device.torch)] * steps, None
     if name == "tv_compiled":
         # bounded: dynamo raises at its recompile limit instead of falling back to eager
@@ -147,7 +161,7 @@ def run_variant(name: str, base: DictConfig, out_dir: Path) -> dict:
         options = StepOptions(amp=cfg.amp, amp_dtype=cfg.amp_dtype, compile=compile_options)
         step = DynamicStep(t.model, t.device, options)
         t.optimizer_step.counted_in = step.compiled  # a compiled optimizer's graphs: this step's
-    telemetry = Telemetry(out_dir / name, steps)
+    telemetry = Telemetry(events_dir / name, steps)
     stopped = "steps"
     reset_peak_rss()
     loop = TrainLoop(
@@ -200,6 +214,66 @@ def ratio(run: dict, reference: dict | None) -> float | None:
     if mine is None or not theirs:
         return None
     return mine / theirs
+
+
+def round_order(round_index: int, names: list[str]) -> list[str]:
+    """The variants' order in a round: as listed in even rounds, reversed in odd ones, so that
+    no variant always runs on a machine warmed (or throttled) by the same neighbour."""
+    return list(names) if round_index % 2 == 0 else list(reversed(names))
+
+
+def spread(values: list[float | None]) -> dict | None:
+    """{"median", "min", "max", "rounds"} of per-round values; None when a round has none."""
+    if not values or any(v is None for v in values):
+        return None
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "rounds": values,
+    }
+
+
+def combine_rounds(rounds: list[dict[str, dict]]) -> tuple[dict, dict]:
+    """Per-round results -> (runs, ratios).
+
+    runs[variant]: the first round's figures, with steady_step_ms (and images_per_s,
+    data_wait_pct) the median over rounds, steady_step_ms_rounds, and vs_tv_eager / vs_floor
+    the medians of the per-round ratios. ratios["<variant>_vs_<reference>"]: `spread` of the
+    per-round ratios (each within one round).
+    """
+    names = [name for name in rounds[0] if all(name in r for r in rounds)]
+    runs, ratios = {}, {}
+    for name in names:
+        run = dict(rounds[0][name])
+        steady = [r[name]["steady_step_ms"] for r in rounds]
+        run["steady_step_ms_rounds"] = steady
+        if all(v is not None for v in steady):
+            run["steady_step_ms"] = statistics.median(steady)
+            run["images_per_s"] = statistics.median(r[name]["images_per_s"] for r in rounds)
+            waits = [r[name]["data_wait_pct"] for r in rounds]
+            run["data_wait_pct"] = statistics.median(waits) if None not in waits else None
+        for reference in ("tv_eager", "floor"):
+            per_round = [ratio(r[name], r.get(reference)) for r in rounds]
+            ratios[f"{name}_vs_{reference}"] = spread(per_round)
+            summary = ratios[f"{name}_vs_{reference}"]
+            run[f"vs_{reference}"] = summary["median"] if summary else None
+        runs[name] = run
+    return runs, ratios
+
+
+def canvas_from(cfg: DictConfig) -> str:
+    """Set the bench's canvas: the command line's canvas=[H,W] if it gives one, else the
+    model's own (a data set's demo settings may have changed it). Returns where it came from."""
+    from hydra.core.hydra_config import HydraConfig
+
+    given = any(
+        o.lstrip("+").split("=", 1)[0] == "canvas" for o in HydraConfig.get().overrides.task
+    )
+    if not given:
+        with open_dict(cfg):
+            cfg.canvas = list(cfg.model.canvas)
+    return "command line" if given else "model"
 
 
 def _p90(values: list[float]) -> float:
@@ -309,41 +383,60 @@ def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(out_dir / "inductor_cache"))
     from ssd_npu.device import resolve_device
 
-    runs, skipped = {}, {}
+    source = canvas_from(cfg)
+    repeats = int(cfg.bench.repeats)
+    if repeats < 1:
+        with user_errors():
+            raise ConfigError(f"bench.repeats={repeats}: give 1 or more rounds (default 3)")
+    rounds: list[dict[str, dict]] = []
+    skipped: dict[str, str] = {}
     with user_errors():
         device = resolve_device(cfg.device.name, cfg.device.index, cfg.device.jit_compile)
         info = machine(device)
         info["inductor_cache"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
-        for name in VARIANTS:
-            if name in CUDA_ONLY and device.type != "cuda":
+        for name in CUDA_ONLY:
+            if device.type != "cuda":
                 skipped[name] = f"{CUDA_ONLY[name]} needs device=cuda; this run's is {device.type}"
                 print(f"bench: {name} skipped: {skipped[name]}", flush=True)
-                continue
-            print(f"bench: {name} ...", flush=True)
-            try:
-                runs[name] = run_variant(name, cfg, out_dir)
-            except Exception as err:
-                if name not in CUDA_ONLY:
-                    raise
-                # never run on a GPU by this project yet: a failure costs this variant only
-                traceback.print_exc()
-                skipped[name] = f"failed: {type(err).__name__}: {err}"[:1000]
-                continue
-            print(json.dumps({name: runs[name]}), flush=True)
+        for index in range(repeats):
+            results: dict[str, dict] = {}
+            events_dir = out_dir if index == 0 else out_dir / f"round{index}"
+            for name in round_order(index, [n for n in VARIANTS if n not in skipped]):
+                print(f"bench: round {index + 1}/{repeats}: {name} ...", flush=True)
+                try:
+                    results[name] = run_variant(name, cfg, events_dir)
+                except Exception as err:
+                    if name not in CUDA_ONLY:
+                        raise
+                    # never run on a GPU by this project yet: a failure costs this variant only
+                    traceback.print_exc()
+                    skipped[name] = f"failed: {type(err).__name__}: {err}"[:1000]
+                    continue
+                print(json.dumps({name: results[name]}), flush=True)
+            rounds.append({n: results[n] for n in VARIANTS if n in results})
+        runs, ratios = combine_rounds(rounds)
         fixed_step = runs.get("fixed_eager", {}).get("steady_step_ms")
         augment_cost = device_augment_cost(cfg, device, fixed_step)
     info["load_avg_end"] = list(os.getloadavg())
-    for r in runs.values():
-        r["vs_tv_eager"] = ratio(r, runs.get("tv_eager"))
-        r["vs_floor"] = ratio(r, runs.get("floor"))
     path = Path(cfg.bench.out or out_dir / "bench.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         json.dumps(
-            {"runs": runs, "machine": info, "skipped": skipped, "device_augment": augment_cost},
+            {
+                "runs": runs,
+                "ratios": ratios,
+                "canvas": list(cfg.canvas),
+                "canvas_from": source,
+                "repeats": repeats,
+                "machine": info,
+                "skipped": skipped,
+                "device_augment": augment_cost,
+            },
             indent=2,
         )
     )
+    height, width = cfg.canvas
+    print(f"canvas {height}x{width} ({source}); medians over {repeats} round(s)")
     print(table(runs))
     a = augment_cost
     share = a["vs_fixed_eager_step"]

@@ -120,6 +120,7 @@ class CompilerConfig:
 @dataclass
 class BenchConfig:
     steps: int = 30  # training steps per variant in scripts/bench.py
+    repeats: int = 3  # rounds of every variant in scripts/bench.py, in alternating order
     out: str | None = None  # bench.json path; None: <out_dir>/bench.json (bench_eval.json)
     eval_rounds: int = 5  # timed passes over the val set per variant in scripts/bench_eval.py
 

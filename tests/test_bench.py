@@ -18,7 +18,9 @@ import pytest
 from tests.helpers import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_VARIANTS = {"tv_eager", "fixed_eager", "floor", "fixed_compiled", "tv_compiled"}
+CPU_VARIANTS = {
+    "tv_eager", "fixed_eager", "floor", "floor_no_loader", "fixed_compiled", "tv_compiled",
+}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -26,6 +28,7 @@ def test_bench_on_cpu_writes_bench_json_with_tv_compiled_stopped(tiny_coco, tmp_
     overrides = tiny_overrides(
         tiny_coco,
         "bench.steps=3",
+        "bench.repeats=2",
         "canvas=[64,64]",
         "max_boxes=8",
         # torchvision's per-image code compiles a second graph within its first step: with a
@@ -52,6 +55,17 @@ def test_bench_on_cpu_writes_bench_json_with_tv_compiled_stopped(tiny_coco, tmp_
         assert runs[name]["stopped_by"] == "steps" and runs[name]["steps"] == 3
         assert runs[name]["vs_tv_eager"] > 0 and runs[name]["vs_floor"] > 0
     assert runs["tv_eager"]["vs_tv_eager"] == 1.0
+    # two rounds, each ratio taken within a round; the run's ratio is their median
+    assert result["repeats"] == 2
+    assert result["canvas"] == [64, 64] and result["canvas_from"] == "command line"
+    fair = result["ratios"]["fixed_eager_vs_floor"]
+    assert len(fair["rounds"]) == 2 and fair["min"] <= fair["median"] <= fair["max"]
+    assert runs["fixed_eager"]["vs_floor"] == fair["median"]
+    for name in CPU_VARIANTS - {"tv_compiled"}:
+        steady = runs[name]["steady_step_ms_rounds"]
+        assert len(steady) == 2 and runs[name]["steady_step_ms"] == pytest.approx(sum(steady) / 2)
+    assert (tmp_path / "round1" / "fixed_eager").is_dir()  # round 2's events apart
+    assert "canvas 64x64 (command line); medians over 2 round(s)" in run.stdout
     assert "| tv_compiled |" in run.stdout
     augment = result["device_augment"]  # data.augment_on=device's share, timed alone
     assert augment["canvas"] == [64, 64] and augment["slot"] == [128, 128]
