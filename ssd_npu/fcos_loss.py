@@ -119,9 +119,7 @@ def centerness_targets(box_coder: BoxLinearCoder, anchors: Tensor, boxes: Tensor
 
 
 def fcos_loss_sums(
-    cls_logits: Tensor,
-    bbox_regression: Tensor,
-    bbox_ctrness: Tensor,
+    head: Sequence[Tensor],
     anchors: Tensor,
     anchors_per_level: Sequence[int],
     boxes: Tensor,
@@ -130,8 +128,10 @@ def fcos_loss_sums(
     options: FCOSLossOptions = FCOSLossOptions(),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The un-normalised loss: (focal sum, GIoU sum, centerness BCE sum, foreground count),
-    scalars over the batch. The tensors are `fixed_fcos_loss`'s. Split out so that
-    data-parallel training can divide by the foreground count of the *global* batch."""
+    scalars over the batch. head: (cls_logits, bbox_regression, bbox_ctrness); they and the
+    other tensors are `fixed_fcos_loss`'s. Split out so that data-parallel training can
+    divide by the foreground count of the *global* batch."""
+    cls_logits, bbox_regression, bbox_ctrness = head
     boxes, labels = clean_padding(boxes, labels, valid)
     matched = match_locations(
         anchors, anchors_per_level, boxes, valid, options.center_sampling_radius
@@ -203,8 +203,6 @@ def fixed_fcos_loss(
         max(1, foreground locations in the batch), as torchvision's `FCOS.compute_loss`.
     """
     options = FCOSLossOptions(center_sampling_radius=center_sampling_radius)
-    sums = fcos_loss_sums(
-        cls_logits, bbox_regression, bbox_ctrness, anchors, anchors_per_level, boxes, labels,
-        valid, options,
-    )  # fmt: skip
+    head = (cls_logits, bbox_regression, bbox_ctrness)
+    sums = fcos_loss_sums(head, anchors, anchors_per_level, boxes, labels, valid, options)
     return fcos_normalise(*sums)

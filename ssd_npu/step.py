@@ -31,7 +31,7 @@ from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.slots import SlotBatch
 from ssd_npu.device import Device
 from ssd_npu.distributed import World, all_reduce
-from ssd_npu.families import identity
+from ssd_npu.families import Targets, identity
 from ssd_npu.model import FixedSSD
 
 Losses = dict[str, Tensor]
@@ -157,8 +157,8 @@ class LossSums(nn.Module):
             head = self.model(images)
         anchors = self.model.anchors
         head = tuple(output.to(anchors.dtype) for output in head)
-        per_level = self.model.anchors_per_level
-        return self.loss.sums(head, anchors, per_level, boxes, labels, valid)
+        targets = Targets(boxes, labels, valid)
+        return self.loss.sums(head, anchors, self.model.anchors_per_level, targets)
 
 
 class SlotLossSums(nn.Module):

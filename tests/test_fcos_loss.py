@@ -20,8 +20,15 @@ from ssd_npu.fcos_loss import (
 )
 from ssd_npu.loss_common import clean_padding
 from ssd_npu.tools.op_recorder import OpRecorder
-from tests.helpers import op_calls, recorded_step
+from tests.helpers import (
+    assert_bitwise_equal,
+    assert_close_to_reference,
+    compact_matches,
+    op_calls,
+    recorded_step,
+)
 from tests.test_retinanet_loss import pad
+from tests.test_retinanet_loss import random_batch as retinanet_batch
 
 NUM_CLASSES = 4
 CANVAS = (320, 256)  # 40x32 + 20x16 + 10x8 + 5x4 + 3x2 = 1706 locations
@@ -82,11 +89,7 @@ def compare(
     anchors = anchors.to(dtype)
     boxes_list = [b.to(dtype) for b in boxes_list]
     batch, num_anchors = len(boxes_list), anchors.shape[0]
-    head = (
-        (torch.randn(batch, num_anchors, NUM_CLASSES, generator=g) * 3 - 2).to(dtype),
-        (torch.rand(batch, num_anchors, 4, generator=g) * 3).to(dtype),  # after the head's ReLU
-        torch.randn(batch, num_anchors, 1, generator=g).to(dtype),
-    )
+    head = tuple(t.to(dtype) for t in random_head(g, batch, num_anchors, spread=3.0))
     garbage, clean, labels, valid = pad(boxes_list, labels_list, max_boxes, g)
 
     ref_in = [t.clone().requires_grad_() for t in head]
@@ -96,28 +99,39 @@ def compare(
     ours, grads = ours_with_grads(head, anchors, per_level, garbage, labels, valid)
 
     assert list(ours) == list(ref)  # torchvision's keys, in its order
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 0}
-    for key in ref:
-        torch.testing.assert_close(ours[key], ref[key], **tol)
-    for mine, leaf in zip(grads, ref_in, strict=True):
-        assert torch.isfinite(mine).all()
-        torch.testing.assert_close(mine, leaf.grad, **tol)
+    assert_close_to_reference(ours, grads, ref, ref_in)
 
     # Padding rows: garbage or zeros, the results are bit for bit the same.
-    ours_clean, grads_clean = ours_with_grads(head, anchors, per_level, clean, labels, valid)
-    for key in ours:
-        assert torch.equal(ours[key], ours_clean[key])
-    for a, b in zip(grads, grads_clean, strict=True):
-        assert torch.equal(a, b)
+    clean_run = ours_with_grads(head, anchors, per_level, clean, labels, valid)
+    assert_bitwise_equal((ours, grads), clean_run)
 
     # The matching itself, mapped from padded rows back to torchvision's compact indices.
     matched = match_locations(anchors, per_level, clean_padding(garbage, labels, valid)[0], valid)
-    for i, ref_m in enumerate(ref_matched):
-        compact = torch.full((max_boxes,), -1, dtype=torch.int64)
-        compact[valid[i]] = torch.arange(int(valid[i].sum()))
-        mapped = torch.where(matched[i] >= 0, compact[matched[i].clamp(min=0)], matched[i])
-        assert torch.equal(mapped, ref_m)
+    assert torch.equal(compact_matches(matched, valid), torch.stack(ref_matched))
     return ours, torch.stack(ref_matched)
+
+
+def random_head(
+    g: torch.Generator, batch: int, num_anchors: int, spread: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Random head outputs: cls_logits [B, A, C] ~ N(1 - spread, spread^2), bbox_regression
+    [B, A, 4] uniform in [0, spread) (>= 0, as after the head's ReLU), bbox_ctrness [B, A, 1]."""
+    return (
+        torch.randn(batch, num_anchors, NUM_CLASSES, generator=g) * spread + 1 - spread,
+        torch.rand(batch, num_anchors, 4, generator=g) * spread,
+        torch.randn(batch, num_anchors, 1, generator=g),
+    )
+
+
+def padded_case(
+    levels: tuple[Tensor, list[int]], seed: int, batch: int
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, list[int], Tensor, Tensor, Tensor]]:
+    """A random batch of up to 5 boxes per image: (head, the loss's other arguments)."""
+    anchors, per_level = levels
+    boxes, labels = random_batch(seed, batch=batch, max_boxes=5)
+    g = torch.Generator().manual_seed(seed)
+    garbage, _, labels_t, valid = pad(boxes, labels, 5, g)
+    return random_head(g, batch, anchors.shape[0]), (anchors, per_level, garbage, labels_t, valid)
 
 
 def random_boxes(g: torch.Generator, n: int) -> Tensor:
@@ -129,11 +143,8 @@ def random_boxes(g: torch.Generator, n: int) -> Tensor:
 
 
 def random_batch(seed: int, batch: int, max_boxes: int) -> tuple[list[Tensor], list[Tensor]]:
-    g = torch.Generator().manual_seed(2000 + seed)
-    counts = torch.randint(0, max_boxes + 1, (batch,), generator=g).tolist()
-    boxes = [random_boxes(g, n) for n in counts]
-    labels = [torch.randint(0, NUM_CLASSES, (n,), generator=g) for n in counts]
-    return boxes, labels
+    """The RetinaNet tests' random batch, with boxes of every scale on this canvas."""
+    return retinanet_batch(1000 + seed, batch, max_boxes, random_boxes)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -207,11 +218,7 @@ def test_garbage_padding_everywhere_gives_finite_gradients(levels):
         boxes[0, 1] = torch.tensor([30.0, 30.0, 90.0, 120.0])
         labels = torch.full((2, 4), 10**6)
         labels[0, 1] = 1
-        head = [
-            torch.randn(2, anchors.shape[0], NUM_CLASSES, requires_grad=True),
-            torch.rand(2, anchors.shape[0], 4, requires_grad=True),
-            torch.randn(2, anchors.shape[0], 1, requires_grad=True),
-        ]
+        head = [t.requires_grad_() for t in random_head(torch.Generator(), 2, anchors.shape[0])]
         out = fixed_fcos_loss(*head, anchors, per_level, boxes, labels, valid)
         sum(out.values()).backward()
         assert all(torch.isfinite(v) for v in out.values()) and out["bbox_regression"] > 0
@@ -221,18 +228,10 @@ def test_garbage_padding_everywhere_gives_finite_gradients(levels):
 def test_data_parallel_split_sums_to_the_global_loss(levels):
     """Two "ranks" of 2 images, each normalised by the global foreground count: the shares add
     up to the loss of the whole batch."""
-    anchors, per_level = levels
-    boxes, labels = random_batch(9, batch=4, max_boxes=5)
-    g = torch.Generator().manual_seed(9)
-    garbage, _, labels_t, valid = pad(boxes, labels, 5, g)
-    head = (
-        torch.randn(4, anchors.shape[0], NUM_CLASSES, generator=g),
-        torch.rand(4, anchors.shape[0], 4, generator=g),
-        torch.randn(4, anchors.shape[0], 1, generator=g),
-    )
-    whole = fixed_fcos_loss(*head, anchors, per_level, garbage, labels_t, valid)
+    head, (anchors, per_level, *targets) = padded_case(levels, 9, batch=4)
+    whole = fixed_fcos_loss(*head, anchors, per_level, *targets)
     parts = [
-        fcos_loss_sums(*(t[r] for t in head), anchors, per_level, garbage[r], labels_t[r], valid[r])
+        fcos_loss_sums([t[r] for t in head], anchors, per_level, *(t[r] for t in targets))
         for r in (slice(0, 2), slice(2, 4))
     ]
     total = parts[0][3] + parts[1][3]  # the all-reduce
@@ -244,19 +243,11 @@ def test_data_parallel_split_sums_to_the_global_loss(levels):
 
 def test_sums_take_the_options_object(levels):
     """`fcos_loss_sums(..., options)`: the radius changes the matching, and so the loss."""
-    anchors, per_level = levels
-    boxes, labels = random_batch(4, batch=2, max_boxes=5)
-    g = torch.Generator().manual_seed(4)
-    garbage, _, labels_t, valid = pad(boxes, labels, 5, g)
-    head = (
-        torch.randn(2, anchors.shape[0], NUM_CLASSES, generator=g),
-        torch.rand(2, anchors.shape[0], 4, generator=g),
-        torch.randn(2, anchors.shape[0], 1, generator=g),
-    )
-    tensors = (*head, anchors, per_level, garbage, labels_t, valid)
-    wide = fixed_fcos_loss(*tensors, center_sampling_radius=3.0)
-    from_options = fcos_normalise(*fcos_loss_sums(*tensors, FCOSLossOptions(center_sampling_radius=3.0)))  # fmt: skip
-    default = fcos_normalise(*fcos_loss_sums(*tensors))
+    head, tensors = padded_case(levels, 4, batch=2)
+    wide = fixed_fcos_loss(*head, *tensors, center_sampling_radius=3.0)
+    options = FCOSLossOptions(center_sampling_radius=3.0)
+    from_options = fcos_normalise(*fcos_loss_sums(head, *tensors, options))
+    default = fcos_normalise(*fcos_loss_sums(head, *tensors))
     for key in wide:
         torch.testing.assert_close(from_options[key], wide[key], rtol=0, atol=0)
         assert not torch.equal(default[key], wide[key])  # the options were not ignored
@@ -275,11 +266,7 @@ def test_loss_ops_have_no_data_dependent_shapes(levels):
             6,
             g,
         )
-        head = [
-            torch.randn(2, anchors.shape[0], NUM_CLASSES, requires_grad=True),
-            torch.rand(2, anchors.shape[0], 4, requires_grad=True),
-            torch.randn(2, anchors.shape[0], 1, requires_grad=True),
-        ]
+        head = [t.requires_grad_() for t in random_head(g, 2, anchors.shape[0])]
         with recorded_step(recorder):
             out = fixed_fcos_loss(*head, anchors, per_level, boxes, labels, valid)
             sum(out.values()).backward()

@@ -6,7 +6,7 @@ To add a family: a module here implementing `Family` (`ssd_npu/families/base.py`
 
 from __future__ import annotations
 
-from ssd_npu.families.base import Family, FixedLoss, Head, Reduce, identity
+from ssd_npu.families.base import Family, FixedLoss, Head, Reduce, Targets, identity
 from ssd_npu.families.fcos import FCOS
 from ssd_npu.families.retinanet import RETINANET
 from ssd_npu.families.ssd import SSD
@@ -24,4 +24,4 @@ def family_of(name: str) -> Family:
         ) from None
 
 
-__all__ = ["FAMILIES", "Family", "FixedLoss", "Head", "Reduce", "family_of", "identity"]
+__all__ = ["FAMILIES", "Family", "FixedLoss", "Head", "Reduce", "Targets", "family_of", "identity"]

@@ -9,7 +9,7 @@ evaluation call these and never branch on a family's name.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from torch import Tensor
 
@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # model.py imports the families: only its type here
 # The head's outputs in the family's order, each [B, A, ...] (e.g. cls_logits [B, A, C],
 # bbox_regression [B, A, 4]); the same tuple FixedDetector.forward returns.
 Head = tuple[Tensor, ...]
+Levels = Sequence[int]  # anchors per feature level, [A_l, ...] summing to A
+Sums = tuple[Tensor, ...]  # a fixed loss's sums, its foreground count last
 # A count -> the same count over every rank (an all-reduce under torchrun, else identity)
 Reduce = Callable[[Tensor], Tensor]
 
@@ -30,28 +32,25 @@ def identity(count: Tensor) -> Tensor:
     return count
 
 
+class Targets(NamedTuple):
+    """A batch's padded ground truth on the canvas."""
+
+    boxes: Tensor  # [B, M, 4] xyxy canvas px; padding rows may hold anything
+    labels: Tensor  # [B, M] int64 logit columns
+    valid: Tensor  # [B, M] bool, False on padding rows
+
+
 class FixedLoss(Protocol):
     """A family's fixed-shape loss, options bound: `sums` is the part a step compiles (and DDP
     wraps); `normalise` runs after it, where a collective may be needed."""
 
-    def sums(
-        self,
-        head: Head,
-        anchors: Tensor,
-        anchors_per_level: Sequence[int],
-        boxes: Tensor,
-        labels: Tensor,
-        valid: Tensor,
-    ) -> tuple[Tensor, ...]:
-        """head (fp32), anchors [A, 4] xyxy canvas px, anchors_per_level [A_l, ...], boxes
-        [B, M, 4] xyxy canvas px, labels [B, M] int64, valid [B, M] bool -> the loss sums and
-        the foreground count, every shape fixed by B, A, C, M."""
+    def sums(self, head: Head, anchors: Tensor, per_level: Levels, targets: Targets) -> Sums:
+        """head (fp32), anchors [A, 4] xyxy canvas px, per_level [A_l, ...] summing to A ->
+        the loss sums, then the foreground count; every shape fixed by B, A, C, M."""
         ...
 
-    def normalise(
-        self, sums: Sequence[Tensor], num_images: int, reduce: Reduce
-    ) -> dict[str, Tensor]:
-        """`sums` from `sums` -> the loss dict, torchvision's `compute_loss` keys and values;
+    def normalise(self, sums: Sums, num_images: int, reduce: Reduce) -> dict[str, Tensor]:
+        """`sums`' output -> the loss dict, torchvision's `compute_loss` keys and values;
         num_images: the global batch (B x world size); reduce: the count over every rank."""
         ...
 

@@ -12,7 +12,6 @@ score_thresh, the top min(A_l x C, topk_candidates) of those, boxes decoded with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxLinearCoder
 
-from ssd_npu.families.base import Head, Reduce, torchvision_postprocess
+from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
 from ssd_npu.fcos_loss import FCOSLossOptions, fcos_loss_sums, fcos_normalise
 from ssd_npu.nms import compute_dtype, fixed_batched_nms
 from ssd_npu.postprocess import Detections, Recipe, clip_to_canvas, recipe_of, zero_invalid
@@ -37,26 +36,12 @@ class FCOSLoss:
 
     options: FCOSLossOptions = field(default_factory=FCOSLossOptions)
 
-    def sums(
-        self,
-        head: Head,
-        anchors: Tensor,
-        anchors_per_level: Sequence[int],
-        boxes: Tensor,
-        labels: Tensor,
-        valid: Tensor,
-    ) -> tuple[Tensor, ...]:
-        cls_logits, bbox_regression, bbox_ctrness = head
-        return fcos_loss_sums(
-            cls_logits, bbox_regression, bbox_ctrness, anchors, anchors_per_level, boxes,
-            labels, valid, self.options,
-        )  # fmt: skip
+    def sums(self, head: Head, anchors: Tensor, per_level: Levels, targets: Targets) -> Sums:
+        return fcos_loss_sums(head, anchors, per_level, *targets, self.options)
 
-    def normalise(
-        self, sums: Sequence[Tensor], num_images: int, reduce: Reduce
-    ) -> dict[str, Tensor]:
-        cls_sum, bbox_sum, ctrness_sum, num_foreground = sums
-        return fcos_normalise(cls_sum, bbox_sum, ctrness_sum, reduce(num_foreground))
+    def normalise(self, sums: Sums, num_images: int, reduce: Reduce) -> dict[str, Tensor]:
+        *loss_sums, num_foreground = sums
+        return fcos_normalise(*loss_sums, reduce(num_foreground))
 
 
 class FCOSFamily:
@@ -79,7 +64,7 @@ class FCOSFamily:
 def fcos_postprocess(
     head: Head,
     anchors: Tensor,
-    anchors_per_level: Sequence[int],
+    anchors_per_level: Levels,
     canvas: tuple[int, int],
     box_coder: BoxLinearCoder,
     recipe: Recipe,

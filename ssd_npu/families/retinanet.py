@@ -9,13 +9,12 @@ per FPN level, split as `RetinaNet.forward` splits it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from ssd_npu.families.base import Head, Reduce, torchvision_postprocess
+from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
 from ssd_npu.postprocess import Detections, recipe_of, retinanet_postprocess
 from ssd_npu.retinanet_loss import RetinaNetLossOptions, retinanet_loss_sums, retinanet_normalise
 
@@ -31,26 +30,13 @@ class RetinaNetLoss:
 
     options: RetinaNetLossOptions = field(default_factory=RetinaNetLossOptions)
 
-    def sums(
-        self,
-        head: Head,
-        anchors: Tensor,
-        anchors_per_level: Sequence[int],
-        boxes: Tensor,
-        labels: Tensor,
-        valid: Tensor,
-    ) -> tuple[Tensor, ...]:
-        cls_logits, bbox_regression = head
+    def sums(self, head: Head, anchors: Tensor, per_level: Levels, targets: Targets) -> Sums:
         # labels are logit columns as given (COCO ids; column 0 never a target)
-        return retinanet_loss_sums(
-            cls_logits, bbox_regression, anchors, boxes, labels, valid, self.options
-        )
+        return retinanet_loss_sums(*head, anchors, *targets, self.options)
 
-    def normalise(
-        self, sums: Sequence[Tensor], num_images: int, reduce: Reduce
-    ) -> dict[str, Tensor]:
-        bbox_sums, cls_sums, num_foreground = sums
-        return retinanet_normalise(bbox_sums, cls_sums, num_foreground, num_images=num_images)
+    def normalise(self, sums: Sums, num_images: int, reduce: Reduce) -> dict[str, Tensor]:
+        # per image over its own count: local, no collective
+        return retinanet_normalise(*sums, num_images=num_images)
 
 
 class RetinaNetFamily:
@@ -65,12 +51,10 @@ class RetinaNetFamily:
         return torchvision_postprocess(model, self.outputs, head, per_level=True)
 
     def device_postprocess(self, model: FixedDetector, head: Head) -> Detections:
-        cls_logits, bbox_regression = head
-        detector = model.detector
-        return retinanet_postprocess(
-            cls_logits, bbox_regression, model.anchors, model.anchors_per_level, model.canvas,
-            detector.box_coder, recipe_of(detector),
-        )  # fmt: skip
+        # per level, as RetinaNet.forward splits them
+        anchors = (model.anchors, model.anchors_per_level)
+        coder, recipe = model.detector.box_coder, recipe_of(model.detector)
+        return retinanet_postprocess(*head, *anchors, model.canvas, coder, recipe)
 
 
 RETINANET = RetinaNetFamily()

@@ -8,13 +8,12 @@ anchors of the (global) batch. Postprocess: softmax over all anchors at once (no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from ssd_npu.families.base import Head, Reduce, torchvision_postprocess
+from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
 from ssd_npu.loss import SSDLossOptions, normalise, ssd_loss_sums
 from ssd_npu.postprocess import Detections, recipe_of, ssd_postprocess
 
@@ -30,23 +29,10 @@ class SSDLoss:
 
     options: SSDLossOptions = field(default_factory=SSDLossOptions)
 
-    def sums(
-        self,
-        head: Head,
-        anchors: Tensor,
-        anchors_per_level: Sequence[int],
-        boxes: Tensor,
-        labels: Tensor,
-        valid: Tensor,
-    ) -> tuple[Tensor, ...]:
-        cls_logits, bbox_regression = head
-        return ssd_loss_sums(
-            cls_logits, bbox_regression, anchors, boxes, labels, valid, self.options
-        )
+    def sums(self, head: Head, anchors: Tensor, per_level: Levels, targets: Targets) -> Sums:
+        return ssd_loss_sums(*head, anchors, *targets, self.options)
 
-    def normalise(
-        self, sums: Sequence[Tensor], num_images: int, reduce: Reduce
-    ) -> dict[str, Tensor]:
+    def normalise(self, sums: Sums, num_images: int, reduce: Reduce) -> dict[str, Tensor]:
         bbox_sum, cls_sum, num_foreground = sums
         return normalise(bbox_sum, cls_sum, reduce(num_foreground))
 
@@ -62,12 +48,9 @@ class SSDFamily:
         return torchvision_postprocess(model, self.outputs, head, per_level=False)
 
     def device_postprocess(self, model: FixedDetector, head: Head) -> Detections:
-        cls_logits, bbox_regression = head
         detector = model.detector
-        return ssd_postprocess(
-            cls_logits, bbox_regression, model.anchors, model.canvas, detector.box_coder,
-            recipe_of(detector),
-        )  # fmt: skip
+        recipe = recipe_of(detector)
+        return ssd_postprocess(*head, model.anchors, model.canvas, detector.box_coder, recipe)
 
 
 SSD = SSDFamily()
