@@ -258,3 +258,22 @@ def test_spec_facts_are_what_torchvisions_builder_sets(name):
             detector_spec(detector)
     else:
         assert detector_spec(detector) == MODELS[DEFAULT_MODEL]
+
+
+@pytest.mark.parametrize("shape", ["fixed", "dynamic"])
+def test_fcos_trains_on_the_configured_path(tiny_cfg, shape):
+    """model=fcos_resnet50_fpn, built from the config: shape=fixed steps the fixed loss,
+    shape=dynamic torchvision's own FCOS; both give torchvision's three losses, finite, with
+    gradients for the head's third output (centerness)."""
+    from ssd_npu.build import build_training
+    from ssd_npu.step import DynamicStep
+
+    cfg = tiny_cfg("model=fcos_resnet50_fpn", "canvas=[64,64]", f"shape={shape}", "max_boxes=4")
+    t = build_training(cfg)
+    assert isinstance(t.step, FixedStep if shape == "fixed" else DynamicStep)
+    losses = t.step(next(iter(t.data.train)))
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    ctrness = t.model.detector.head.regression_head.bbox_ctrness.weight
+    assert ctrness.grad is not None and ctrness.grad.abs().sum() > 0
