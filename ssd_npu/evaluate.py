@@ -40,6 +40,7 @@ from ssd_npu import distributed
 from ssd_npu.compiler import CompiledStep
 from ssd_npu.data.fixed_shape import FixedBatch, unfit_boxes
 from ssd_npu.device import Device
+from ssd_npu.families import eval_recipe_of
 from ssd_npu.model import Detector, FixedSSD, detector_spec, eval_mode
 from ssd_npu.postprocess import Detections, as_dicts, fixed_postprocess
 from ssd_npu.step import CompileOptions
@@ -47,9 +48,9 @@ from ssd_npu.step import CompileOptions
 
 def check_eval_recipe(detector: Detector) -> None:
     """Raise ValueError if the detector's postprocess settings differ from its model's recipe
-    (`ModelSpec.eval_recipe`: what its torchvision builder sets)."""
+    (`eval_recipe_of`: what its torchvision builder sets)."""
     spec = detector_spec(detector)
-    for name, want in dataclasses.asdict(spec.eval_recipe).items():
+    for name, want in dataclasses.asdict(eval_recipe_of(spec)).items():
         got = getattr(detector, name)
         if got != want:
             raise ValueError(

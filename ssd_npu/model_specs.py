@@ -25,8 +25,8 @@ postprocess (`ssd`, `retinanet`, `fcos`); named here as a string so this module 
 Box loss and eval recipe: what each torchvision builder sets (0.29): retinanet_resnet50_fpn
 keeps `RetinaNetRegressionHead._loss_type = "l1"`, retinanet_resnet50_fpn_v2 sets "giou";
 ssdlite320 passes its own postprocess defaults (score 0.001, NMS 0.55, 300 detections, top
-300), ssd300 keeps `SSD`'s (0.01, 0.45, 200, 400), RetinaNet `RetinaNet`'s (0.05, 0.5, 300, 1000),
-FCOS `FCOS`'s (0.2, 0.6, 100, 1000).
+300); the others keep their family's class defaults (`ssd_npu.families`: `SSD`'s, `RetinaNet`'s,
+`FCOS`'s), as they keep its training recipe (ssd, hflip, hflip) unless named here.
 """
 
 from __future__ import annotations
@@ -45,28 +45,29 @@ class EvalRecipe:
     topk_candidates: int  # best-scoring candidates kept before NMS (per level: RetinaNet, FCOS)
 
 
+# ssdlite320's builder passes its own postprocess settings (the SSD family's are `SSD`'s)
 SSDLITE_RECIPE = EvalRecipe(0.001, 0.55, 300, 300)
-SSD_RECIPE = EvalRecipe(0.01, 0.45, 200, 400)
-RETINANET_RECIPE = EvalRecipe(0.05, 0.5, 300, 1000)
-FCOS_RECIPE = EvalRecipe(0.2, 0.6, 100, 1000)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One detector: its torchvision builder name, family, box loss, eval recipe, default
-    canvas (H, W) and canvas rule."""
+    """One detector: its torchvision builder name, family, box loss, default canvas (H, W),
+    canvas rule, and where they differ from its family's defaults (`ssd_npu.families`), its
+    eval recipe and training augmentation recipe (`eval_recipe_of`, `train_recipe_of`)."""
 
     name: str  # torchvision.models.detection builder, e.g. "ssd300_vgg16"
     family: str  # a key of ssd_npu.families.FAMILIES: "ssd" | "retinanet" | "fcos"
     canvas: tuple[int, int]  # default [H, W] pixels
-    eval_recipe: EvalRecipe
     # RetinaNet's bbox_reg_loss_type ("l1" | "giou"); None for SSD and FCOS (fixed box losses)
     box_loss_type: str | None = None
     divisor: int = 32  # each side divisible by this
     min_side: int = 64  # each side at least this, pixels
     exact: tuple[int, int] | None = None  # the only canvas allowed, when the anchors demand it
-    # torchvision references/detection's training augmentation for it (ssd_npu.data.transforms)
-    recipe: str = "ssdlite"
+    # the postprocess settings its builder sets; None: its family's class defaults
+    eval_recipe: EvalRecipe | None = None
+    # torchvision references/detection's training augmentation for it (ssd_npu.data.transforms);
+    # None: its family's
+    recipe: str | None = None
 
     @property
     def canvas_rule(self) -> str:
@@ -87,27 +88,20 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("ssdlite320_mobilenet_v3_large", "ssd", (320, 320), SSDLITE_RECIPE),
-        ModelSpec("ssd300_vgg16", "ssd", (300, 300), SSD_RECIPE, exact=(300, 300), recipe="ssd"),
-        # RetinaNet: its box loss type (torchvision's `_loss_type`); trained with `hflip`
+        # ssdlite320: its builder's own postprocess settings, its own augmentation recipe
         ModelSpec(
-            "retinanet_resnet50_fpn",
-            "retinanet",
-            (512, 512),
-            RETINANET_RECIPE,
-            "l1",
-            recipe="hflip",
+            "ssdlite320_mobilenet_v3_large",
+            "ssd",
+            (320, 320),
+            eval_recipe=SSDLITE_RECIPE,
+            recipe="ssdlite",
         ),
-        ModelSpec(
-            "retinanet_resnet50_fpn_v2",
-            "retinanet",
-            (512, 512),
-            RETINANET_RECIPE,
-            "giou",
-            recipe="hflip",
-        ),
-        # FCOS: GIoU box loss and centerness are fixed; trained with `hflip`
-        ModelSpec("fcos_resnet50_fpn", "fcos", (512, 512), FCOS_RECIPE, recipe="hflip"),
+        ModelSpec("ssd300_vgg16", "ssd", (300, 300), exact=(300, 300)),
+        # RetinaNet: its box loss type (torchvision's `_loss_type`)
+        ModelSpec("retinanet_resnet50_fpn", "retinanet", (512, 512), "l1"),
+        ModelSpec("retinanet_resnet50_fpn_v2", "retinanet", (512, 512), "giou"),
+        # FCOS: GIoU box loss and centerness are fixed
+        ModelSpec("fcos_resnet50_fpn", "fcos", (512, 512)),
     )
 }
 DEFAULT_MODEL = "ssdlite320_mobilenet_v3_large"

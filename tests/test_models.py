@@ -23,6 +23,7 @@ from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device
 from ssd_npu.distributed import World
 from ssd_npu.evaluate import postprocess_fixed
+from ssd_npu.families import eval_recipe_of, train_recipe_of
 from ssd_npu.model import FixedSSD, build_detector, canvas_anchors, detector_spec
 from ssd_npu.model_specs import DEFAULT_MODEL, MODELS, EvalRecipe
 from ssd_npu.step import CompileOptions, FixedStep, StepOptions
@@ -244,8 +245,11 @@ def test_spec_facts_are_what_torchvisions_builder_sets(name):
     detector = build_detector(NUM_CLASSES, spec.exact or (128, 128), name)
     classes = {SSD: "ssd", RetinaNet: "retinanet", FCOS: "fcos"}
     assert spec.family == classes[type(detector)]
+    # torchvision references/detection's README: ssdlite / ssd / the default hflip
+    recipes = {"ssdlite320_mobilenet_v3_large": "ssdlite", "ssd300_vgg16": "ssd"}
+    assert train_recipe_of(spec) == recipes.get(name, "hflip")
     for field in dataclasses.fields(EvalRecipe):
-        assert getattr(spec.eval_recipe, field.name) == getattr(detector, field.name), field.name
+        assert getattr(eval_recipe_of(spec), field.name) == getattr(detector, field.name)
     # SSD's regression head has no `_loss_type`: its Smooth-L1 is fixed (spec: None)
     assert spec.box_loss_type == getattr(detector.head.regression_head, "_loss_type", None)
     model = FixedSSD(detector, spec.exact or (128, 128))

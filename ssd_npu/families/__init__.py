@@ -10,6 +10,7 @@ from ssd_npu.families.base import Family, FixedLoss, Head, Reduce, Targets, iden
 from ssd_npu.families.fcos import FCOS
 from ssd_npu.families.retinanet import RETINANET
 from ssd_npu.families.ssd import SSD
+from ssd_npu.model_specs import EvalRecipe, ModelSpec
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (SSD, RETINANET, FCOS)}
 
@@ -24,4 +25,26 @@ def family_of(name: str) -> Family:
         ) from None
 
 
-__all__ = ["FAMILIES", "Family", "FixedLoss", "Head", "Reduce", "Targets", "family_of", "identity"]
+def eval_recipe_of(spec: ModelSpec) -> EvalRecipe:
+    """The postprocess settings `spec`'s builder gives its detector: its own, or its family's."""
+    return spec.eval_recipe or family_of(spec.family).eval_recipe
+
+
+def train_recipe_of(spec: ModelSpec) -> str:
+    """`spec`'s training augmentation recipe (ssd_npu.data.transforms): its own, or its
+    family's."""
+    return spec.recipe or family_of(spec.family).train_recipe
+
+
+__all__ = [
+    "eval_recipe_of",
+    "train_recipe_of",
+    "FAMILIES",
+    "Family",
+    "FixedLoss",
+    "Head",
+    "Reduce",
+    "Targets",
+    "family_of",
+    "identity",
+]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:  # model.py imports the families: only its type here
     from ssd_npu.model import FixedDetector
-    from ssd_npu.model_specs import ModelSpec
+    from ssd_npu.model_specs import EvalRecipe, ModelSpec
     from ssd_npu.postprocess import Detections
 
 # The head's outputs in the family's order, each [B, A, ...] (e.g. cls_logits [B, A, C],
@@ -60,6 +60,8 @@ class Family(Protocol):
 
     name: str  # what `ModelSpec.family` says
     outputs: tuple[str, ...]  # the head dict's keys, in the order of `Head`
+    eval_recipe: EvalRecipe  # the postprocess settings of torchvision's class (its defaults)
+    train_recipe: str  # torchvision references/detection's augmentation (data.transforms)
 
     def loss(self, spec: ModelSpec) -> FixedLoss:
         """The fixed loss with the options torchvision's builder gives `spec`'s detector."""

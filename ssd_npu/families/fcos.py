@@ -21,6 +21,7 @@ from torchvision.models.detection._utils import BoxLinearCoder
 
 from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
 from ssd_npu.fcos_loss import FCOSLossOptions, fcos_loss_sums, fcos_normalise
+from ssd_npu.model_specs import EvalRecipe
 from ssd_npu.nms import compute_dtype, fixed_batched_nms
 from ssd_npu.postprocess import Detections, Recipe, clip_to_canvas, recipe_of, zero_invalid
 
@@ -47,6 +48,8 @@ class FCOSLoss:
 class FCOSFamily:
     name = "fcos"
     outputs = ("cls_logits", "bbox_regression", "bbox_ctrness")
+    eval_recipe = EvalRecipe(0.2, 0.6, 100, 1000)  # `FCOS`'s defaults
+    train_recipe = "hflip"
 
     def loss(self, spec: ModelSpec) -> FCOSLoss:
         return FCOSLoss()  # fcos_resnet50_fpn: torchvision's defaults (radius 1.5)

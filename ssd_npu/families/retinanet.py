@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
+from ssd_npu.model_specs import EvalRecipe
 from ssd_npu.postprocess import Detections, recipe_of, retinanet_postprocess
 from ssd_npu.retinanet_loss import RetinaNetLossOptions, retinanet_loss_sums, retinanet_normalise
 
@@ -42,6 +43,8 @@ class RetinaNetLoss:
 class RetinaNetFamily:
     name = "retinanet"
     outputs = ("cls_logits", "bbox_regression")
+    eval_recipe = EvalRecipe(0.05, 0.5, 300, 1000)  # `RetinaNet`'s defaults
+    train_recipe = "hflip"
 
     def loss(self, spec: ModelSpec) -> RetinaNetLoss:
         # a spec that names no box loss type: torchvision's RetinaNet default

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
 from ssd_npu.loss import SSDLossOptions, normalise, ssd_loss_sums
+from ssd_npu.model_specs import EvalRecipe
 from ssd_npu.postprocess import Detections, recipe_of, ssd_postprocess
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class SSDLoss:
 class SSDFamily:
     name = "ssd"
     outputs = ("cls_logits", "bbox_regression")
+    eval_recipe = EvalRecipe(0.01, 0.45, 200, 400)  # `SSD`'s defaults, ssd300's
+    train_recipe = "ssd"  # ssd300's; ssdlite320 names its own
 
     def loss(self, spec: ModelSpec) -> SSDLoss:
         return SSDLoss()  # every SSD takes torchvision's own options
