@@ -281,3 +281,28 @@ def test_fcos_trains_on_the_configured_path(tiny_cfg, shape):
     assert all(torch.isfinite(v) for v in losses.values())
     ctrness = t.model.detector.head.regression_head.bbox_ctrness.weight
     assert ctrness.grad is not None and ctrness.grad.abs().sum() > 0
+
+
+def test_no_module_branches_on_a_family_name():
+    """What differs between families is asked of the family object: outside
+    ssd_npu/families/ no module compares a value with a family's name (ssd_npu/data/ and
+    ssd_npu/tools/ aside: there "ssd" names an augmentation recipe, and nothing a family)."""
+    import re
+    from pathlib import Path
+
+    import ssd_npu
+    from ssd_npu.families import FAMILIES
+
+    package = Path(ssd_npu.__file__).parent
+    names = "|".join(FAMILIES)
+    compared = re.compile(
+        rf"""(==|!=|\bin)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)"""
+    )
+    offenders = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in package.glob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if compared.search(line) or re.search(r"\.kind\b", line)
+    ]
+    assert offenders == []
+    assert compared.search('if spec.family == "fcos":')  # the pattern finds such a branch
