@@ -203,3 +203,12 @@ def assert_close_to_reference(
     for mine, leaf in zip(grads, ref_leaves, strict=True):
         assert torch.isfinite(mine).all()
         torch.testing.assert_close(mine, leaf.grad, **tol)
+
+
+def assert_same_ops_every_step(recorder: OpRecorder) -> None:
+    """The recorded steps ran the same ops with the same shapes (forward and backward, more
+    than a trivial count), and none of them synced with the host."""
+    first = recorder.steps[0]
+    assert op_calls(first) > 50 and {kind for kind, _, _ in first} == {"fwd", "bwd"}
+    assert all(step == first for step in recorder.steps[1:])
+    assert recorder.syncs == {}  # no .item(), nonzero, unique or boolean-mask indexing
