@@ -306,3 +306,13 @@ def test_no_module_branches_on_a_family_name():
     ]
     assert offenders == []
     assert compared.search('if spec.family == "fcos":')  # the pattern finds such a branch
+
+
+def test_every_spec_names_a_registered_family():
+    from ssd_npu.families import FAMILIES, family_of
+
+    assert (
+        {spec.family for spec in MODELS.values()} == set(FAMILIES) == {"ssd", "retinanet", "fcos"}
+    )
+    with pytest.raises(ValueError, match="'yolo' is not registered; one of: ssd, retinanet, fcos"):
+        family_of("yolo")

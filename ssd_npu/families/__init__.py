@@ -17,12 +17,11 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (SSD, RETINANET
 
 def family_of(name: str) -> Family:
     """The family called `name`; an unknown name raises ValueError listing the valid ones."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
+    if name not in FAMILIES:
         raise ValueError(
             f"detector family {name!r} is not registered; one of: {', '.join(FAMILIES)}."
-        ) from None
+        )
+    return FAMILIES[name]
 
 
 def eval_recipe_of(spec: ModelSpec) -> EvalRecipe:
