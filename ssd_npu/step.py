@@ -198,10 +198,10 @@ class FixedStep(TrainStep):
     The sums (`LossSums`) are compiled when asked, and DDP-wrapped under torchrun
     (`options.ddp`); the normalisation runs after them, outside the compiled graph. In a world
     of several ranks the loss is what one process would compute on the global batch, split
-    into the ranks' shares: SSD and FCOS divide by the foreground count of the global batch
-    (all-reduced); RetinaNet divides each image by its own foreground count and averages over
-    the global batch (B x world size images), as torchvision does (the family's `normalise`). Compiled, the forward and
-    the loss sums are one graph (`dynamic=False`: one compile per input shape, exactly like an
+    into the ranks' shares (the family's `normalise`): SSD and FCOS divide by the foreground
+    count of the global batch (all-reduced); RetinaNet divides each image by its own
+    foreground count and averages over the global batch (B x world size images), as
+    torchvision does. Compiled, the forward and the loss sums are one graph (`dynamic=False`: one compile per input shape, exactly like an
     NPU's online operator compile), the same graph on every rank as in one process (with
     sync_bn, BatchNorm's own all-reduces join it, which one process does not have); backward
     follows it.
