@@ -118,8 +118,7 @@ def floor_step(model):
 
     class FloorStep(TrainStep):
         def __call__(self, batch):
-            cls_logits, bbox_regression = model(batch.images)
-            return {"floor": cls_logits.mean() + bbox_regression.mean()}
+            return {"floor": sum(output.mean() for output in model(batch.images))}
 
     return FloorStep()
 
@@ -336,9 +335,10 @@ def device_augment_cost(cfg: DictConfig, device, fixed_step_ms: float | None) ->
     """The device augmentation's own time (see the module docstring), beside the fixed step."""
     from ssd_npu.build import canvas_of
     from ssd_npu.data.device_augment import DeviceAugment
+    from ssd_npu.families import train_recipe_of
     from ssd_npu.model_specs import MODELS
 
-    recipe = MODELS[cfg.model.name].recipe if cfg.augment else "none"
+    recipe = train_recipe_of(MODELS[cfg.model.name]) if cfg.augment else "none"
     augment = DeviceAugment(canvas_of(cfg), cfg.fit, float(cfg.pad_value), recipe=recipe)
     slot = tuple(int(v) for v in cfg.data.slot)
     m = cfg.max_boxes if isinstance(cfg.max_boxes, int) else max(cfg.max_boxes)

@@ -4,8 +4,8 @@ The public API, for your own training loop (see the README, "Use the pieces in y
 training loop"):
 
     fixed_ssd_loss      the SSD loss with no data-dependent shape (= torchvision's values)
-    FixedSSD            a torchvision SSD or RetinaNet run on one fixed [B, 3, H, W] canvas
-    build_detector      a torchvision detector (ssdlite320 default, ssd300, RetinaNet), random init
+    FixedSSD            a torchvision SSD, RetinaNet or FCOS run on one fixed [B, 3, H, W] canvas
+    build_detector      a torchvision detector (ssdlite320, ssd300, RetinaNet, FCOS), random init
     fit_to_canvas       one image + boxes onto the canvas (stretch | letterbox | pad)
     unfit_boxes         canvas boxes back to the original image
     pad_targets         boxes/labels to exactly M rows + a validity mask

@@ -48,6 +48,7 @@ from ssd_npu.evaluate import (
     dynamic_detections,
     fixed_detections,
 )
+from ssd_npu.families import train_recipe_of
 from ssd_npu.model import FixedSSD, build_detector, load_weights
 from ssd_npu.model_specs import MODELS
 from ssd_npu.optim import (
@@ -219,7 +220,7 @@ def shape_path(cfg: TrainConfig, device: Device = CPU) -> ShapePath:
             canvas_of(cfg),
             cfg.fit,
             float(cfg.pad_value),
-            recipe=MODELS[cfg.model.name].recipe if cfg.augment else "none",
+            recipe=train_recipe_of(MODELS[cfg.model.name]) if cfg.augment else "none",
         )
         slots = SlotSample(
             cfg.data.slot,
@@ -265,7 +266,7 @@ def loader_spec(cfg: TrainConfig, world: World, device: Device) -> LoaderSpec:
         world_size=world.size,
         pin_memory=device.pin_memory,
         decode=cfg.data.decode,
-        recipe=MODELS[cfg.model.name].recipe,
+        recipe=train_recipe_of(MODELS[cfg.model.name]),
     )
 
 

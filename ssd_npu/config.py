@@ -31,7 +31,7 @@ from ssd_npu.choices import (  # the allowed values, each listed once
 from ssd_npu.errors import UserError
 from ssd_npu.model_specs import DEFAULT_MODEL, MODELS
 
-# The canvas rule is the model's own (ssd_npu/model_specs.py): ssdlite and RetinaNet take
+# The canvas rule is the model's own (ssd_npu/model_specs.py): ssdlite, RetinaNet and FCOS take
 # sides >= 64 divisible by 32; ssd300_vgg16 takes exactly [300, 300].
 
 

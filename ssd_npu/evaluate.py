@@ -40,6 +40,7 @@ from ssd_npu import distributed
 from ssd_npu.compiler import CompiledStep
 from ssd_npu.data.fixed_shape import FixedBatch, unfit_boxes
 from ssd_npu.device import Device
+from ssd_npu.families import eval_recipe_of
 from ssd_npu.model import Detector, FixedSSD, detector_spec, eval_mode
 from ssd_npu.postprocess import Detections, as_dicts, fixed_postprocess
 from ssd_npu.step import CompileOptions
@@ -47,9 +48,9 @@ from ssd_npu.step import CompileOptions
 
 def check_eval_recipe(detector: Detector) -> None:
     """Raise ValueError if the detector's postprocess settings differ from its model's recipe
-    (`ModelSpec.eval_recipe`: what its torchvision builder sets)."""
+    (`eval_recipe_of`: what its torchvision builder sets)."""
     spec = detector_spec(detector)
-    for name, want in dataclasses.asdict(spec.eval_recipe).items():
+    for name, want in dataclasses.asdict(eval_recipe_of(spec)).items():
         got = getattr(detector, name)
         if got != want:
             raise ValueError(
@@ -58,26 +59,15 @@ def check_eval_recipe(detector: Detector) -> None:
             )
 
 
-def postprocess_fixed(model: FixedSSD, cls_logits: Tensor, bbox_regression: Tensor) -> list[dict]:
-    """The detector's own postprocess of fixed head outputs, on the host, in fp32.
+def postprocess_fixed(model: FixedSSD, *head: Tensor) -> list[dict]:
+    """The detector's own postprocess of fixed head outputs, on the host, in fp32 (its
+    family's `host_postprocess`).
 
-    cls_logits [B, A, C], bbox_regression [B, A, 4] (any device/dtype) -> per image
-    {"boxes" [N, 4] xyxy canvas pixels, "scores" [N], "labels" [N]} (N varies: host only).
+    head: FixedSSD's outputs, e.g. cls_logits [B, A, C], bbox_regression [B, A, 4] (any
+    device/dtype) -> per image {"boxes" [N, 4] xyxy canvas pixels, "scores" [N], "labels"
+    [N]} (N varies: host only).
     """
-    anchors = model.anchors.detach().float().cpu()  # [A, 4] xyxy canvas px
-    canvas = model.canvas
-    head = {
-        "cls_logits": cls_logits.float().cpu(),
-        "bbox_regression": bbox_regression.float().cpu(),
-    }
-    n = head["cls_logits"].shape[0]
-    if model.kind == "retinanet":  # per level, as RetinaNet.forward splits them
-        split = model.anchors_per_level
-        head = {k: list(v.split(split, dim=1)) for k, v in head.items()}
-        return model.detector.postprocess_detections(
-            head, [list(anchors.split(split))] * n, [canvas] * n
-        )
-    return model.detector.postprocess_detections(head, [anchors] * n, [canvas] * n)
+    return model.family.host_postprocess(model, head)
 
 
 def pack_detections(detections: Detections) -> Tensor:
@@ -124,8 +114,8 @@ class DeviceDetect:
 
     def forward(self, images: Tensor) -> Tensor:
         with self.device.autocast(self.amp):
-            cls_logits, bbox_regression = self.model(images)
-        detections = fixed_postprocess(self.model, cls_logits.float(), bbox_regression.float())
+            head = self.model(images)
+        detections = fixed_postprocess(self.model, *(output.float() for output in head))
         return pack_detections(detections)
 
     def __call__(self, images: Tensor) -> Tensor:
@@ -213,9 +203,9 @@ def fixed_detections(
                 detections = unpack_detections(detect(images).cpu())  # one copy per batch
             else:
                 with dev.autocast(amp):
-                    cls_logits, bbox_regression = model(images)
+                    head = model(images)
                 # NMS keeps a data-dependent number of boxes: run it on the host, in fp32
-                detections = postprocess_fixed(model, cls_logits, bbox_regression)
+                detections = postprocess_fixed(model, *head)
             records += fixed_batch_records(batch, detections)
             image_ids += [i for i in batch.image_ids.tolist() if i >= 0]
     return records, image_ids

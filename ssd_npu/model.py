@@ -1,10 +1,11 @@
-"""torchvision detectors (SSDLite, SSD300, RetinaNet) run on a fixed canvas.
+"""torchvision detectors (SSDLite, SSD300, RetinaNet, FCOS) run on a fixed canvas.
 
 In fixed mode the model's own `GeneralizedRCNNTransform` (per-image resize, a dynamic
 shape) is skipped: the host has already put every image on the `[H, W]` canvas, so the
 device runs normalise -> backbone -> head on one `[B, 3, H, W]` tensor. The anchors depend
 only on the canvas, so they are computed once and kept as a buffer. Which torchvision
-builder, loss and canvas rule belong to a `model=` name: `ssd_npu.model_specs`.
+builder, family and canvas rule belong to a `model=` name: `ssd_npu.model_specs`; what a
+family's head returns, its loss and postprocess: `ssd_npu.families`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from torchvision.models.detection.image_list import ImageList
 
 from ssd_npu.choices import Canvas
 from ssd_npu.errors import UserError
+from ssd_npu.families import Family, Head, family_of
 from ssd_npu.model_specs import DEFAULT_MODEL, MODELS, ModelSpec, model_spec
 
-# SSD or RetinaNet: both have backbone, head (cls_logits, bbox_regression), anchor_generator,
-# transform and postprocess_detections.
+# SSD, RetinaNet or FCOS: each has backbone, head (a dict of its family's outputs),
+# anchor_generator, transform and postprocess_detections.
 Detector = nn.Module
 
 
@@ -68,11 +70,6 @@ def detector_spec(detector: Detector) -> ModelSpec:
     return model_spec(name)
 
 
-def model_kind(detector: Detector) -> str:
-    """ "ssd" or "retinanet": which loss and postprocess the detector takes (its spec's)."""
-    return detector_spec(detector).kind
-
-
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """`module` in eval mode for the block, then back in the mode it had (train or eval)."""
@@ -91,8 +88,9 @@ def canvas_anchors_per_level(
     """The detector's own anchors for a canvas and how many belong to each feature level.
 
     Returns anchors [A, 4] xyxy canvas pixels (A = 3234 for ssdlite at 320x320, 8732 for
-    ssd300 at 300x300, 49104 for RetinaNet at 512x512) and [A_level, ...] summing to A (the
-    split RetinaNet's postprocess needs: feature h x w x anchors per location). Runs the
+    ssd300 at 300x300, 49104 for RetinaNet and 5456 for FCOS at 512x512) and [A_level, ...]
+    summing to A (the split RetinaNet's and FCOS's postprocess and FCOS's size ranges need:
+    feature h x w x anchors per location, the generator's own count per level). Runs the
     backbone once on zeros, in eval mode so BatchNorm running statistics are not touched.
     """
     height, width = canvas
@@ -102,13 +100,10 @@ def canvas_anchors_per_level(
         features = list(detector.backbone(zeros).values())
         anchors = detector.anchor_generator(ImageList(zeros, [(height, width)]), features)[0]
     cells = [f.shape[-2] * f.shape[-1] for f in features]
-    per_location = anchors.shape[0] // sum(cells) if model_kind(detector) == "retinanet" else 0
-    if per_location:  # RetinaNet: the same anchors per location on every level
-        per_level = [c * per_location for c in cells]
-    else:  # SSD: DefaultBoxGenerator's count per location differs by level
-        counts = detector.anchor_generator.num_anchors_per_location()
-        per_level = [c * k for c, k in zip(cells, counts, strict=True)]
-    return anchors, per_level
+    # AnchorGenerator (RetinaNet: 9, FCOS: 1) and DefaultBoxGenerator (SSD: 4 or 6) both say
+    # how many anchors each location of each level has
+    counts = detector.anchor_generator.num_anchors_per_location()
+    return anchors, [c * k for c, k in zip(cells, counts, strict=True)]
 
 
 def canvas_anchors(detector: Detector, canvas: tuple[int, int]) -> Tensor:
@@ -117,21 +112,22 @@ def canvas_anchors(detector: Detector, canvas: tuple[int, int]) -> Tensor:
 
 
 class FixedDetector(nn.Module):
-    """An SSD or RetinaNet on a fixed canvas: images [B, 3, H, W] in [0, 1] -> head outputs.
+    """A detector on a fixed canvas: images [B, 3, H, W] in [0, 1] -> its head's outputs.
 
     `detector` is the complete torchvision model, kept whole so that its state dict, its
     `postprocess_detections` and the `shape=dynamic` baseline all share the same weights.
     Normalisation is the detector's own (`GeneralizedRCNNTransform.normalize`): ssdlite
     (x - 0.5) / 0.5; ssd300 (x - [0.48235, 0.45882, 0.40784]) / (1/255), i.e. 0..255 pixels
-    minus the VGG mean; RetinaNet ImageNet mean/std.
+    minus the VGG mean; RetinaNet and FCOS ImageNet mean/std. `family` (from the spec) names
+    the head's outputs and owns the loss and postprocess.
     """
 
     def __init__(self, detector: Detector, canvas: tuple[int, int]):
         super().__init__()
         self.detector = detector
         self.canvas = Canvas.of(canvas)  # (H, W) ints, whatever pair was given
-        self.spec = detector_spec(detector)  # loss kind, box loss, eval recipe
-        self.kind = self.spec.kind
+        self.spec = detector_spec(detector)  # family, box loss, eval recipe
+        self.family: Family = family_of(self.spec.family)
         anchors, self.anchors_per_level = canvas_anchors_per_level(detector, self.canvas)
         self.register_buffer("anchors", anchors, persistent=False)
         dtype = anchors.dtype  # the detector's (float64 for a .double() detector: exact mean)
@@ -140,19 +136,20 @@ class FixedDetector(nn.Module):
         self.register_buffer("image_mean", mean, persistent=False)
         self.register_buffer("image_std", std, persistent=False)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> Head:
         """images [B, 3, H, W] float in [0, 1], or uint8 0..255 (data.decode=reduced: a quarter
-        of the bytes to copy, scaled here on the device) -> (cls_logits [B, A, C],
-        bbox_regression [B, A, 4])."""
+        of the bytes to copy, scaled here on the device) -> the head's outputs in the family's
+        order (`family.outputs`): (cls_logits [B, A, C], bbox_regression [B, A, 4]) for SSD and
+        RetinaNet, and bbox_ctrness [B, A, 1] third for FCOS."""
         if images.dtype == torch.uint8:  # to_dtype's arithmetic, as the host's float path
             images = images.to(torch.float32).mul_(1.0 / 255)
         x = (images - self.image_mean) / self.image_std
         features = list(self.detector.backbone(x).values())
         head = self.detector.head(features)
-        return head["cls_logits"], head["bbox_regression"]
+        return tuple(head[name] for name in self.family.outputs)
 
 
-# The public name (ssd_npu.FixedSSD) predates RetinaNet; both names are the same class.
+# The public name (ssd_npu.FixedSSD) predates RetinaNet and FCOS; both names are one class.
 FixedSSD = FixedDetector
 
 

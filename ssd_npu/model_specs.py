@@ -1,4 +1,4 @@
-"""The detectors `model=` can name: torchvision builder, kind of loss, box loss, eval recipe,
+"""The detectors `model=` can name: torchvision builder, family, box loss, eval recipe,
 default canvas, canvas rule, training augmentation recipe.
 
 Light on purpose (no torch import): the config check reads the canvas rules from here before
@@ -11,25 +11,27 @@ Canvas rules (checked against torchvision 0.29):
 - ssd300_vgg16: exactly 300x300. Its `DefaultBoxGenerator(steps=[8, 16, 32, 64, 100, 300])`
   places anchor centres at fixed pixel strides that only tile a 300 px canvas, and the
   builder ignores any other `size` ("The size of the model is already fixed").
-- retinanet_resnet50_fpn(_v2): `GeneralizedRCNNTransform(size_divisible=32)` pads every batch
+- retinanet_resnet50_fpn(_v2), fcos_resnet50_fpn: `GeneralizedRCNNTransform(size_divisible=32)` pads every batch
   to multiples of 32, so a canvas divisible by 32 is exactly what torchvision's own path sees
   (nothing padded); FPN levels P3-P7, strides 8..128.
 
 Training recipes: torchvision's references/detection README trains ssdlite320 with `ssdlite`
 (IoU crop, flip), ssd300_vgg16 with `ssd` (photometric distortion, zoom-out, IoU crop, flip)
-and RetinaNet with the default `hflip`.
+and RetinaNet and FCOS with the default `hflip`.
+
+Family: which module of `ssd_npu.families` owns the head outputs, the fixed loss and the
+postprocess (`ssd`, `retinanet`, `fcos`); named here as a string so this module stays light.
 
 Box loss and eval recipe: what each torchvision builder sets (0.29): retinanet_resnet50_fpn
 keeps `RetinaNetRegressionHead._loss_type = "l1"`, retinanet_resnet50_fpn_v2 sets "giou";
 ssdlite320 passes its own postprocess defaults (score 0.001, NMS 0.55, 300 detections, top
-300), ssd300 keeps `SSD`'s (0.01, 0.45, 200, 400), RetinaNet `RetinaNet`'s (0.05, 0.5, 300, 1000).
+300); the others keep their family's class defaults (`ssd_npu.families`: `SSD`'s, `RetinaNet`'s,
+`FCOS`'s), as they keep its training recipe (ssd, hflip, hflip) unless named here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-KINDS = ("ssd", "retinanet")
 
 
 @dataclass(frozen=True)
@@ -40,30 +42,32 @@ class EvalRecipe:
     score_thresh: float  # drop detections scoring below
     nms_thresh: float  # IoU above which NMS suppresses
     detections_per_img: int  # kept per image after NMS
-    topk_candidates: int  # best-scoring candidates kept before NMS (per level for RetinaNet)
+    topk_candidates: int  # best-scoring candidates kept before NMS (per level: RetinaNet, FCOS)
 
 
+# ssdlite320's builder passes its own postprocess settings (the SSD family's are `SSD`'s)
 SSDLITE_RECIPE = EvalRecipe(0.001, 0.55, 300, 300)
-SSD_RECIPE = EvalRecipe(0.01, 0.45, 200, 400)
-RETINANET_RECIPE = EvalRecipe(0.05, 0.5, 300, 1000)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One detector: its torchvision builder name, loss kind, box loss, eval recipe, default
-    canvas (H, W) and canvas rule."""
+    """One detector: its torchvision builder name, family, box loss, default canvas (H, W),
+    canvas rule, and where they differ from its family's defaults (`ssd_npu.families`), its
+    eval recipe and training augmentation recipe (`eval_recipe_of`, `train_recipe_of`)."""
 
     name: str  # torchvision.models.detection builder, e.g. "ssd300_vgg16"
-    kind: str  # "ssd" (SSD.compute_loss) | "retinanet" (RetinaNet.compute_loss)
+    family: str  # a key of ssd_npu.families.FAMILIES: "ssd" | "retinanet" | "fcos"
     canvas: tuple[int, int]  # default [H, W] pixels
-    eval_recipe: EvalRecipe
-    # RetinaNet's bbox_reg_loss_type ("l1" | "giou"); None for SSD (its Smooth-L1 is fixed)
+    # RetinaNet's bbox_reg_loss_type ("l1" | "giou"); None for SSD and FCOS (fixed box losses)
     box_loss_type: str | None = None
     divisor: int = 32  # each side divisible by this
     min_side: int = 64  # each side at least this, pixels
     exact: tuple[int, int] | None = None  # the only canvas allowed, when the anchors demand it
-    # torchvision references/detection's training augmentation for it (ssd_npu.data.transforms)
-    recipe: str = "ssdlite"
+    # the postprocess settings its builder sets; None: its family's class defaults
+    eval_recipe: EvalRecipe | None = None
+    # torchvision references/detection's training augmentation for it (ssd_npu.data.transforms);
+    # None: its family's
+    recipe: str | None = None
 
     @property
     def canvas_rule(self) -> str:
@@ -84,25 +88,20 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("ssdlite320_mobilenet_v3_large", "ssd", (320, 320), SSDLITE_RECIPE),
-        ModelSpec("ssd300_vgg16", "ssd", (300, 300), SSD_RECIPE, exact=(300, 300), recipe="ssd"),
-        # RetinaNet: its box loss type (torchvision's `_loss_type`); trained with `hflip`
+        # ssdlite320: its builder's own postprocess settings, its own augmentation recipe
         ModelSpec(
-            "retinanet_resnet50_fpn",
-            "retinanet",
-            (512, 512),
-            RETINANET_RECIPE,
-            "l1",
-            recipe="hflip",
+            "ssdlite320_mobilenet_v3_large",
+            "ssd",
+            (320, 320),
+            eval_recipe=SSDLITE_RECIPE,
+            recipe="ssdlite",
         ),
-        ModelSpec(
-            "retinanet_resnet50_fpn_v2",
-            "retinanet",
-            (512, 512),
-            RETINANET_RECIPE,
-            "giou",
-            recipe="hflip",
-        ),
+        ModelSpec("ssd300_vgg16", "ssd", (300, 300), exact=(300, 300)),
+        # RetinaNet: its box loss type (torchvision's `_loss_type`)
+        ModelSpec("retinanet_resnet50_fpn", "retinanet", (512, 512), "l1"),
+        ModelSpec("retinanet_resnet50_fpn_v2", "retinanet", (512, 512), "giou"),
+        # FCOS: GIoU box loss and centerness are fixed
+        ModelSpec("fcos_resnet50_fpn", "fcos", (512, 512)),
     )
 }
 DEFAULT_MODEL = "ssdlite320_mobilenet_v3_large"

@@ -37,13 +37,12 @@ sequential steps; N = 5000 for COCO at 512 px: 25 MB per image, 5000 steps).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 
-from ssd_npu.model import FixedDetector
 from ssd_npu.nms import (
     compute_dtype,
     fixed_batched_nms,
@@ -51,6 +50,9 @@ from ssd_npu.nms import (
     suppression_matrix,
     torchvision_coordinates,
 )
+
+if TYPE_CHECKING:  # the families (imported by model.py) import this module
+    from ssd_npu.model import FixedDetector
 
 
 class Detections(NamedTuple):
@@ -85,24 +87,15 @@ def recipe_of(detector: torch.nn.Module) -> Recipe:
     )
 
 
-def fixed_postprocess(
-    model: FixedDetector, cls_logits: Tensor, bbox_regression: Tensor
-) -> Detections:
-    """The detector's own postprocess of FixedDetector head outputs, every shape static.
+def fixed_postprocess(model: FixedDetector, *head: Tensor) -> Detections:
+    """The detector's own postprocess of FixedDetector head outputs, every shape static: its
+    family's (`ssd_npu.families`).
 
-    cls_logits [B, A, C], bbox_regression [B, A, 4] (computed in float32, or float64 if given)
-    -> Detections with D = the detector's detections_per_img, boxes in canvas pixels.
+    head: the outputs FixedDetector returns, e.g. cls_logits [B, A, C], bbox_regression
+    [B, A, 4] (computed in float32, or float64 if given) -> Detections with D = the
+    detector's detections_per_img, boxes in canvas pixels.
     """
-    detector, canvas = model.detector, model.canvas
-    recipe = recipe_of(detector)
-    if model.kind == "retinanet":
-        return retinanet_postprocess(
-            cls_logits, bbox_regression, model.anchors, model.anchors_per_level, canvas,
-            detector.box_coder, recipe,
-        )  # fmt: skip
-    return ssd_postprocess(
-        cls_logits, bbox_regression, model.anchors, canvas, detector.box_coder, recipe
-    )
+    return model.family.device_postprocess(model, head)
 
 
 def ssd_postprocess(

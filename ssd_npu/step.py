@@ -1,7 +1,8 @@
 """Training steps: one batch in, the loss dict out (forward + loss; the loop does backward).
 
-`FixedStep` runs the fixed-shape network and the model's fixed loss (`fixed_ssd_loss` for SSD
-and SSDLite, `fixed_retinanet_loss` for RetinaNet) on a `FixedBatch`;
+`FixedStep` runs the fixed-shape network and its family's fixed loss (`ssd_npu.families`:
+`fixed_ssd_loss` for SSD and SSDLite, `fixed_retinanet_loss` for RetinaNet, `fixed_fcos_loss`
+for FCOS) on a `FixedBatch`;
 `DynamicStep` runs torchvision's unmodified `detector(list_of_images, targets)` on a
 `DynamicBatch` (the baseline). Either can be compiled (`CompileOptions`): the step then owns
 its `CompiledStep`, whose counters (graphs and recompiles per call, with dynamo's reasons)
@@ -30,10 +31,8 @@ from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.slots import SlotBatch
 from ssd_npu.device import Device
 from ssd_npu.distributed import World, all_reduce
-from ssd_npu.loss import SSDLossOptions, normalise, ssd_loss_sums
+from ssd_npu.families import Targets, identity
 from ssd_npu.model import FixedSSD
-from ssd_npu.model_specs import ModelSpec
-from ssd_npu.retinanet_loss import RetinaNetLossOptions, retinanet_loss_sums, retinanet_normalise
 
 Losses = dict[str, Tensor]
 # summary.json data_counts of data.augment_on=device, counted on the device: valid boxes its
@@ -134,43 +133,32 @@ def _callable(
     return options.ddp(module if compiled is None else CompiledCall(module, compiled))
 
 
-def loss_options(spec: ModelSpec) -> SSDLossOptions | RetinaNetLossOptions:
-    """The fixed loss's options for a model: torchvision's own, with a RetinaNet's box loss
-    type from its spec ("l1" for v1, "giou" for v2)."""
-    if spec.kind == "retinanet":
-        # a spec that names no box loss type: torchvision's RetinaNet default
-        return RetinaNetLossOptions(bbox_reg_loss_type=spec.box_loss_type or "l1")
-    return SSDLossOptions()
-
-
 class LossSums(nn.Module):
     """The network and the model's fixed loss before normalisation: the part of a step that
     `compile=true` compiles and that DDP wraps (the normalisation may need a collective).
 
     forward(images [B, 3, H, W], boxes [B, M, 4] xyxy canvas px, labels [B, M], valid [B, M])
-    -> SSD: (Smooth-L1 sum, cross-entropy sum, foreground anchors), scalars over the B images;
-    RetinaNet: the same three per image, [B] each. The network runs under autocast when
-    `amp`; the loss in the anchors' precision (fp32) whatever autocast gave the network.
-    The loss options are built once, from the model's spec.
+    -> the family's loss sums, then its foreground count: SSD (Smooth-L1 sum, cross-entropy
+    sum, foreground anchors), scalars over the B images; RetinaNet the same three per image,
+    [B] each; FCOS (focal, GIoU, centerness sums, foreground locations), scalars. The network
+    runs under autocast when `amp`; the loss in the anchors' precision (fp32) whatever
+    autocast gave the network. The loss (its options) is built once, from the model's spec.
     """
 
     def __init__(self, model: FixedSSD, device: Device, amp: bool, amp_dtype: str | None):
         super().__init__()
         self.model, self.device, self.amp, self.amp_dtype = model, device, amp, amp_dtype
-        self.loss_options = loss_options(model.spec)
+        self.loss = model.family.loss(model.spec)
 
     def forward(
         self, images: Tensor, boxes: Tensor, labels: Tensor, valid: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         with self.device.autocast(self.amp, self.amp_dtype):
-            cls_logits, bbox_regression = self.model(images)
+            head = self.model(images)
         anchors = self.model.anchors
-        args = (cls_logits.to(anchors.dtype), bbox_regression.to(anchors.dtype), anchors)
-        options = self.loss_options
-        if isinstance(options, RetinaNetLossOptions):
-            # labels are logit columns as given (COCO ids; column 0 never a target)
-            return retinanet_loss_sums(*args, boxes, labels, valid, options)
-        return ssd_loss_sums(*args, boxes, labels, valid, options)
+        head = tuple(output.to(anchors.dtype) for output in head)
+        targets = Targets(boxes, labels, valid)
+        return self.loss.sums(head, anchors, self.model.anchors_per_level, targets)
 
 
 class SlotLossSums(nn.Module):
@@ -179,7 +167,7 @@ class SlotLossSums(nn.Module):
     `compile=true` compiles them into one graph (and one CUDA graph with reduce-overhead).
 
     forward(slots uint8 [B, 3, Hs, Ws], sizes [B, 2] (h, w) px, boxes [B, M, 4] xyxy image px,
-    labels [B, M], valid [B, M], draws float32 [B, K]) -> LossSums' three outputs and the
+    labels [B, M], valid [B, M], draws float32 [B, K]) -> LossSums' outputs and the
     augmentation's counters [2] (`DEVICE_COUNTS`: boxes it removed, crops left undecided).
     The augmentation runs outside autocast (float32 pixels, as the host's), the network inside.
     """
@@ -196,12 +184,12 @@ class SlotLossSums(nn.Module):
         labels: Tensor,
         valid: Tensor,
         draws: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         out = self.augment(slots, sizes, boxes, labels, valid, draws)
-        bbox_sum, cls_sum, num_foreground = self.sums(out.images, out.boxes, out.labels, out.valid)
+        sums = self.sums(out.images, out.boxes, out.labels, out.valid)
         # the augmentation's own counters, read one step late with the losses (`device_counts`)
         counts = torch.stack([out.removed, out.undecided]).float()
-        return bbox_sum, cls_sum, num_foreground, counts
+        return (*sums, counts)
 
 
 class FixedStep(TrainStep):
@@ -210,10 +198,10 @@ class FixedStep(TrainStep):
     The sums (`LossSums`) are compiled when asked, and DDP-wrapped under torchrun
     (`options.ddp`); the normalisation runs after them, outside the compiled graph. In a world
     of several ranks the loss is what one process would compute on the global batch, split
-    into the ranks' shares: SSD divides by the foreground count of the global batch
-    (all-reduced); RetinaNet divides each image by its own foreground count and averages over
-    the global batch (B x world size images), as torchvision does. Compiled, the forward and
-    the loss sums are one graph (`dynamic=False`: one compile per input shape, exactly like an
+    into the ranks' shares (the family's `normalise`): SSD and FCOS divide by the foreground
+    count of the global batch (all-reduced); RetinaNet divides each image by its own
+    foreground count and averages over the global batch (B x world size images), as
+    torchvision does. Compiled, the forward and the loss sums are one graph (`dynamic=False`: one compile per input shape, exactly like an
     NPU's online operator compile), the same graph on every rank as in one process (with
     sync_bn, BatchNorm's own all-reduces join it, which one process does not have); backward
     follows it.
@@ -232,6 +220,7 @@ class FixedStep(TrainStep):
         self.model, self.device, self.options, self.augment = model, device, options, augment
         self._counts: Tensor | None = None  # the last call's DEVICE_COUNTS [2], with augment
         sums = LossSums(model, device, options.amp, options.amp_dtype)
+        self.loss = sums.loss
         self.sums: nn.Module = sums if augment is None else SlotLossSums(sums, augment)
         self.compiled = _compiled(self.sums, options)
         self.network = _callable(self.sums, self.compiled, options)
@@ -239,17 +228,12 @@ class FixedStep(TrainStep):
     def losses(self, *inputs: Tensor) -> Losses:
         """inputs: images [B, 3, H, W], boxes [B, M, 4] xyxy canvas px, labels [B, M], valid
         [B, M]; with `augment`, `SlotLossSums`' six inputs instead."""
-        bbox_sum, cls_sum, num_foreground, *counts = self.network(*inputs)
-        self._counts = counts[0] if counts else None
+        out = self.network(*inputs)
+        sums, self._counts = (out[:-1], out[-1]) if self.augment is not None else (out, None)
         world = self.options.world
-        if self.model.kind == "retinanet":
-            return retinanet_normalise(
-                bbox_sum, cls_sum, num_foreground, num_images=inputs[0].shape[0] * world.size
-            )
-        # the global count is a collective: eager, after the compiled graph, on every rank
-        return normalise(
-            bbox_sum, cls_sum, all_reduce(num_foreground) if world.distributed else num_foreground
-        )
+        # a global count is a collective: eager, after the compiled graph, on every rank
+        reduce = all_reduce if world.distributed else identity
+        return self.loss.normalise(sums, inputs[0].shape[0] * world.size, reduce)
 
     def device_counts(self) -> dict[str, Tensor]:
         """The last call's device counters (`DEVICE_COUNTS`: with `augment` only), 0-d."""

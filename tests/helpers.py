@@ -166,3 +166,49 @@ def calibrate_batchnorm(model, loader) -> None:
             model(batch.images)
     for m in norms:
         m.momentum = 0.03  # torchvision ssdlite's BatchNorm momentum
+
+
+def assert_bitwise_equal(
+    first: tuple[dict[str, torch.Tensor], list[torch.Tensor]],
+    second: tuple[dict[str, torch.Tensor], list[torch.Tensor]],
+) -> None:
+    """Two (losses, gradients) results are the same to the bit (e.g. with garbage padding
+    rows and with zeroed ones)."""
+    for key in first[0]:
+        assert torch.equal(first[0][key], second[0][key]), key
+    for a, b in zip(first[1], second[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def compact_matches(matched: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """matched [B, A] indices into the padded rows M (negative: not a box) -> indices into
+    each image's valid rows only, as torchvision numbers its unpadded targets."""
+    compact = torch.cumsum(valid, dim=1) - 1  # [B, M]: the valid row's place among the valid
+    mapped = torch.gather(compact, 1, matched.clamp(min=0))
+    return torch.where(matched >= 0, mapped, matched)
+
+
+def assert_close_to_reference(
+    ours: dict[str, torch.Tensor],
+    grads: list[torch.Tensor],
+    ref: dict[str, torch.Tensor],
+    ref_leaves: list[torch.Tensor],
+) -> None:
+    """A fixed loss's values and gradients equal torchvision's (`ref`, and the `.grad` of the
+    leaves it was computed from) to the rounding of their dtype; every gradient finite."""
+    dtype = ref_leaves[0].dtype
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 0}
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], **tol)
+    for mine, leaf in zip(grads, ref_leaves, strict=True):
+        assert torch.isfinite(mine).all()
+        torch.testing.assert_close(mine, leaf.grad, **tol)
+
+
+def assert_same_ops_every_step(recorder: OpRecorder) -> None:
+    """The recorded steps ran the same ops with the same shapes (forward and backward, more
+    than a trivial count), and none of them synced with the host."""
+    first = recorder.steps[0]
+    assert op_calls(first) > 50 and {kind for kind, _, _ in first} == {"fwd", "bwd"}
+    assert all(step == first for step in recorder.steps[1:])
+    assert recorder.syncs == {}  # no .item(), nonzero, unique or boolean-mask indexing

@@ -261,7 +261,9 @@ def test_libjpeg_turbo_through_torchcodec_gives_pils_pixels(tiny_coco, tmp_path)
         [(0, 95, False), (1, 75, False), (2, 90, False), (2, 50, True), (0, 85, True)]
     ):
         path = tmp_path / f"photo_{i}.jpg"
-        Image.fromarray(smooth).save(path, quality=quality, subsampling=sub, progressive=progressive)
+        Image.fromarray(smooth).save(
+            path, quality=quality, subsampling=sub, progressive=progressive
+        )
         files.append(path)
     for path in files:
         fast = _decode_jpeg_turbo(path.read_bytes())
@@ -271,7 +273,9 @@ def test_libjpeg_turbo_through_torchcodec_gives_pils_pixels(tiny_coco, tmp_path)
         assert torch.equal(decode_rgb(path), want) and decode_rgb(path).stride()[0] == 1
     grey = tmp_path / "grey.jpg"
     Image.fromarray(smooth[..., 0]).save(grey, quality=90)
-    assert torch.equal(decode_rgb(grey), torch.from_numpy(np.array(load_rgb(grey))).permute(2, 0, 1))
+    assert torch.equal(
+        decode_rgb(grey), torch.from_numpy(np.array(load_rgb(grey))).permute(2, 0, 1)
+    )
 
 
 def test_colour_jpeg_reads_the_frame_header_as_pil_does(tmp_path):

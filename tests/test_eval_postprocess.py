@@ -72,14 +72,20 @@ def test_pack_round_trip():
 
 @pytest.mark.parametrize(
     "model",
-    ["ssdlite320_mobilenet_v3_large", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"],
+    [
+        "ssdlite320_mobilenet_v3_large",
+        "retinanet_resnet50_fpn",
+        "retinanet_resnet50_fpn_v2",
+        "fcos_resnet50_fpn",
+    ],
 )
 def test_device_and_host_records_are_equal(tiny_cfg, model):
     """Same weights, same val batches: the same records (boxes, scores, labels) either way."""
     cfg = tiny_cfg(f"model={model}", "canvas=[128,128]")
     t = build_training(cfg)
     calibrate_batchnorm(t.model, t.data.val)  # BatchNorm on real statistics: distinct scores
-    if model.startswith("retinanet"):  # its prior (p = 0.01) keeps every score below 0.05
+    # RetinaNet's and FCOS's prior (p = 0.01) keeps every score below 0.05 (FCOS: 0.2)
+    if not model.startswith("ssd"):
         with torch.no_grad():
             t.model.detector.head.classification_head.cls_logits.bias += 3.0
     host, host_ids = fixed_detections(t.model, t.data.val, t.device)
@@ -131,12 +137,13 @@ def test_checkpoint_map_is_the_same_either_way(tiny_coco, tmp_path):
     assert device["mAP50"] == pytest.approx(host["mAP50"], abs=1e-4)
 
 
-def test_audit_of_the_device_eval_forward_is_static(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("model", ["ssdlite320_mobilenet_v3_large", "fcos_resnet50_fpn"])
+def test_audit_of_the_device_eval_forward_is_static(tiny_cfg, tmp_path, model):
     """audit.target=eval with eval.postprocess=device: no dynamic op, no host sync; the host
     postprocess, recorded the same way, syncs (boolean masks, nonzero in NMS)."""
     from ssd_npu.tools.audit import run_audit
 
-    common = ("canvas=[128,128]", "audit.target=eval", "audit.steps=3")
+    common = (f"model={model}", "canvas=[128,128]", "audit.target=eval", "audit.steps=3")
     device = run_audit(
         tiny_cfg(*common, "eval.postprocess=device", out=tmp_path / "d", config="audit")
     )

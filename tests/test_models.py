@@ -1,8 +1,9 @@
-"""model=: SSD300 and RetinaNet on the same fixed pipeline as SSDLite.
+"""model=: SSD300, RetinaNet and FCOS on the same fixed pipeline as SSDLite.
 
 Per model: its own anchors per canvas, a fixed step with 0 dynamic ops and 0 host syncs,
-the canvas rule; RetinaNet: a few SGD steps equal torchvision's own `detector(images,
-targets)`; compiled, one graph over varied batches (slow). Canvases and batches are tiny.
+the canvas rule; RetinaNet and FCOS: a few SGD steps equal torchvision's own
+`detector(images, targets)`; compiled, one graph over varied batches (slow). Canvases and
+batches are tiny.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import dataclasses
 
 import pytest
 import torch
-from torchvision.models.detection import RetinaNet
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.ssd import SSD
 
 from ssd_npu import find_dynamic_shapes
 from ssd_npu.compiler import reset
@@ -21,9 +23,10 @@ from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device
 from ssd_npu.distributed import World
 from ssd_npu.evaluate import postprocess_fixed
+from ssd_npu.families import eval_recipe_of, train_recipe_of
 from ssd_npu.model import FixedSSD, build_detector, canvas_anchors, detector_spec
 from ssd_npu.model_specs import DEFAULT_MODEL, MODELS, EvalRecipe
-from ssd_npu.step import CompileOptions, FixedStep, StepOptions, loss_options
+from ssd_npu.step import CompileOptions, FixedStep, StepOptions
 from ssd_npu.tools.data_report import data_report, smallest_anchor
 from tests.helpers import compose_cfg
 
@@ -38,6 +41,8 @@ ANCHORS = [
     ("retinanet_resnet50_fpn", (512, 512), 49104),  # 9 x (64^2 + 32^2 + 16^2 + 8^2 + 4^2)
     ("retinanet_resnet50_fpn", (128, 128), 3069),
     ("retinanet_resnet50_fpn_v2", (128, 96), 2313),  # 9 x (16x12 + 8x6 + 4x3 + 2x2 + 1x1)
+    ("fcos_resnet50_fpn", (512, 512), 5456),  # 1 x (64^2 + 32^2 + 16^2 + 8^2 + 4^2)
+    ("fcos_resnet50_fpn", (128, 96), 257),  # 16x12 + 8x6 + 4x3 + 2x2 + 1x1
 ]
 
 
@@ -47,8 +52,10 @@ def test_anchors_follow_the_model_and_canvas(name, canvas, count):
     assert model.anchors.shape == (count, 4) and sum(model.anchors_per_level) == count
     torch.testing.assert_close(model.anchors, canvas_anchors(model.detector, canvas))
     with torch.no_grad():
-        cls_logits, bbox_regression = model.eval()(torch.rand(1, 3, *canvas))
+        cls_logits, bbox_regression, *ctrness = model.eval()(torch.rand(1, 3, *canvas))
     assert cls_logits.shape == (1, count, NUM_CLASSES) and bbox_regression.shape == (1, count, 4)
+    # FCOS's third output, in the family's order
+    assert [c.shape for c in ctrness] == [(1, count, 1)] * (len(model.family.outputs) - 2)
     # the dynamic baseline puts images on the same canvas
     assert model.detector.transform.fixed_size == (canvas[1], canvas[0])
 
@@ -98,6 +105,7 @@ def make_batch(seed: int, canvas: tuple[int, int], batch: int, counts: list[int]
         pytest.param("ssd300_vgg16", (300, 300), marks=pytest.mark.slow),
         ("retinanet_resnet50_fpn", (128, 128)),
         ("retinanet_resnet50_fpn_v2", (128, 128)),
+        ("fcos_resnet50_fpn", (128, 128)),
     ],
 )
 def test_fixed_step_has_no_dynamic_shape_and_no_host_sync(name, canvas):
@@ -132,10 +140,15 @@ def to_targets(batch: FixedBatch) -> list[dict[str, torch.Tensor]]:
 @pytest.mark.parametrize(
     "name",
     # v2 slow (~6 s): its GIoU box loss equals torchvision's in test_retinanet_loss.py
-    ["retinanet_resnet50_fpn", pytest.param("retinanet_resnet50_fpn_v2", marks=pytest.mark.slow)],
+    [
+        "retinanet_resnet50_fpn",
+        pytest.param("retinanet_resnet50_fpn_v2", marks=pytest.mark.slow),
+        "fcos_resnet50_fpn",
+    ],
 )
-def test_retinanet_fixed_training_equals_torchvision_training(name):
-    """3 SGD steps: FixedStep and torchvision's own RetinaNet give the same loss per step.
+def test_fixed_training_equals_torchvision_training(name):
+    """3 SGD steps: FixedStep and torchvision's own RetinaNet / FCOS give the same loss per
+    step (every key of torchvision's loss dict: FCOS adds bbox_ctrness).
 
     The images are already on the canvas, so torchvision's resize (fixed_size = the canvas)
     and its size_divisible=32 padding are exact copies: the inputs are the same. float64:
@@ -157,7 +170,8 @@ def test_retinanet_fixed_training_equals_torchvision_training(name):
         batch.images, batch.boxes = batch.images.double(), batch.boxes.double()
         ref_losses = reference(list(batch.images), to_targets(batch))
         fix_losses = step(batch)
-        for key in ("bbox_regression", "classification"):
+        assert fix_losses.keys() == ref_losses.keys()
+        for key in ref_losses:
             torch.testing.assert_close(fix_losses[key], ref_losses[key], rtol=1e-9, atol=1e-12)
         for opt, losses in ((opt_ref, ref_losses), (opt_fix, fix_losses)):
             opt.zero_grad()
@@ -169,12 +183,13 @@ def test_retinanet_fixed_training_equals_torchvision_training(name):
 
 
 @pytest.mark.slow
-def test_retinanet_fixed_step_compiles_one_graph():
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
+def test_fixed_step_compiles_one_graph(name):
     """torch.compile(dynamic=False): one graph over 3 batches of other images and box counts."""
     reset()  # graphs and counters of earlier tests' compiles must not count here
     canvas = (128, 128)
     torch.manual_seed(0)
-    model = FixedSSD(build_detector(NUM_CLASSES, canvas, "retinanet_resnet50_fpn"), canvas)
+    model = FixedSSD(build_detector(NUM_CLASSES, canvas, name), canvas)
     model.train()
     options = StepOptions(compile=CompileOptions(fail_on_recompile=True))
     step = FixedStep(model, CPU, options)
@@ -223,21 +238,81 @@ def test_data_report_measures_each_models_own_anchors(tiny_coco):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_spec_facts_are_what_torchvisions_builder_sets(name):
-    """Kind, box loss type and eval recipe on the spec equal the built detector's own, and the
-    fixed loss gets that box loss type; a detector without a name: SSD -> the default spec,
-    RetinaNet -> an error (its box loss type cannot be told from its class)."""
+    """Family, box loss type and eval recipe on the spec equal the built detector's own, and
+    the fixed loss gets that box loss type; a detector without a name: SSD -> the default
+    spec, others -> an error (a RetinaNet's box loss type cannot be told from its class)."""
     spec = MODELS[name]
     detector = build_detector(NUM_CLASSES, spec.exact or (128, 128), name)
-    assert spec.kind == ("retinanet" if isinstance(detector, RetinaNet) else "ssd")
+    classes = {SSD: "ssd", RetinaNet: "retinanet", FCOS: "fcos"}
+    assert spec.family == classes[type(detector)]
+    # torchvision references/detection's README: ssdlite / ssd / the default hflip
+    recipes = {"ssdlite320_mobilenet_v3_large": "ssdlite", "ssd300_vgg16": "ssd"}
+    assert train_recipe_of(spec) == recipes.get(name, "hflip")
     for field in dataclasses.fields(EvalRecipe):
-        assert getattr(spec.eval_recipe, field.name) == getattr(detector, field.name), field.name
+        assert getattr(eval_recipe_of(spec), field.name) == getattr(detector, field.name)
     # SSD's regression head has no `_loss_type`: its Smooth-L1 is fixed (spec: None)
     assert spec.box_loss_type == getattr(detector.head.regression_head, "_loss_type", None)
-    options = loss_options(spec)
+    model = FixedSSD(detector, spec.exact or (128, 128))
+    assert model.family.name == spec.family
+    options = model.family.loss(spec).options
     assert getattr(options, "bbox_reg_loss_type", None) == spec.box_loss_type
     del detector.model_name
-    if spec.kind == "retinanet":
+    if not isinstance(detector, SSD):
         with pytest.raises(ValueError, match="no model_name"):
             detector_spec(detector)
     else:
         assert detector_spec(detector) == MODELS[DEFAULT_MODEL]
+
+
+@pytest.mark.parametrize("shape", ["fixed", "dynamic"])
+def test_fcos_trains_on_the_configured_path(tiny_cfg, shape):
+    """model=fcos_resnet50_fpn, built from the config: shape=fixed steps the fixed loss,
+    shape=dynamic torchvision's own FCOS; both give torchvision's three losses, finite, with
+    gradients for the head's third output (centerness)."""
+    from ssd_npu.build import build_training
+    from ssd_npu.step import DynamicStep
+
+    cfg = tiny_cfg("model=fcos_resnet50_fpn", "canvas=[64,64]", f"shape={shape}", "max_boxes=4")
+    t = build_training(cfg)
+    assert isinstance(t.step, FixedStep if shape == "fixed" else DynamicStep)
+    losses = t.step(next(iter(t.data.train)))
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    ctrness = t.model.detector.head.regression_head.bbox_ctrness.weight
+    assert ctrness.grad is not None and ctrness.grad.abs().sum() > 0
+
+
+def test_no_module_branches_on_a_family_name():
+    """What differs between families is asked of the family object: outside
+    ssd_npu/families/ no module compares a value with a family's name (ssd_npu/data/ and
+    ssd_npu/tools/ aside: there "ssd" names an augmentation recipe, and nothing a family)."""
+    import re
+    from pathlib import Path
+
+    import ssd_npu
+    from ssd_npu.families import FAMILIES
+
+    package = Path(ssd_npu.__file__).parent
+    names = "|".join(FAMILIES)
+    compared = re.compile(
+        rf"""(==|!=|\bin)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)"""
+    )
+    offenders = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in package.glob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if compared.search(line) or re.search(r"\.kind\b", line)
+    ]
+    assert offenders == []
+    assert compared.search('if spec.family == "fcos":')  # the pattern finds such a branch
+
+
+def test_every_spec_names_a_registered_family():
+    from ssd_npu.families import FAMILIES, family_of
+
+    assert (
+        {spec.family for spec in MODELS.values()} == set(FAMILIES) == {"ssd", "retinanet", "fcos"}
+    )
+    with pytest.raises(ValueError, match="'yolo' is not registered; one of: ssd, retinanet, fcos"):
+        family_of("yolo")

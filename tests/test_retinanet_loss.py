@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +22,13 @@ from ssd_npu.retinanet_loss import (
     retinanet_normalise,
 )
 from ssd_npu.tools.op_recorder import OpRecorder
-from tests.helpers import op_calls, recorded_step
+from tests.helpers import (
+    assert_bitwise_equal,
+    assert_close_to_reference,
+    compact_matches,
+    op_calls,
+    recorded_step,
+)
 
 NUM_CLASSES = 4
 CANVAS = (192, 192)
@@ -115,36 +122,27 @@ def compare(
     )
 
     assert list(ours) == ["classification", "bbox_regression"]  # torchvision's order
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 0}
-    for key in ref:
-        torch.testing.assert_close(ours[key], ref[key], **tol)
-    for mine, leaf in zip(grads, ref_in, strict=True):
-        assert torch.isfinite(mine).all()
-        torch.testing.assert_close(mine, leaf.grad, **tol)
+    assert_close_to_reference(ours, grads, ref, ref_in)
 
     # Padding rows: garbage or zeros, the results are bit for bit the same.
-    ours_clean, grads_clean = ours_with_grads(
+    clean_run = ours_with_grads(
         (cls_logits, bbox_regression), anchors, clean, labels, valid, loss_type
     )
-    for key in ours:
-        assert torch.equal(ours[key], ours_clean[key])
-    for a, b in zip(grads, grads_clean, strict=True):
-        assert torch.equal(a, b)
+    assert_bitwise_equal((ours, grads), clean_run)
 
     # The matching itself, mapped from padded rows back to torchvision's compact indices.
     matched = match_anchors_retinanet(anchors, garbage, valid)
-    for i, ref_m in enumerate(ref_matched):
-        compact = torch.full((max_boxes,), -1, dtype=torch.int64)
-        compact[valid[i]] = torch.arange(int(valid[i].sum()))
-        mapped = torch.where(matched[i] >= 0, compact[matched[i].clamp(min=0)], matched[i])
-        assert torch.equal(mapped, ref_m)
+    assert torch.equal(compact_matches(matched, valid), torch.stack(ref_matched))
     return ours, torch.stack(ref_matched)
 
 
-def random_batch(seed: int, batch: int, max_boxes: int) -> tuple[list[Tensor], list[Tensor]]:
+def random_batch(
+    seed: int, batch: int, max_boxes: int, make_boxes: Callable[..., Tensor] = random_boxes
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Up to max_boxes boxes (`make_boxes(generator, n)`) and labels per image."""
     g = torch.Generator().manual_seed(1000 + seed)
     counts = torch.randint(0, max_boxes + 1, (batch,), generator=g).tolist()
-    boxes = [random_boxes(g, n) for n in counts]
+    boxes = [make_boxes(g, n) for n in counts]
     labels = [torch.randint(0, NUM_CLASSES, (n,), generator=g) for n in counts]
     return boxes, labels
 

@@ -108,8 +108,8 @@ def audit_eval(cfg: TrainConfig, t: Training, steps: int) -> ShapeReport:
 
         def forward(images: Any) -> Any:
             with t.device.autocast(cfg.amp):
-                cls_logits, bbox_regression = t.model(images)
-            return postprocess_fixed(t.model, cls_logits, bbox_regression)
+                head = t.model(images)
+            return postprocess_fixed(t.model, *head)
 
     batches = (batch.images.to(t.device.torch) for batch in t.data.val)
     with eval_mode(t.model), torch.no_grad():
