@@ -32,8 +32,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.ops import sigmoid_focal_loss
 
-from ssd_npu.loss_common import clean_padding, gather_matched
-from ssd_npu.retinanet_loss import _iou_loss
+from ssd_npu.loss_common import clean_padding, gather_matched, iou_loss
 
 # torchvision's `pairwise_match * (1e8 - areas)`: an unmatched pair scores 0, a matched one
 # more the smaller its box; below this, no box matched
@@ -151,7 +150,7 @@ def fcos_loss_sums(
     # no degenerate box reaches the division (a masked NaN would still poison the gradient)
     decoded = options.box_coder.decode(bbox_regression, target_of.anchors)
     predicted = torch.where(foreground[:, :, None], decoded, target_of.boxes)
-    giou = _iou_loss("giou", predicted.reshape(-1, 4), target_of.boxes.reshape(-1, 4))
+    giou = iou_loss("giou", predicted.reshape(-1, 4), target_of.boxes.reshape(-1, 4))
     bbox_sum = torch.where(foreground, giou.view_as(foreground), 0.0).sum()
 
     centerness = centerness_targets(options.box_coder, target_of.anchors, target_of.boxes)

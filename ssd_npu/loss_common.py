@@ -1,5 +1,5 @@
-"""What the SSD and RetinaNet fixed-shape losses share: padding cleanup, the padded IoU matrix,
-and the gather of each anchor's matched box and label.
+"""What the fixed-shape losses share: padding cleanup, the padded IoU matrix, the gather of
+each anchor's matched box and label, and torchvision's IoU box losses without a boolean mask.
 
 Every function keeps the full `[B, M, ...]` / `[B, A, ...]` shape: padding rows are masked,
 never removed, so the shapes depend only on B (images), M (box rows) and A (anchors).
@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+# torchvision.ops' IoU losses' default eps (RetinaNet v2 and FCOS call them without one).
+IOU_LOSS_EPS = 1e-7
 # Below any real IoU (>= 0): padding rows never win a max and never pass a threshold.
 PADDING_IOU = -1.0
 
@@ -82,3 +84,40 @@ def gather_matched(anchors: Tensor, boxes: Tensor, labels: Tensor, matched: Tens
     matched_boxes = torch.where(foreground[:, :, None], matched_boxes, anchors_b)
     matched_labels = torch.where(foreground, torch.gather(labels, 1, gather_index), 0)
     return Matched(foreground, matched_boxes, matched_labels, anchors_b)
+
+
+def iou_loss(loss_type: str, boxes1: Tensor, boxes2: Tensor, eps: float = IOU_LOSS_EPS) -> Tensor:
+    """torchvision.ops' generalized / distance / complete_box_iou_loss, reduction "none".
+
+    The same formulas, op for op, except the intersection: torchvision's `_loss_inter_union`
+    writes it through a boolean mask (`intsct[mask] = ...`, a data-dependent shape); here a
+    `torch.where`, which gives the same values and gradients.
+    boxes1, boxes2: [N, 4] xyxy float (predicted, target). Returns [N].
+    """
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    xkis1, ykis1 = torch.max(x1, x1g), torch.max(y1, y1g)
+    xkis2, ykis2 = torch.min(x2, x2g), torch.min(y2, y2g)
+    overlap = (ykis2 > ykis1) & (xkis2 > xkis1)
+    intsct = torch.where(overlap, (xkis2 - xkis1) * (ykis2 - ykis1), 0.0)
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intsct
+    iou = intsct / (union + eps)
+    # Smallest enclosing box.
+    xc1, yc1 = torch.min(x1, x1g), torch.min(y1, y1g)
+    xc2, yc2 = torch.max(x2, x2g), torch.max(y2, y2g)
+    if loss_type == "giou":
+        area_c = (xc2 - xc1) * (yc2 - yc1)
+        return 1 - (iou - ((area_c - union) / (area_c + eps)))
+    diagonal_distance_squared = ((xc2 - xc1) ** 2) + ((yc2 - yc1) ** 2) + eps
+    x_p, y_p = (x2 + x1) / 2, (y2 + y1) / 2
+    x_g, y_g = (x1g + x2g) / 2, (y1g + y2g) / 2
+    centers_distance_squared = ((x_p - x_g) ** 2) + ((y_p - y_g) ** 2)
+    diou = 1 - iou + (centers_distance_squared / diagonal_distance_squared)
+    if loss_type == "diou":
+        return diou
+    # ciou (torchvision computes its diou part with the default eps 1e-7, whatever eps is).
+    w_pred, h_pred, w_gt, h_gt = x2 - x1, y2 - y1, x2g - x1g, y2g - y1g
+    v = (4 / (torch.pi**2)) * torch.pow((torch.atan(w_gt / h_gt) - torch.atan(w_pred / h_pred)), 2)
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + eps)
+    return diou + alpha * v

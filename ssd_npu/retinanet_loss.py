@@ -23,13 +23,12 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import sigmoid_focal_loss
 
-from ssd_npu.loss_common import clean_padding, gather_matched, padded_iou
+from ssd_npu.loss_common import clean_padding, gather_matched, iou_loss, padded_iou
 
 # torchvision's `_box_loss` accepts these; RetinaNet uses "l1" (v1, the default) and "giou" (v2).
 BOX_LOSS_TYPES = ("l1", "smooth_l1", "ciou", "diou", "giou")
 # `_box_loss` defaults when it is called without `cnf`, as RetinaNet calls it.
 _SMOOTH_L1_BETA = 1.0
-_IOU_LOSS_EPS = 1e-7
 _ABOVE_ANY_IOU = 2.0  # IoU is at most 1
 
 
@@ -232,41 +231,4 @@ def _box_loss_per_anchor(
         else:
             loss = F.smooth_l1_loss(deltas, target, reduction="none", beta=_SMOOTH_L1_BETA)
         return loss.sum(dim=-1)
-    return _iou_loss(loss_type, box_coder.decode_single(deltas, anchors), matched_boxes)
-
-
-def _iou_loss(loss_type: str, boxes1: Tensor, boxes2: Tensor, eps: float = _IOU_LOSS_EPS) -> Tensor:
-    """torchvision.ops' generalized / distance / complete_box_iou_loss, reduction "none".
-
-    The same formulas, op for op, except the intersection: torchvision's `_loss_inter_union`
-    writes it through a boolean mask (`intsct[mask] = ...`, a data-dependent shape); here a
-    `torch.where`, which gives the same values and gradients.
-    boxes1, boxes2: [N, 4] xyxy float (predicted, target). Returns [N].
-    """
-    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
-    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
-    xkis1, ykis1 = torch.max(x1, x1g), torch.max(y1, y1g)
-    xkis2, ykis2 = torch.min(x2, x2g), torch.min(y2, y2g)
-    overlap = (ykis2 > ykis1) & (xkis2 > xkis1)
-    intsct = torch.where(overlap, (xkis2 - xkis1) * (ykis2 - ykis1), 0.0)
-    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intsct
-    iou = intsct / (union + eps)
-    # Smallest enclosing box.
-    xc1, yc1 = torch.min(x1, x1g), torch.min(y1, y1g)
-    xc2, yc2 = torch.max(x2, x2g), torch.max(y2, y2g)
-    if loss_type == "giou":
-        area_c = (xc2 - xc1) * (yc2 - yc1)
-        return 1 - (iou - ((area_c - union) / (area_c + eps)))
-    diagonal_distance_squared = ((xc2 - xc1) ** 2) + ((yc2 - yc1) ** 2) + eps
-    x_p, y_p = (x2 + x1) / 2, (y2 + y1) / 2
-    x_g, y_g = (x1g + x2g) / 2, (y1g + y2g) / 2
-    centers_distance_squared = ((x_p - x_g) ** 2) + ((y_p - y_g) ** 2)
-    diou = 1 - iou + (centers_distance_squared / diagonal_distance_squared)
-    if loss_type == "diou":
-        return diou
-    # ciou (torchvision computes its diou part with the default eps 1e-7, whatever eps is).
-    w_pred, h_pred, w_gt, h_gt = x2 - x1, y2 - y1, x2g - x1g, y2g - y1g
-    v = (4 / (torch.pi**2)) * torch.pow((torch.atan(w_gt / h_gt) - torch.atan(w_pred / h_pred)), 2)
-    with torch.no_grad():
-        alpha = v / (1 - iou + v + eps)
-    return diou + alpha * v
+    return iou_loss(loss_type, box_coder.decode_single(deltas, anchors), matched_boxes)
