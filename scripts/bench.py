@@ -25,6 +25,8 @@ same order), each driven by `TrainLoop` for `bench.steps` steps:
     tv_compiled     shape=dynamic compile=true, bounded: stops at dynamo's recompile limit
                     (compiler.recompile_limit, torch's default 8) or after bench.steps
 
+`bench.variants=[tv_eager,fixed_eager,floor]` runs only those (default: all).
+
 Rounds: the whole set runs `bench.repeats` times (default 3), in alternating order (forward,
 then reversed, ...), because a shared machine's speed drifts within a minute: each ratio is
 taken within a round, between variants run minutes apart at most, and bench.json gives its
@@ -385,9 +387,13 @@ def main(cfg: DictConfig) -> None:
 
     source = canvas_from(cfg)
     repeats = int(cfg.bench.repeats)
-    if repeats < 1:
-        with user_errors():
+    chosen = list(cfg.bench.variants) if cfg.bench.variants else list(VARIANTS)
+    with user_errors():
+        if repeats < 1:
             raise ConfigError(f"bench.repeats={repeats}: give 1 or more rounds (default 3)")
+        unknown = [name for name in chosen if name not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"bench.variants: unknown {unknown}; choose from {list(VARIANTS)}")
     rounds: list[dict[str, dict]] = []
     skipped: dict[str, str] = {}
     with user_errors():
@@ -395,13 +401,13 @@ def main(cfg: DictConfig) -> None:
         info = machine(device)
         info["inductor_cache"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         for name in CUDA_ONLY:
-            if device.type != "cuda":
+            if name in chosen and device.type != "cuda":
                 skipped[name] = f"{CUDA_ONLY[name]} needs device=cuda; this run's is {device.type}"
                 print(f"bench: {name} skipped: {skipped[name]}", flush=True)
         for index in range(repeats):
             results: dict[str, dict] = {}
             events_dir = out_dir if index == 0 else out_dir / f"round{index}"
-            for name in round_order(index, [n for n in VARIANTS if n not in skipped]):
+            for name in round_order(index, [n for n in chosen if n not in skipped]):
                 print(f"bench: round {index + 1}/{repeats}: {name} ...", flush=True)
                 try:
                     results[name] = run_variant(name, cfg, events_dir)

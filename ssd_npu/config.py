@@ -121,6 +121,7 @@ class CompilerConfig:
 class BenchConfig:
     steps: int = 30  # training steps per variant in scripts/bench.py
     repeats: int = 3  # rounds of every variant in scripts/bench.py, in alternating order
+    variants: list[str] | None = None  # scripts/bench.py's variants to run; None: all
     out: str | None = None  # bench.json path; None: <out_dir>/bench.json (bench_eval.json)
     eval_rounds: int = 5  # timed passes over the val set per variant in scripts/bench_eval.py
 
