@@ -26,23 +26,14 @@ from typing import Literal
 
 import torch
 
-from ssd_npu.data.dynamic import DynamicBatch
-from ssd_npu.data.fixed_shape import FixedBatch
+from ssd_npu.data.batch import Batch, HostCounts
 from ssd_npu.data.samplers import ResumableSampler
-from ssd_npu.data.slots import SlotBatch
 from ssd_npu.device import Device, HostCopy, Mark
 from ssd_npu.distributed import World, all_reduce, host_all_reduce
 from ssd_npu.errors import UserError
 from ssd_npu.optim import OptimizerStep
 from ssd_npu.step import TrainStep
 from ssd_npu.telemetry import Telemetry
-
-Batch = FixedBatch | SlotBatch | DynamicBatch
-
-# Per-batch data counters (degenerate / clipped boxes, skipped images, images scaled down by
-# fit=pad or into a slot, images the host decoded under data.decode=device) summed into
-# summary.json's `data_counts`.
-DATA_COUNTS = ("degenerate", "clipped", "skipped", "downscaled", "host_decoded")
 
 # How training ended, for `Hook.after_train`: "done" (epochs or max_steps reached),
 # "interrupted" (a hook's `after_update` answered "stop", e.g. a stop signal), "failed" (raised).
@@ -66,27 +57,6 @@ class Progress:
 
 
 @dataclass
-class BatchCounts:
-    """A batch's host counters, taken when its step is queued: no tensor kept, nothing read
-    from the device (they are host ints of the collated batch, or tensor shapes)."""
-
-    images: int  # B: images in this rank's batch
-    box_rows: int | None  # M of boxes [B, M, 4] (the box-count bucket); None: a DynamicBatch
-    boxes_dropped: int  # boxes cut by max_boxes in this batch
-    data: dict[str, int]  # DATA_COUNTS of this batch
-
-    @classmethod
-    def of(cls, batch: Batch) -> BatchCounts:
-        fixed = isinstance(batch, FixedBatch | SlotBatch)
-        return cls(
-            images=len(batch.image_ids),
-            box_rows=int(batch.boxes.shape[1]) if fixed else None,
-            boxes_dropped=batch.boxes_dropped if fixed else 0,
-            data={k: int(getattr(batch, k, 0)) for k in DATA_COUNTS},
-        )
-
-
-@dataclass
 class StepRecord:
     """One queued step, until its results are read: what the hooks and telemetry get.
 
@@ -94,7 +64,7 @@ class StepRecord:
 
     step: int  # 1-based optimizer step
     epoch: int
-    counts: BatchCounts
+    counts: HostCounts
     data_ms: float  # host wait for this batch
     lr: float
     start: Mark
@@ -256,7 +226,7 @@ class TrainLoop:
 
         The record keeps the batch's host counters, not the batch: its device tensors are free
         once the step ran."""
-        counts = BatchCounts.of(batch)  # host ints: before the move, no device read
+        counts = batch.host_counts()  # host ints: before the move, no device read
         batch = batch.to(self.device.torch)
         start = self.device.mark()
         losses = self.step(batch)

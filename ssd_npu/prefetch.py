@@ -18,7 +18,6 @@ from typing import Generic, TypeVar
 
 import torch
 
-from ssd_npu.data.fixed_shape import map_tensors
 from ssd_npu.device import Device
 
 B = TypeVar("B")
@@ -54,7 +53,7 @@ class DevicePrefetcher(Iterable[B]):
     def _ready(self, copy: _Copy[B]) -> B:
         current = self.device.current_stream()
         current.wait_event(copy.done)  # this batch's copy only, not the one queued after it
-        return map_tensors(copy.batch, lambda t: self.device.record_stream(t, current))
+        return copy.batch.map_tensors(lambda t: self.device.record_stream(t, current))
 
     def __iter__(self) -> Iterator[B]:
         if self.stream is None:

@@ -18,12 +18,11 @@ import torch
 from torch import nn
 
 from ssd_npu.checkpoint import TrainState, list_checkpoints
+from ssd_npu.data.batch import DATA_COUNTS
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import CPU, Device, HostCopy
 from ssd_npu.engine import (
-    DATA_COUNTS,
-    BatchCounts,
     Hook,
     NonFiniteLoss,
     Outcome,
@@ -211,7 +210,7 @@ def test_a_step_record_keeps_the_batch_counters_not_the_batch(tmp_path):
     assert "batch" not in {f.name for f in dataclasses.fields(StepRecord)}
     for record, batch in zip(seen.records, batches(6), strict=True):
         counts = record.counts
-        assert counts == BatchCounts.of(batch)
+        assert counts == batch.host_counts()
         assert (counts.images, counts.box_rows, counts.boxes_dropped) == (2, 1, record.step - 1)
         assert counts.data == {k: getattr(batch, k, 0) for k in DATA_COUNTS}
         values = [getattr(record, f.name) for f in dataclasses.fields(record)]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from ssd_npu.data.batch import TensorFields
 from ssd_npu.device import Device
 from ssd_npu.prefetch import DevicePrefetcher
 
@@ -57,7 +58,7 @@ class Tied(torch.Tensor):
 
 
 @dataclass
-class FakeBatch:
+class FakeBatch(TensorFields):
     images: torch.Tensor  # [1], holding k
 
     def to(self, device: torch.device, non_blocking: bool = False) -> FakeBatch:

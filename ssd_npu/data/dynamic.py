@@ -7,6 +7,7 @@ path that replaces it is `ssd_npu.data.fixed_shape`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2.functional import to_dtype
 
-from ssd_npu.data.fixed_shape import _move, map_tensors
+from ssd_npu.data.batch import HostCounts, TensorFields, data_counts
 
 
 def to_dynamic_sample(image: Tensor, target: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def to_dynamic_sample(image: Tensor, target: dict[str, Any], epoch: int = 0) -> 
 
 
 @dataclass
-class DynamicBatch:
+class DynamicBatch(TensorFields):
     """torchvision's own input: a list of images of any size and a list of target dicts."""
 
     images: list[Tensor]  # [3, h_i, w_i] float32 in [0, 1]
@@ -43,13 +44,15 @@ class DynamicBatch:
     clipped: int = 0
     skipped: int = 0
 
-    def to(self, device: Any, non_blocking: bool = True) -> DynamicBatch:
-        """Move the tensors (in place) and return self."""
-        return _move(self, device, non_blocking)
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> DynamicBatch:
+        """The tensor fields, every image of the list and every target dict's tensors."""
+        super().map_tensors(fn)
+        self.images = [fn(image) for image in self.images]
+        self.targets = [{key: fn(t) for key, t in target.items()} for target in self.targets]
+        return self
 
-    def pin_memory(self) -> DynamicBatch:
-        """Page-locked host memory (DataLoader pin_memory=True): copies can run asynchronously."""
-        return map_tensors(self, Tensor.pin_memory)
+    def host_counts(self) -> HostCounts:
+        return HostCounts(len(self.image_ids), None, 0, data_counts(self))
 
 
 def collate_dynamic(samples: list[dict[str, Any]]) -> DynamicBatch:

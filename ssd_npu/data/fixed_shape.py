@@ -11,8 +11,7 @@ valid) live in `ssd_npu.data.fit` and are re-exported here (`fit_to_canvas`, `un
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ssd_npu.choices import Canvas
+from ssd_npu.data.batch import HostCounts, TensorFields, data_counts
 from ssd_npu.data.decode import DeferredImage
 from ssd_npu.data.fit import (  # noqa: F401 (re-exported: the public names predate fit.py)
     FIT_MODES,
@@ -147,28 +147,8 @@ class FixSample:
         }
 
 
-def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply `fn` to every tensor of a batch dataclass, in place; return the batch.
-
-    Shared by FixedBatch and dynamic.DynamicBatch (whose images and targets are lists).
-    """
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        if isinstance(v, Tensor):
-            setattr(obj, f.name, fn(v))
-        elif f.name == "images" and isinstance(v, list):
-            setattr(obj, f.name, [fn(t) for t in v])
-        elif f.name == "targets":
-            setattr(obj, f.name, [{k: fn(t) for k, t in d.items()} for d in v])
-    return obj
-
-
-def _move(obj: Any, device: Any, non_blocking: bool) -> Any:
-    return map_tensors(obj, lambda t: t.to(device, non_blocking=non_blocking))
-
-
 @dataclass
-class FixedBatch:
+class FixedBatch(TensorFields):
     """A batch with static shapes. image_ids -1 mark padding samples (last val batch)."""
 
     images: Tensor  # [B, 3, H, W] float32 in [0, 1]; uint8 0..255 with data.decode=reduced
@@ -185,13 +165,10 @@ class FixedBatch:
     downscaled: int = 0
     skipped: int = 0
 
-    def to(self, device: Any, non_blocking: bool = True) -> FixedBatch:
-        """Move the tensors (in place) and return self."""
-        return _move(self, device, non_blocking)
-
-    def pin_memory(self) -> FixedBatch:
-        """Page-locked host memory (DataLoader pin_memory=True): copies can run asynchronously."""
-        return map_tensors(self, Tensor.pin_memory)
+    def host_counts(self) -> HostCounts:
+        return HostCounts(
+            len(self.image_ids), int(self.boxes.shape[1]), self.boxes_dropped, data_counts(self)
+        )
 
     def fit_info(self, i: int) -> FitInfo:
         """FitInfo of sample i, e.g. for `unfit_boxes` in evaluation."""

@@ -21,6 +21,7 @@ step, no random op the compiler has to handle, nothing that depends on the devic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +30,11 @@ from torch import Tensor
 from torchvision.models.detection.transform import resize_boxes
 
 from ssd_npu.choices import Canvas
+from ssd_npu.data.batch import HostCounts, TensorFields, data_counts
 from ssd_npu.data.decode import DeferredImage, decode_jpegs, decode_rgb, jpeg_for_device
 from ssd_npu.data.fit import _clip, _resize, content_size
 from ssd_npu.data.fixed_shape import (
     SAMPLE_COUNTERS,
-    map_tensors,
     pad_targets,
     sample_seed,
     summed_counters,
@@ -154,7 +155,7 @@ class SlotSample:
 
 
 @dataclass
-class SlotBatch:
+class SlotBatch(TensorFields):
     """A batch of slot samples, every shape static. image_ids -1 mark padding samples."""
 
     # [B, 3, Hs, Ws] uint8 0..255 over [B, Hs, Ws, 3] memory (channels-last), each image at
@@ -179,18 +180,18 @@ class SlotBatch:
     pixels: list[Tensor] | None = None
     slot_size: tuple[int, int] = (0, 0)  # (Hs, Ws), for decode_slots
 
-    def to(self, device: Any, non_blocking: bool = True) -> SlotBatch:
-        """Move the tensors (in place; `jpegs` stay on the host for the decoder) and return
-        self."""
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> SlotBatch:
+        """The tensor fields and the host-decoded `pixels`; `jpegs` stay on the host (the
+        decoder reads them there), so they are not moved, pinned or marked."""
+        super().map_tensors(fn)
         if self.pixels is not None:
-            self.pixels = [t.to(device, non_blocking=non_blocking) for t in self.pixels]
-        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+            self.pixels = [fn(t) for t in self.pixels]
+        return self
 
-    def pin_memory(self) -> SlotBatch:
-        """Page-locked host memory (DataLoader pin_memory=True): copies can run asynchronously."""
-        if self.pixels is not None:
-            self.pixels = [t.pin_memory() for t in self.pixels]
-        return map_tensors(self, Tensor.pin_memory)
+    def host_counts(self) -> HostCounts:
+        return HostCounts(
+            len(self.image_ids), int(self.boxes.shape[1]), self.boxes_dropped, data_counts(self)
+        )
 
     def decode_slots(self, device: torch.device) -> Tensor:
         """data.decode=device: the slots [B, 3, Hs, Ws] uint8 (channels-last) on `device`, the

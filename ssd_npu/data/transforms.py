@@ -109,8 +109,6 @@ def train_augmentation(recipe: str = "ssdlite") -> SSDLiteAugmentation:
     if recipe == "hflip":
         return SSDLiteAugmentation(crop=False)
     if recipe == "ssd":
-        before = v2.Compose(
-            [v2.RandomPhotometricDistort(), v2.RandomZoomOut(fill=list(SSD_MEAN))]
-        )
+        before = v2.Compose([v2.RandomPhotometricDistort(), v2.RandomZoomOut(fill=list(SSD_MEAN))])
         return SSDLiteAugmentation(before=before)
     raise ValueError(f"recipe={recipe!r} is not valid; choose one of: {', '.join(RECIPES)}")
