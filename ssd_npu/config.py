@@ -18,6 +18,7 @@ from omegaconf import ListConfig
 from ssd_npu.choices import (  # the allowed values, each listed once
     AMP_DTYPES,
     AUGMENT_ON,
+    COCO_ENGINES,
     COMPILE_MODES,
     DATASETS,
     DECODES,
@@ -27,6 +28,7 @@ from ssd_npu.choices import (  # the allowed values, each listed once
     ON_BAD_IMAGE,
     POSTPROCESS,
     SHAPES,
+    TARGET_METRICS,
 )
 from ssd_npu.errors import UserError
 from ssd_npu.model_specs import DEFAULT_MODEL, MODELS
@@ -144,6 +146,12 @@ class EvalConfig:
     # `eval=true|false` on the command line is kept as a short form of eval.enabled
     enabled: bool = True  # COCO evaluation at the end of training (and every eval_every epochs)
     postprocess: str = "auto"  # auto | device | host (the fixed path; see POSTPROCESS)
+    coco: str = "faster"  # COCOeval engine: faster (faster-coco-eval) | pycocotools
+    # true: COCOeval in a side process while training goes on (ssd_npu/background.py)
+    background: bool = False
+    # stop training at the first evaluation whose `target_metric` is >= this; null: never
+    target_map: float | None = None
+    target_metric: str = "mAP"  # mAP (AP@[.5:.95]) | mAP50 (AP@.5)
 
 
 @dataclass
@@ -373,6 +381,22 @@ def _check_augment_on(cfg: TrainConfig) -> None:
         )
 
 
+def _check_eval(cfg: TrainConfig) -> None:
+    """eval.coco, eval.target_map, eval.target_metric."""
+    _one_of("eval.coco", cfg.eval.coco, COCO_ENGINES)
+    _one_of("eval.target_metric", cfg.eval.target_metric, TARGET_METRICS)
+    target = cfg.eval.target_map
+    if target is not None and not 0.0 < target <= 1.0:
+        raise ConfigError(
+            f"eval.target_map={target} is not valid; give an mAP in (0, 1] (e.g. 0.23) or null."
+        )
+    if target is not None and not (cfg.eval.enabled and cfg.eval_every > 0):
+        raise ConfigError(
+            f"eval.target_map={target} needs evaluations during training: set eval_every=N "
+            "(epochs) and keep eval=true."
+        )
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check values Hydra's types cannot; raise ConfigError naming the key."""
     _one_of("device", cfg.device.name, DEVICES)
@@ -382,6 +406,7 @@ def validate(cfg: TrainConfig) -> None:
     _one_of("data.on_bad_image", cfg.data.on_bad_image, ON_BAD_IMAGE)
     _one_of("data.decode", cfg.data.decode, DECODES)
     _one_of("eval.postprocess", cfg.eval.postprocess, POSTPROCESS)
+    _check_eval(cfg)
     if cfg.eval.postprocess == "device" and cfg.shape != "fixed":
         raise ConfigError(
             "eval.postprocess=device needs shape=fixed; the dynamic baseline evaluates with "

@@ -22,6 +22,7 @@ from ssd_npu.evaluate import (
     unpack_detections,
 )
 from ssd_npu.postprocess import Detections, as_dicts
+from ssd_npu.records import as_dicts as result_dicts
 from tests.helpers import calibrate_batchnorm, compose_cfg, run_train, tiny_overrides
 
 
@@ -82,9 +83,11 @@ def test_device_and_host_records_are_equal(tiny_cfg, model):
     if model.startswith("retinanet"):  # its prior (p = 0.01) keeps every score below 0.05
         with torch.no_grad():
             t.model.detector.head.classification_head.cls_logits.bias += 3.0
-    host, host_ids = fixed_detections(t.model, t.data.val, t.device)
+    host_found = fixed_detections(t.model, t.data.val, t.device)
+    host, host_ids = result_dicts(host_found.results), host_found.image_ids
     detect = DeviceDetect(t.model, t.device)
-    device, device_ids = fixed_detections(t.model, t.data.val, t.device, detect=detect)
+    device_found = fixed_detections(t.model, t.data.val, t.device, detect=detect)
+    device, device_ids = result_dicts(device_found.results), device_found.image_ids
     assert host_ids == device_ids and len(host) > 0
     assert len(device) == len(host)
     # records in a fixed order (ties in score may be listed either way round)
