@@ -15,17 +15,27 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
 
 from ssd_npu.errors import UserError
-from ssd_npu.records import as_dicts
 
 ENGINES = ("faster", "pycocotools")
+
+
+def as_dicts(results: np.ndarray) -> list[dict[str, int | float | list[float]]]:
+    """Rows -> the dicts COCO's `loadRes` takes ({"image_id", "category_id", "bbox" xywh,
+    "score"}): the one step that is per detection, done where the COCO engine needs it."""
+    return [
+        {"image_id": int(r[0]), "category_id": int(r[6]), "bbox": r[1:5], "score": r[5]}
+        for r in results.tolist()
+    ]
 
 
 def _faster_coco_eval() -> ModuleType:
@@ -122,3 +132,27 @@ def evaluate(
     with contextlib.redirect_stdout(table):
         ev.summarize()
     return CocoStats([float(v) for v in np.asarray(ev.stats)[:12]], table.getvalue())
+
+
+def coco_map(
+    gt: GroundTruth | COCO,
+    results: np.ndarray,
+    image_ids: Iterable[int],
+    engine: str = "faster",
+) -> dict[str, Any]:
+    """COCOeval "bbox" (`engine`: faster | pycocotools) on `image_ids` only; prints the
+    12-line AP/AR table.
+
+    results [N, 7] (`ssd_npu.records`). Returns {"mAP": AP@[.5:.95], "mAP50": AP@.5, "stats":
+    the 12 COCOeval stats, "num_images", "num_detections"}. COCOeval reports -1 where no
+    ground truth exists.
+    """
+    gt = gt if isinstance(gt, GroundTruth) else GroundTruth.of_coco(gt)
+    ids = sorted({int(i) for i in image_ids})
+    out: dict[str, Any] = {"num_images": len(ids), "num_detections": len(results)}
+    if not len(results):  # loadRes cannot take an empty list; nothing detected scores 0
+        print(f"COCOeval: no detections on {len(ids)} images; mAP = 0.0")
+        return {"mAP": 0.0, "mAP50": 0.0, "stats": [0.0] * 12, **out, "note": "no detections"}
+    scored = evaluate(gt, results, ids, engine)
+    print(scored.table, end="")
+    return {"mAP": scored.stats[0], "mAP50": scored.stats[1], "stats": scored.stats, **out}

@@ -40,8 +40,8 @@ import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from ssd_npu import cocoeval, distributed
-from ssd_npu.cocoeval import GroundTruth
+from ssd_npu import distributed
+from ssd_npu.cocoeval import GroundTruth, coco_map
 from ssd_npu.compiler import CompiledStep
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device
@@ -175,30 +175,6 @@ def fixed_batch_results(batch: FixedBatch, detections: list[dict[str, Tensor]]) 
     the host postprocess gives them), padding samples skipped."""
     packed = pack_per_image(detections)
     return packed_results(packed, batch.scales, batch.orig_sizes, batch.image_ids)
-
-
-def coco_map(
-    gt: GroundTruth | COCO,
-    results: np.ndarray,
-    image_ids: Iterable[int],
-    engine: str = "faster",
-) -> dict[str, Any]:
-    """COCOeval "bbox" (`engine`: faster | pycocotools) on `image_ids` only; prints the
-    12-line AP/AR table.
-
-    results [N, 7] (`ssd_npu.records`). Returns {"mAP": AP@[.5:.95], "mAP50": AP@.5, "stats":
-    the 12 COCOeval stats, "num_images", "num_detections"}. COCOeval reports -1 where no
-    ground truth exists.
-    """
-    gt = gt if isinstance(gt, GroundTruth) else GroundTruth.of_coco(gt)
-    ids = sorted({int(i) for i in image_ids})
-    out: dict[str, Any] = {"num_images": len(ids), "num_detections": len(results)}
-    if not len(results):  # loadRes cannot take an empty list; nothing detected scores 0
-        print(f"COCOeval: no detections on {len(ids)} images; mAP = 0.0")
-        return {"mAP": 0.0, "mAP50": 0.0, "stats": [0.0] * 12, **out, "note": "no detections"}
-    scored = cocoeval.evaluate(gt, results, ids, engine)
-    print(scored.table, end="")
-    return {"mAP": scored.stats[0], "mAP50": scored.stats[1], "stats": scored.stats, **out}
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ The fixed path's detections arrive as `packed [B, D, 7]` (x1, y1, x2, y2 canvas 
 score, label, valid; `ssd_npu.evaluate.pack_detections`): `packed_results` maps a whole
 evaluation's worth back to the original images (`unfit_boxes`, in bulk) and keeps the valid
 rows of real images with tensor ops only. The COCO engines still take a list of dicts
-(`as_dicts`); that conversion is part of COCOeval's time, not the records'.
+(`ssd_npu.cocoeval.as_dicts`); that conversion is part of COCOeval's time, not the records'.
 """
 
 from __future__ import annotations
@@ -94,12 +94,3 @@ def pad_cat(parts: list[Tensor]) -> Tensor:
     width = max((int(p.shape[1]) for p in parts), default=0)
     padded = [torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts]
     return torch.cat(padded) if padded else torch.zeros((0, 0, 7))
-
-
-def as_dicts(results: np.ndarray) -> list[dict[str, int | float | list[float]]]:
-    """Rows -> the dicts COCO's `loadRes` takes ({"image_id", "category_id", "bbox" xywh,
-    "score"}): the one step that is per detection, done where the COCO engine needs it."""
-    return [
-        {"image_id": int(r[0]), "category_id": int(r[6]), "bbox": r[1:5], "score": r[5]}
-        for r in results.tolist()
-    ]

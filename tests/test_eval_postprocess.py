@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ssd_npu.build import build_evaluator, build_training, resolve_postprocess, shape_path
+from ssd_npu.cocoeval import as_dicts as result_dicts
 from ssd_npu.config import ConfigError, expand_short_forms, validate
 from ssd_npu.device import Device
 from ssd_npu.evaluate import (
@@ -22,7 +23,6 @@ from ssd_npu.evaluate import (
     unpack_detections,
 )
 from ssd_npu.postprocess import Detections, as_dicts
-from ssd_npu.records import as_dicts as result_dicts
 from tests.helpers import calibrate_batchnorm, compose_cfg, run_train, tiny_overrides
 
 

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ssd_npu.build import build_training, loader_spec, shape_path
+from ssd_npu.cocoeval import as_dicts
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.loader import build_loaders
@@ -21,7 +22,7 @@ from ssd_npu.evaluate import (
     fixed_batch_results,
     fixed_detections,
 )
-from ssd_npu.records import as_dicts, empty_results
+from ssd_npu.records import empty_results
 from tests.helpers import calibrate_batchnorm
 
 

@@ -4,8 +4,9 @@ replaced (`unfit_boxes` image by image, then one dict per detection), for every 
 import numpy as np
 import torch
 
+from ssd_npu.cocoeval import as_dicts
 from ssd_npu.data.fit import FitInfo, unfit_boxes
-from ssd_npu.records import as_dicts, pack_per_image, packed_results, pad_cat
+from ssd_npu.records import pack_per_image, packed_results, pad_cat
 
 
 def loop_records(packed, scales, orig_sizes, image_ids) -> list[dict]:
