@@ -124,6 +124,10 @@ class BenchConfig:
     steps: int = 30  # training steps per variant in scripts/bench.py
     out: str | None = None  # bench.json path; None: <out_dir>/bench.json (bench_eval.json)
     eval_rounds: int = 5  # timed passes over the val set per variant in scripts/bench_eval.py
+    # > 0: bench_eval.py times a generated COCO-val-sized result instead (this many images,
+    # eval_per_image detections each): records, COCOeval per engine, synchronous vs background
+    eval_images: int = 0
+    eval_per_image: int = 100
 
 
 @dataclass

@@ -5,27 +5,8 @@ import numpy as np
 import torch
 
 from ssd_npu.cocoeval import as_dicts
-from ssd_npu.data.fit import FitInfo, unfit_boxes
 from ssd_npu.records import pack_per_image, packed_results, pad_cat
-
-
-def loop_records(packed, scales, orig_sizes, image_ids) -> list[dict]:
-    """The reference: the loop evaluation ran before, one image and one detection at a time."""
-    records = []
-    for i in range(packed.shape[0]):
-        if int(image_ids[i]) < 0:
-            continue
-        valid = packed[i, :, 6] > 0.5
-        sx, sy = scales[i].tolist()
-        info = FitInfo((sx, sy), tuple(orig_sizes[i].tolist()), (0, 0), False)
-        boxes = unfit_boxes(packed[i, valid, :4], info).to(torch.float64)
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        scores, labels = packed[i, valid, 4].tolist(), packed[i, valid, 5].tolist()
-        for b, s, c in zip(xywh, scores, labels, strict=True):
-            records.append(
-                {"image_id": int(image_ids[i]), "category_id": int(c), "bbox": b, "score": s}
-            )
-    return records
+from ssd_npu.tools.coco_results import as_packed, coco_val_sized, loop_records
 
 
 def random_packed(images: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -75,3 +56,19 @@ def test_per_image_detections_pack_into_the_same_rows():
     got = packed_results(repacked, scales, orig_sizes, image_ids)
     packed[2, :, 6] = 0.0
     assert np.array_equal(got, packed_results(packed, scales, orig_sizes, image_ids))
+
+
+def test_generated_coco_val_sized_detections_round_trip():
+    """The benchmark's packed form of a generated result gives its rows back (boxes within
+    float32 rounding of the canvas scaling, clipped to the image)."""
+    dataset, results = coco_val_sized(images=50, per_image=20, seed=2)
+    packed, scales, orig_sizes, image_ids = as_packed(dataset, results)
+    rows = packed_results(packed, scales, orig_sizes, image_ids)
+    assert rows.shape == results.shape
+    assert np.array_equal(rows[:, [0, 5, 6]], results[:, [0, 5, 6]].astype(np.float32))
+    size = orig_sizes.numpy()[results[:, 0].astype(int) - 1]  # (h, w) of each row's image
+    inside = (results[:, 1:3] >= 0).all(1)
+    inside &= results[:, 1] + results[:, 3] <= size[:, 1]
+    inside &= results[:, 2] + results[:, 4] <= size[:, 0]
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(rows[inside, 1:5], results[inside, 1:5], atol=1e-3)

@@ -11,10 +11,14 @@ wrong class) and random false positives, scores in (0, 1]. Deterministic for a s
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from ssd_npu.data.fit import FitInfo, unfit_boxes
 
 # COCO's 80 category ids (1..90 with the gaps of instances_val2017.json)
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 VAL2017_BOXES = 37925  # annotations in instances_val2017.json (5,000 images)
+VAL2017_IMAGES = 5000
 
 
 def _boxes(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
@@ -59,7 +63,8 @@ def coco_val_sized(
 ) -> tuple[dict, np.ndarray]:
     """(COCO json dict, results [images * per_image, 7] float64); see the module docstring."""
     rng = np.random.default_rng(seed)
-    counts = rng.poisson(VAL2017_BOXES / images / 0.98, images)
+    # val2017's boxes per image; 2% of the images get none, the others make up for them
+    counts = rng.poisson(VAL2017_BOXES / VAL2017_IMAGES / 0.98, images)
     counts[rng.random(images) < 0.02] = 0  # images without objects
     sizes = np.where(rng.random((images, 1)) < 0.7, [[480, 640]], [[640, 480]])
     imgs, anns = [], []
@@ -82,3 +87,49 @@ def coco_val_sized(
     categories = [{"id": int(c), "name": f"class{c}", "supercategory": "x"} for c in COCO_IDS]
     dataset = {"images": imgs, "annotations": anns, "categories": categories}
     return dataset, noisy_results(dataset, per_image, seed + 1)
+
+
+def loop_records(
+    packed: torch.Tensor, scales: torch.Tensor, orig_sizes: torch.Tensor, image_ids: torch.Tensor
+) -> list[dict]:
+    """The records as evaluation built them before `ssd_npu.records` (the reference for its
+    test and the "before" of scripts/bench_eval.py): image by image `unfit_boxes`, then one
+    dict per detection. Arguments as `ssd_npu.records.packed_results`."""
+    records = []
+    for i in range(packed.shape[0]):
+        if int(image_ids[i]) < 0:
+            continue
+        valid = packed[i, :, 6] > 0.5
+        sx, sy = scales[i].tolist()
+        info = FitInfo((sx, sy), tuple(orig_sizes[i].tolist()), (0, 0), False)
+        boxes = unfit_boxes(packed[i, valid, :4], info).to(torch.float64)
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        scores, labels = packed[i, valid, 4].tolist(), packed[i, valid, 5].tolist()
+        image_id = int(image_ids[i])
+        for b, score, c in zip(xywh, scores, labels, strict=True):
+            records.append({"image_id": image_id, "category_id": int(c), "bbox": b, "score": score})
+    return records
+
+
+def as_packed(
+    dataset: dict, results: np.ndarray, canvas: tuple[int, int] = (320, 320)
+) -> tuple[torch.Tensor, ...]:
+    """`results` [I * D, 7] (D rows per image, images in `dataset` order) as the fixed path's
+    packed detections on a stretched canvas: (packed [I, D, 7] canvas pixels, scales [I, 2],
+    orig_sizes [I, 2], image_ids [I]), the arguments of `ssd_npu.records.packed_results`."""
+    images = len(dataset["images"])
+    rows = torch.from_numpy(results).reshape(images, -1, 7)
+    orig_sizes = torch.tensor([[img["height"], img["width"]] for img in dataset["images"]])
+    h, w = canvas
+    scales = torch.stack([w / orig_sizes[:, 1], h / orig_sizes[:, 0]], dim=1).float()
+    xyxy = torch.cat([rows[..., 1:3], rows[..., 1:3] + rows[..., 3:5]], dim=-1)
+    packed = torch.cat(
+        [
+            xyxy * scales[:, None, [0, 1, 0, 1]].double(),
+            rows[..., 5:6],
+            rows[..., 6:7],
+            torch.ones_like(rows[..., :1]),
+        ],
+        dim=-1,
+    ).float()
+    return packed, scales, orig_sizes, rows[:, 0, 0].long()
