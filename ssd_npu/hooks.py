@@ -107,10 +107,12 @@ class CheckpointHook(Hook):
 @dataclass(frozen=True)
 class Target:
     """`eval.target_map`: stop training at the first evaluation whose `metric` ("mAP" or
-    "mAP50") is >= `value`, MLPerf-style (the checkpoint hook then writes that step)."""
+    "mAP50") is >= `value`, MLPerf-style (the checkpoint hook then writes that step);
+    `stop=False` (eval.target_stop=false) only records where it was reached."""
 
     value: float
     metric: str = "mAP"
+    stop: bool = True
 
 
 # the times of an evaluation (seconds), in every history entry; see EvalHook
@@ -156,26 +158,31 @@ class EvalHook(Hook):
         self.reached: dict[str, Any] | None = None  # the history entry that reached the target
         self.start = time.perf_counter()
 
+    @property
+    def stops(self) -> bool:
+        """Whether reaching the target stops training."""
+        return self.target is not None and self.target.stop
+
     def before_train(self, progress: Progress) -> None:
         self.start = time.perf_counter()
 
     def after_update(self, progress: Progress) -> Read:
         if self.background is not None:
             self._record_all(self.background.arrived())
-        if self.target is None or self.background is None:
+        if not self.stops or self.background is None:
             return "late"  # a synchronous run stops at the end of the evaluated epoch
         return "stop" if distributed.any_rank(self.reached is not None) else "late"
 
     def after_epoch(self, progress: Progress) -> Read | None:
         if self.every and progress.epoch % self.every == 0 and progress.epoch < self.epochs:
             self.evaluate(progress.step)
-            if self.target is not None and self.background is None:
+            if self.stops and self.background is None:
                 return "stop" if distributed.any_rank(self.reached is not None) else None
         return None
 
     def after_train(self, progress: Progress, outcome: Outcome) -> None:
         try:
-            if self.final and outcome == "done" and self.reached is None:
+            if self.final and outcome == "done" and not (self.stops and self.reached):
                 self.evaluate(progress.step)
         finally:
             self.finish(raise_errors=outcome != "failed")
@@ -240,6 +247,7 @@ class EvalHook(Hook):
         return {
             "metric": self.target.metric,
             "value": self.target.value,
+            "stop": self.target.stop,
             "reached": reached is not None,
             "step": reached["step"] if reached else None,
             "wall_s": reached["wall_s"] if reached else None,

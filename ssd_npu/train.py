@@ -83,7 +83,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         final=cfg.eval.enabled,
         sheet=sheet,
         background=background,
-        target=Target(target, cfg.eval.target_metric) if target is not None else None,
+        target=None
+        if target is None
+        else Target(target, cfg.eval.target_metric, cfg.eval.target_stop),
     )
     # torchvision's dynamic batches have no box-count bucket: counted on the fixed path only
     buckets = None
@@ -181,6 +183,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             stop.signal.signum,
         )
     shown = {k: v for k, v in summary.items() if k != "eval"} | {"eval": evals.history[-1:]}
+    if evals.target is not None:  # the time to the target beside the final mAP
+        shown["eval_target"] = summary.get("eval", {}).get("target")
     _say(main, json.dumps(shown, indent=2))
     return summary
 

@@ -49,6 +49,7 @@ def test_background_history_equals_the_synchronous_one(tiny_cfg, tmp_path):
         assert summary["target"] == {
             "metric": "mAP",
             "value": 0.99,
+            "stop": True,
             "reached": False,
             "step": None,
             "wall_s": None,
@@ -66,13 +67,9 @@ def ground_truth_results(coco) -> np.ndarray:
     return np.array(rows, dtype=np.float64)
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_training_stops_at_the_evaluation_that_reaches_the_target(
-    tiny_cfg, tiny_coco, tmp_path, background
-):
-    """A detector that returns the ground truth (mAP 1.0) reaches eval.target_map=0.5 at the
-    first evaluation (step 6): synchronous, training stops there; background, at the step the
-    result arrives. Either way the checkpoint of the stop step is written."""
+def perfect_loop(tiny_cfg, tiny_coco, tmp_path, background: bool, target: Target):
+    """The tiny run's loop (18 steps: 3 epochs of 6) with a checkpoint hook and an EvalHook
+    after every epoch whose detector returns the ground truth (mAP 1.0)."""
     cfg = tiny_cfg("canvas=[128,128]", "max_boxes=8", "eval=false")
     t = build_training(cfg)
     val = CocoDetectionDataset(tiny_coco, "val2017")
@@ -82,10 +79,21 @@ def test_training_stops_at_the_evaluation_that_reaches_the_target(
     )
     side = BackgroundCoco(val.ann_file, "faster") if background else None
     telemetry = Telemetry(tmp_path, 0, enabled=False)
-    evals = EvalHook(evaluator, telemetry, 1, 3, background=side, target=Target(0.5, "mAP50"))
+    evals = EvalHook(evaluator, telemetry, 1, 3, background=side, target=target)
     state = TrainState(t.model, t.optimizer, t.scheduler, None, {}, t.device)
     checkpoints = CheckpointHook(state, tmp_path / "ckpt", 0, keep=5, main=True)
-    loop = train_loop(t, tmp_path, [checkpoints, evals])
+    return train_loop(t, tmp_path, [checkpoints, evals]), evals
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_training_stops_at_the_evaluation_that_reaches_the_target(
+    tiny_cfg, tiny_coco, tmp_path, background
+):
+    """A detector that returns the ground truth (mAP 1.0) reaches eval.target_map=0.5 at the
+    first evaluation (step 6): synchronous, training stops there; background, at the step the
+    result arrives. Either way the checkpoint of the stop step is written."""
+    target = Target(0.5, "mAP50")
+    loop, evals = perfect_loop(tiny_cfg, tiny_coco, tmp_path, background, target)
     progress = loop.run(epochs=3)
     assert evals.reached is not None and evals.reached["step"] == 6
     assert evals.reached["mAP50"] == pytest.approx(1.0)
@@ -98,6 +106,18 @@ def test_training_stops_at_the_evaluation_that_reaches_the_target(
     target = evals.target_summary(progress.step)
     assert target["reached"] and target["step"] == 6 and target["wall_s"] > 0
     assert target["stopped_step"] == progress.step
+
+
+def test_a_target_without_stop_is_only_recorded(tiny_cfg, tiny_coco, tmp_path):
+    """eval.target_stop=false: the first evaluation reaching the target is recorded (step,
+    wall time) and training runs to its end, evaluating again at the end."""
+    loop, evals = perfect_loop(tiny_cfg, tiny_coco, tmp_path, False, Target(0.5, "mAP", False))
+    progress = loop.run(epochs=3)
+    assert progress.step == 18
+    assert [e["step"] for e in evals.history] == [6, 12, 18]
+    target = evals.target_summary(progress.step)
+    assert target["reached"] and target["step"] == 6 and not target["stop"]
+    assert target["wall_s"] == evals.history[0]["wall_s"] < evals.history[-1]["wall_s"]
 
 
 def test_a_failure_in_the_side_process_is_one_clear_error(tiny_coco):
@@ -123,10 +143,14 @@ def test_a_failure_in_the_side_process_is_one_clear_error(tiny_coco):
 
 
 def test_eval_keys_are_validated():
+    demo = compose_cfg().eval  # the default run reports its time to mAP50 0.5, trains on
+    assert (demo.target_map, demo.target_metric, demo.target_stop) == (0.5, "mAP50", False)
+    assert compose_cfg("model=ssd300_vgg16").eval.target_map is None
     validate(compose_cfg("eval.background=true", "eval.target_map=0.2", "eval_every=1"))
     with pytest.raises(ConfigError, match=r"^eval\.target_map=1\.5 is not valid"):
         validate(compose_cfg("eval.target_map=1.5", "eval_every=1"))
     with pytest.raises(ConfigError, match=r"^eval\.target_map=0\.2 needs evaluations"):
-        validate(compose_cfg("eval.target_map=0.2", "eval_every=0"))
+        validate(compose_cfg("eval.target_map=0.2", "eval_every=0", "eval.target_stop=true"))
+    validate(compose_cfg("eval.target_map=0.2", "eval_every=0", "eval.target_stop=false"))
     with pytest.raises(ConfigError, match=r"^eval\.target_metric='AP' is not valid"):
         validate(compose_cfg("eval.target_metric=AP"))
