@@ -242,43 +242,53 @@ def bench_generated(cfg: DictConfig, out_dir: Path) -> dict:
     return report
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def generated_table(report: dict) -> str:
-    rows = [
+    phases = [
+        ["records", name, f"{r['s']:.3f}", f"{r['ms_per_1000_images']:.1f}"]
+        for name, r in report["records"].items()
+    ]
+    phases += [["cocoeval", name, f"{r['s']:.2f}", ""] for name, r in report["cocoeval"].items()]
+    modes = [
+        [name, f"{r['records_s']:.3f}", f"{r['cocoeval_s']:.2f}", f"{r['stall_s']:.3f}",
+         f"{r['result_s']:.2f}"]
+        for name, r in report["modes"].items()
+    ]  # fmt: skip
+    head = (
         f"COCO-val-sized: {report['images']} images, {report['gt_boxes']} boxes, "
         f"{report['detections']} detections; stats differ by at most "
-        f"{report['max_stat_difference']:.1e}",
-        "",
-        "| phase | variant | s (median) | ms per 1,000 images |",
-        "|---|---|---|---|",
-    ]
-    for name, r in report["records"].items():
-        rows.append(f"| records | {name} | {r['s']:.3f} | {r['ms_per_1000_images']:.1f} |")
-    for name, r in report["cocoeval"].items():
-        rows.append(f"| cocoeval | {name} | {r['s']:.2f} | |")
-    rows += [
-        "",
-        "| engine + mode | records s | cocoeval s | loop stall s (+ forward) | result after s |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in report["modes"].items():
-        rows.append(
-            f"| {name} | {r['records_s']:.3f} | {r['cocoeval_s']:.2f} | {r['stall_s']:.3f} | "
-            f"{r['result_s']:.2f} |"
-        )
-    return "\n".join(rows)
+        f"{report['max_stat_difference']:.1e}"
+    )
+    return "\n".join(
+        [head, ""]
+        + markdown(["phase", "variant", "s (median)", "ms per 1,000 images"], phases)
+        + [""]
+        + markdown(
+            [
+                "engine + mode",
+                "records s",
+                "cocoeval s",
+                "loop stall s (+ forward)",
+                "result after s",
+            ],
+            modes,
+        )  # fmt: skip
+    )
 
 
 def table(report: dict) -> str:
     rows = [
-        "| variant | images/s | pass s (median) | mAP | mAP50 | detections | graphs |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, r in report["runs"].items():
-        rows.append(
-            f"| {name} | {r['images_per_s']:.1f} | {r['pass_s']:.3f} | {r['mAP']:.4f} | "
-            f"{r['mAP50']:.4f} | {r['num_detections']} | {r['graphs']} |"
-        )
-    return "\n".join(rows)
+        [name, f"{r['images_per_s']:.1f}", f"{r['pass_s']:.3f}", f"{r['mAP']:.4f}",
+         f"{r['mAP50']:.4f}", str(r["num_detections"]), str(r["graphs"])]
+        for name, r in report["runs"].items()
+    ]  # fmt: skip
+    header = ["variant", "images/s", "pass s (median)", "mAP", "mAP50", "detections", "graphs"]
+    return "\n".join(markdown(header, rows))
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
