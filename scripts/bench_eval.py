@@ -104,7 +104,7 @@ def bench(cfg: DictConfig) -> dict:
         result: dict = {}
 
         def one_pass(detect=detect, result=result) -> None:
-            result["records"], _ = fixed_detections(
+            result["found"] = fixed_detections(
                 t.model, batches, t.device, amp=cfg.amp, detect=detect
             )
 
@@ -113,7 +113,7 @@ def bench(cfg: DictConfig) -> dict:
         )
         if name == "device_compiled":
             times = times[1:]  # the first pass compiled the graph
-        scores = coco_map(coco, result["records"], coco.getImgIds())
+        scores = coco_map(coco, result["found"].results, coco.getImgIds())
         pass_s = statistics.median(times)
         runs[name] = {
             "images_per_s": images / pass_s,
