@@ -89,11 +89,13 @@ class BackgroundCoco:
 
     def submit(
         self, step: int, results: np.ndarray, image_ids: list[int], times: dict[str, float]
-    ) -> None:
+    ) -> Pending:
         """Hand over one evaluation: results [N, 7] (`ssd_npu.records`), the evaluated image
-        ids, and the loop's times for it (forward_s, records_s, stall_s)."""
+        ids, and the loop's times for it (forward_s, records_s; the caller adds stall_s to
+        the returned `Pending.times` once it knows it). Returned in the result with them."""
         future = self.pool.submit(_score, results, image_ids, self.engine)
         self.pending.append(Pending(step, future, times))
+        return self.pending[-1]
 
     def _take(self, timeout: float | None) -> tuple[int, dict[str, Any]]:
         head = self.pending[0]
