@@ -376,7 +376,10 @@ def build_evaluator(cfg: TrainConfig, t: Training) -> Evaluator:
         compile_options = step_options(cfg, t.device, t.world, None).compile
         detect = DeviceDetect(t.model, t.device, cfg.amp, compile_options)
     detections = t.path.detections(t.model, t.device, cfg.amp, detect)
-    return Evaluator(detections, t.data.val, t.data.val_set.coco, detect)
+    val_set = t.data.val_set
+    return Evaluator(
+        detections, t.data.val, val_set.coco, detect, cfg.eval.coco, Path(val_set.ann_file)
+    )
 
 
 def detection_sheet(cfg: TrainConfig, t: Training, evaluator: Evaluator) -> DetectionSheet:

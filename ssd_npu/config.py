@@ -18,6 +18,7 @@ from omegaconf import ListConfig
 from ssd_npu.choices import (  # the allowed values, each listed once
     AMP_DTYPES,
     AUGMENT_ON,
+    COCO_ENGINES,
     COMPILE_MODES,
     DATASETS,
     DECODES,
@@ -27,6 +28,7 @@ from ssd_npu.choices import (  # the allowed values, each listed once
     ON_BAD_IMAGE,
     POSTPROCESS,
     SHAPES,
+    TARGET_METRICS,
 )
 from ssd_npu.errors import UserError
 from ssd_npu.model_specs import DEFAULT_MODEL, MODELS
@@ -124,6 +126,10 @@ class BenchConfig:
     variants: list[str] | None = None  # scripts/bench.py's variants to run; None: all
     out: str | None = None  # bench.json path; None: <out_dir>/bench.json (bench_eval.json)
     eval_rounds: int = 5  # timed passes over the val set per variant in scripts/bench_eval.py
+    # > 0: bench_eval.py times a generated COCO-val-sized result instead (this many images,
+    # eval_per_image detections each): records, COCOeval per engine, synchronous vs background
+    eval_images: int = 0
+    eval_per_image: int = 100
 
 
 @dataclass
@@ -146,6 +152,14 @@ class EvalConfig:
     # `eval=true|false` on the command line is kept as a short form of eval.enabled
     enabled: bool = True  # COCO evaluation at the end of training (and every eval_every epochs)
     postprocess: str = "auto"  # auto | device | host (the fixed path; see POSTPROCESS)
+    coco: str = "faster"  # COCOeval engine: faster (faster-coco-eval) | pycocotools
+    # true: COCOeval in a side process while training goes on (ssd_npu/background.py)
+    background: bool = False
+    # stop training at the first evaluation whose `target_metric` is >= this; null: never
+    target_map: float | None = None
+    target_metric: str = "mAP"  # mAP (AP@[.5:.95]) | mAP50 (AP@.5)
+    # false: only record when the target is reached (summary.json eval.target), train on
+    target_stop: bool = True
 
 
 @dataclass
@@ -375,6 +389,22 @@ def _check_augment_on(cfg: TrainConfig) -> None:
         )
 
 
+def _check_eval(cfg: TrainConfig) -> None:
+    """eval.coco, eval.target_map, eval.target_metric, eval.target_stop."""
+    _one_of("eval.coco", cfg.eval.coco, COCO_ENGINES)
+    _one_of("eval.target_metric", cfg.eval.target_metric, TARGET_METRICS)
+    target = cfg.eval.target_map
+    if target is not None and not 0.0 < target <= 1.0:
+        raise ConfigError(
+            f"eval.target_map={target} is not valid; give an mAP in (0, 1] (e.g. 0.23) or null."
+        )
+    if target is not None and cfg.eval.target_stop and cfg.eval_every < 1:
+        raise ConfigError(
+            f"eval.target_map={target} needs evaluations during training: set eval_every=N "
+            "(epochs), or eval.target_stop=false to only record when the target is reached."
+        )
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check values Hydra's types cannot; raise ConfigError naming the key."""
     _one_of("device", cfg.device.name, DEVICES)
@@ -384,6 +414,7 @@ def validate(cfg: TrainConfig) -> None:
     _one_of("data.on_bad_image", cfg.data.on_bad_image, ON_BAD_IMAGE)
     _one_of("data.decode", cfg.data.decode, DECODES)
     _one_of("eval.postprocess", cfg.eval.postprocess, POSTPROCESS)
+    _check_eval(cfg)
     if cfg.eval.postprocess == "device" and cfg.shape != "fixed":
         raise ConfigError(
             "eval.postprocess=device needs shape=fixed; the dynamic baseline evaluates with "

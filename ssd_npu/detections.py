@@ -14,7 +14,6 @@ and `scripts/show_detections.py` writes as a PNG.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,16 +147,13 @@ class DetectionSheet:
     def predictions(self) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
         """image_id -> (boxes [N, 4] xyxy original pixels, scores [N], labels [N] category ids),
         evaluation's own detections (score >= 0.001, NMS, at most 300 per image)."""
-        records, _ = self.detections(self._batches())
-        per_image: dict[int, list[dict]] = defaultdict(list)
-        for r in records:
-            per_image[r["image_id"]].append(r)
+        results = self.detections(self._batches()).results  # [N, 7], rows grouped by image
+        rows = torch.from_numpy(results)
         out = {}
-        for image_id, rs in per_image.items():
-            xywh = torch.tensor([r["bbox"] for r in rs], dtype=torch.float32)
-            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-            scores = torch.tensor([r["score"] for r in rs], dtype=torch.float32)
-            out[image_id] = (boxes, scores, torch.tensor([r["category_id"] for r in rs]))
+        for image_id in rows[:, 0].unique().tolist():
+            mine = rows[rows[:, 0] == image_id]
+            boxes = torch.cat([mine[:, 1:3], mine[:, 1:3] + mine[:, 3:5]], dim=1).float()
+            out[int(image_id)] = (boxes, mine[:, 5].float(), mine[:, 6].long())
         return out
 
     def render(self) -> Tensor:

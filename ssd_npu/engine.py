@@ -91,7 +91,9 @@ class Hook:
                                   it); "stop": read it at once, then end training
     after_step(record, progress)  a step's results were read and logged (record.step may be
                                   progress.step - 1: the model is then one step further)
-    after_epoch(progress)         all of an epoch's steps read
+    after_epoch(progress) -> Read | None  all of an epoch's steps read; "stop": end training
+                                  there (e.g. an evaluation reached its target), like a stop
+                                  after a step ("interrupted")
     after_train(progress, outcome)  always, last; outcome: "done", "interrupted" (a hook
                                   answered "stop") or "failed" (training raised, e.g. a
                                   non-finite loss)
@@ -104,7 +106,8 @@ class Hook:
 
     def after_step(self, record: StepRecord, progress: Progress) -> None: ...
 
-    def after_epoch(self, progress: Progress) -> None: ...
+    def after_epoch(self, progress: Progress) -> Read | None:
+        return None
 
     def after_train(self, progress: Progress, outcome: Outcome) -> None: ...
 
@@ -170,8 +173,9 @@ class TrainLoop:
                 return ended
             progress.epoch += 1
             progress.batch = 0
-            for hook in self.hooks:
-                hook.after_epoch(progress)
+            # every hook is asked (a collective in one stays in step across ranks)
+            if "stop" in [hook.after_epoch(progress) for hook in self.hooks]:
+                return "interrupted"
         return "done"
 
     def _epoch(self, progress: Progress, max_steps: int | None) -> Outcome | None:

@@ -3,8 +3,8 @@
 Fixed path, `eval.postprocess=device` (`DeviceDetect`): the device runs the network AND the
 detector's postprocess in fixed shapes (`ssd_npu.postprocess.fixed_postprocess`: [B, D]
 detections and a valid mask, D = detections_per_img) as one static function, compiled once
-under compile=true; the host receives one [B, D, 7] tensor per batch and only maps boxes back
-(`unfit_boxes`) and writes the COCO records.
+under compile=true; the host receives one [B, D, 7] tensor per batch, keeps them, and after the pass maps every
+box back (`unfit_boxes`, in bulk) and writes the COCO results in one go (`ssd_npu.records`).
 
 Fixed path, `eval.postprocess=host`: the device runs only the static graph (`FixedSSD`:
 `[B, 3, H, W]` -> head outputs). Everything data-dependent runs on the HOST: the detector's
@@ -19,30 +19,42 @@ Dynamic path: `detector(list_of_images)` in eval mode, torchvision's unmodified 
 for torchvision's ops (nms on an NPU without torchvision_npu), its `postprocess_detections`
 gets the head outputs and anchors copied to the host (`postprocess_on_host`).
 
-Both produce COCO result records (`image_id`, `category_id`, `bbox` xywh original pixels,
-`score`) and share `coco_map` (pycocotools COCOeval). Labels are COCO category ids here.
+Both produce COCO results as one array [N, 7] (`ssd_npu.records`: image_id, xywh original
+pixels, score, category_id), no dict per detection, and share `coco_map` (COCOeval with
+`eval.coco`'s engine: faster-coco-eval, or pycocotools as the reference; `ssd_npu.cocoeval`).
+Labels are COCO category ids here. Each evaluation is timed by phase: forward_s (the pass
+over the val loader), records_s (the results array), cocoeval_s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
+import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from ssd_npu import distributed
+from ssd_npu.cocoeval import GroundTruth, coco_map
 from ssd_npu.compiler import CompiledStep
-from ssd_npu.data.fixed_shape import FixedBatch, unfit_boxes
+from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import Device
 from ssd_npu.families import eval_recipe_of
 from ssd_npu.model import Detector, FixedSSD, detector_spec, eval_mode
 from ssd_npu.postprocess import Detections, as_dicts, fixed_postprocess
+from ssd_npu.records import (
+    empty_results,
+    image_results,
+    pack_per_image,
+    packed_results,
+    pad_cat,
+)
 from ssd_npu.step import CompileOptions
 
 
@@ -133,52 +145,26 @@ def _as_device(device: Device | torch.device | str) -> Device:
     return Device.of(torch.device(device))
 
 
-def coco_records(image_id: int, boxes: Tensor, scores: Tensor, labels: Tensor) -> list[dict]:
-    """One image's detections as COCO result records.
+@dataclasses.dataclass
+class Found:
+    """One rank's detections over a val loader, and where the time went.
 
-    boxes [N, 4] xyxy original-image pixels; scores [N]; labels [N] int64 category ids.
-    """
-    xyxy = boxes.detach().to("cpu", torch.float64)
-    xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist()
-    return [
-        {"image_id": int(image_id), "category_id": int(c), "bbox": b, "score": float(s)}
-        for b, s, c in zip(xywh, scores.tolist(), labels.tolist(), strict=True)
-    ]
+    results [N, 7] float64 (`ssd_npu.records`: image_id, x, y, w, h original pixels, score,
+    category_id); image_ids: the images evaluated (padding repeats left out); forward_s: the
+    pass over the loader (batches, network, postprocess, copies to the host), seconds;
+    records_s: building `results` from the detections, seconds."""
 
-
-def fixed_batch_records(batch: FixedBatch, detections: list[dict[str, Tensor]]) -> list[dict]:
-    """Records of one FixedBatch; detections[i] boxes in canvas pixels, padding samples skipped."""
-    records: list[dict] = []
-    for i, det in enumerate(detections):
-        image_id = int(batch.image_ids[i])
-        if image_id < 0:  # a repeat that only fills the last val batch
-            continue
-        boxes = unfit_boxes(det["boxes"].cpu(), batch.fit_info(i))
-        records += coco_records(image_id, boxes, det["scores"].cpu(), det["labels"].cpu())
-    return records
+    results: np.ndarray
+    image_ids: list[int]
+    forward_s: float
+    records_s: float
 
 
-def coco_map(coco_gt: COCO, results: list[dict], image_ids: Iterable[int]) -> dict[str, Any]:
-    """COCOeval "bbox" on `image_ids` only; prints the 12-line AP/AR table.
-
-    Returns {"mAP": AP@[.5:.95], "mAP50": AP@.5, "stats": the 12 COCOeval stats,
-    "num_images", "num_detections"}. COCOeval reports -1 where no ground truth exists.
-    """
-    ids = sorted({int(i) for i in image_ids})
-    out: dict[str, Any] = {"num_images": len(ids), "num_detections": len(results)}
-    if not results:  # loadRes cannot take an empty list; nothing detected scores 0
-        print(f"COCOeval: no detections on {len(ids)} images; mAP = 0.0")
-        return {"mAP": 0.0, "mAP50": 0.0, "stats": [0.0] * 12, **out, "note": "no detections"}
-    # pycocotools prints progress lines; keep only the table. loadRes edits records: copy.
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        ev.params.imgIds = ids
-        ev.evaluate()
-        ev.accumulate()
-    ev.summarize()
-    stats = [float(v) for v in ev.stats]
-    return {"mAP": stats[0], "mAP50": stats[1], "stats": stats, **out}
+def fixed_batch_results(batch: FixedBatch, detections: list[dict[str, Tensor]]) -> np.ndarray:
+    """Result rows of one FixedBatch; detections[i] boxes in canvas pixels (per-image dicts, as
+    the host postprocess gives them), padding samples skipped."""
+    packed = pack_per_image(detections)
+    return packed_results(packed, batch.scales, batch.orig_sizes, batch.image_ids)
 
 
 @torch.no_grad()
@@ -188,27 +174,39 @@ def fixed_detections(
     device: Device | torch.device | str,
     amp: bool = False,
     detect: DeviceDetect | None = None,
-) -> tuple[list[dict], list[int]]:
-    """COCO records and evaluated image ids for every FixedBatch of `loader` (eval mode).
+) -> Found:
+    """Detections of every FixedBatch of `loader` (eval mode) as COCO results.
 
-    With `detect` the postprocess runs on the device (`DeviceDetect`); without, on the host."""
+    With `detect` the postprocess runs on the device (`DeviceDetect`); without, on the host.
+    The pass keeps each batch's packed detections [B, D, 7] (one copy per batch); the results
+    are built after it, for all images at once (`ssd_npu.records.packed_results`)."""
     dev = _as_device(device)
     check_eval_recipe(model.detector)
-    records: list[dict] = []
-    image_ids: list[int] = []
+    start = time.perf_counter()
+    packed: list[Tensor] = []
+    scales, orig_sizes, image_ids = [], [], []
     with eval_mode(model):
         for batch in loader:
             images = batch.images.to(dev.torch, non_blocking=True)
             if detect is not None:
-                detections = unpack_detections(detect(images).cpu())  # one copy per batch
+                packed.append(detect(images).cpu())  # one copy per batch
             else:
                 with dev.autocast(amp):
                     head = model(images)
                 # NMS keeps a data-dependent number of boxes: run it on the host, in fp32
-                detections = postprocess_fixed(model, *head)
-            records += fixed_batch_records(batch, detections)
-            image_ids += [i for i in batch.image_ids.tolist() if i >= 0]
-    return records, image_ids
+                packed.append(pack_per_image(postprocess_fixed(model, *head)))
+            scales.append(batch.scales)
+            orig_sizes.append(batch.orig_sizes)
+            image_ids.append(batch.image_ids)
+    forward_s = time.perf_counter() - start
+    start = time.perf_counter()
+    if packed:
+        ids = torch.cat(image_ids)
+        results = packed_results(pad_cat(packed), torch.cat(scales), torch.cat(orig_sizes), ids)
+        evaluated = [i for i in ids.tolist() if i >= 0]
+    else:
+        results, evaluated = empty_results(), []
+    return Found(results, evaluated, forward_s, time.perf_counter() - start)
 
 
 @contextlib.contextmanager
@@ -242,35 +240,57 @@ def dynamic_detections(
     loader: Iterable,
     device: Device | torch.device | str,
     postprocess: str = "device",
-) -> tuple[list[dict], list[int]]:
-    """COCO records and image ids from torchvision's own inference on each DynamicBatch;
+) -> Found:
+    """COCO results and image ids from torchvision's own inference on each DynamicBatch;
     `postprocess`: "device", or "host" (`postprocess_on_host`; `Device.dynamic_postprocess`)."""
     dev = _as_device(device)
     detector = detector.detector if isinstance(detector, FixedSSD) else detector
     check_eval_recipe(detector)
-    records: list[dict] = []
+    start = time.perf_counter()
+    rows: list[np.ndarray] = []
     image_ids: list[int] = []
+    records_s = 0.0  # torchvision's inference returns per-image dicts: rows image by image
     host = postprocess_on_host(detector) if postprocess == "host" else contextlib.nullcontext()
     with eval_mode(detector), host:
         for batch in loader:
             outputs = detector([img.to(dev.torch) for img in batch.images])
+            mark = time.perf_counter()
             for image_id, det in zip(batch.image_ids.tolist(), outputs, strict=True):
-                records += coco_records(image_id, det["boxes"], det["scores"], det["labels"])
+                rows.append(image_results(image_id, det["boxes"], det["scores"], det["labels"]))
                 image_ids.append(image_id)
-    return records, image_ids
+            records_s += time.perf_counter() - mark
+    mark = time.perf_counter()
+    results = np.concatenate(rows) if rows else empty_results()
+    records_s += time.perf_counter() - mark
+    return Found(results, image_ids, time.perf_counter() - start - records_s, records_s)
 
 
-# A path's detections over a val loader: (COCO records, evaluated image ids) of this rank
-DetectFn = Callable[[Iterable], tuple[list[dict], list[int]]]
+# A path's detections over a val loader (results, evaluated image ids, times) of this rank
+DetectFn = Callable[[Iterable], Found]
+
+
+@dataclasses.dataclass
+class Gathered:
+    """Every rank's detections, on rank 0: what COCOeval needs (picklable, no tensor), and the
+    times so far. results [N, 7] (`ssd_npu.records`); forward_s / records_s: the slowest
+    rank's, seconds."""
+
+    results: np.ndarray
+    image_ids: list[int]
+    forward_s: float
+    records_s: float
 
 
 class Evaluator:
     """COCO mAP on a val loader, from the path's `detections` (`ssd_npu.build` binds
     `fixed_detections` or `dynamic_detections` to the model and device).
 
-    Each rank runs its share of the val set; rank 0 gathers every rank's detections and runs
-    COCOeval (`run` returns None on the other ranks; in one process it always returns).
-    `detect`: the fixed path's device postprocess when it is used (its graph count), else None.
+    Each rank runs its share of the val set; rank 0 gathers every rank's detections (`gather`)
+    and runs COCOeval with `engine` (`score`; `ssd_npu.cocoeval`). `run` does both: it returns
+    None on the other ranks; in one process it always returns. `detect`: the fixed path's
+    device postprocess when it is used (its graph count), else None. `ann_file`: the val
+    annotations' json, which a side process reads instead of being sent the index
+    (`ssd_npu.background`).
     """
 
     def __init__(
@@ -279,18 +299,47 @@ class Evaluator:
         loader: Iterable,
         coco: COCO,
         detect: DeviceDetect | None = None,
+        engine: str = "faster",
+        ann_file: Path | None = None,
     ) -> None:
         self.detections, self.loader, self.coco, self.detect = detections, loader, coco, detect
+        self.engine, self.ann_file = engine, ann_file
+        self.gt = GroundTruth.of_coco(coco)
 
     @property
     def postprocess(self) -> str:
         """Where the postprocess runs: "device" or "host" (the dynamic path's is torchvision's)."""
         return "device" if self.detect is not None else "host"
 
-    def run(self) -> dict[str, Any] | None:
-        gathered = distributed.gather_to_main(self.detections(self.loader))
-        if gathered is None:
+    def gather(self) -> Gathered | None:
+        """This rank's detections (the part that needs the weights), gathered on rank 0;
+        None on the other ranks."""
+        found = self.detections(self.loader)
+        parts = distributed.gather_to_main(found)
+        if parts is None:
             return None
-        records = [r for part, _ in gathered for r in part]
-        image_ids = sorted({i for _, ids in gathered for i in ids})
-        return coco_map(self.coco, records, image_ids)
+        return Gathered(
+            np.concatenate([p.results for p in parts]),
+            sorted({i for p in parts for i in p.image_ids}),
+            max(p.forward_s for p in parts),
+            max(p.records_s for p in parts),
+        )
+
+    def score(self, gathered: Gathered) -> dict[str, Any]:
+        """COCOeval of gathered detections: `coco_map`'s dict plus forward_s, records_s and
+        cocoeval_s (seconds)."""
+        return score(self.gt, gathered, self.engine)
+
+    def run(self) -> dict[str, Any] | None:
+        gathered = self.gather()
+        return None if gathered is None else self.score(gathered)
+
+
+def score(gt: GroundTruth, gathered: Gathered, engine: str) -> dict[str, Any]:
+    """`coco_map` of `gathered` with its phase times (forward_s, records_s, cocoeval_s): the
+    same function in the loop's process and in the side process of `eval.background=true`."""
+    start = time.perf_counter()
+    result = coco_map(gt, gathered.results, gathered.image_ids, engine)
+    cocoeval_s = time.perf_counter() - start
+    times = {"forward_s": gathered.forward_s, "records_s": gathered.records_s}
+    return {**result, **times, "cocoeval_s": cocoeval_s}

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ssd_npu.background import BackgroundCoco
 from ssd_npu.build import (
     Training,
     build_evaluator,
@@ -26,7 +27,14 @@ from ssd_npu.config import TrainConfig
 from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.errors import Interrupted
-from ssd_npu.hooks import BucketCountHook, CheckpointHook, EvalHook, ProfilerHook, StopSignalHook
+from ssd_npu.hooks import (
+    BucketCountHook,
+    CheckpointHook,
+    EvalHook,
+    ProfilerHook,
+    StopSignalHook,
+    Target,
+)
 from ssd_npu.prefetch import DevicePrefetcher
 from ssd_npu.telemetry import Telemetry
 
@@ -61,6 +69,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     sheet = detection_sheet(cfg, t, evaluator) if main else None
     stop = StopSignalHook()
     checkpoints = CheckpointHook(state, ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints, main)
+    evaluates = cfg.eval.enabled or cfg.eval_every > 0 or cfg.eval_only
+    # eval.background: rank 0 scores in a side process; the other ranks only gather
+    background = None
+    if cfg.eval.background and main and evaluates:
+        background = BackgroundCoco(evaluator.ann_file, cfg.eval.coco)
+    target = cfg.eval.target_map
     evals = EvalHook(
         evaluator,
         telemetry,
@@ -68,6 +82,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         cfg.epochs,
         final=cfg.eval.enabled,
         sheet=sheet,
+        background=background,
+        target=None
+        if target is None
+        else Target(target, cfg.eval.target_metric, cfg.eval.target_stop),
     )
     # torchvision's dynamic batches have no box-count bucket: counted on the fixed path only
     buckets = None
@@ -89,6 +107,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     try:
         if cfg.eval_only:
             evals.evaluate(progress.step)
+            evals.finish()
         else:
             loop = TrainLoop(
                 t.step,
@@ -111,6 +130,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             f"{err} The last good checkpoint is {last[-1] if last else 'not written yet'}."
         )
     finally:
+        if background is not None:  # any exit: the side process never outlives the run
+            background.close()
         telemetry.close()
 
     summary = telemetry.summary(
@@ -147,6 +168,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         summary["eval"]["postprocess"] = evaluator.postprocess
         # the device postprocess under compile=true: graphs compiled for evaluation (1 expected)
         summary["eval"]["graphs_compiled"] = evaluator.detect.graphs if evaluator.detect else None
+        summary["eval"]["coco"] = evaluator.engine
+        summary["eval"]["background"] = background is not None
+        if evals.target is not None:
+            summary["eval"]["target"] = evals.target_summary(progress.step)
     telemetry.write_summary(summary)
     if failure is not None:
         raise failure
@@ -158,6 +183,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             stop.signal.signum,
         )
     shown = {k: v for k, v in summary.items() if k != "eval"} | {"eval": evals.history[-1:]}
+    if evals.target is not None:  # the time to the target beside the final mAP
+        shown["eval_target"] = summary.get("eval", {}).get("target")
     _say(main, json.dumps(shown, indent=2))
     return summary
 

@@ -28,7 +28,7 @@ from ssd_npu.config import ConfigError, validate
 from ssd_npu.device import Device, HostCopy, Mark
 from ssd_npu.distributed import World
 from ssd_npu.engine import Hook, Progress, Read, TrainLoop
-from ssd_npu.hooks import StopSignalHook
+from ssd_npu.hooks import TIME_KEYS, StopSignalHook
 from ssd_npu.telemetry import Telemetry
 from ssd_npu.train import run
 from tests.helpers import REPO, compose_cfg, tiny_config, tiny_overrides
@@ -103,19 +103,25 @@ def test_parameters_stay_identical_across_ranks(tiny_coco, tmp_path):
     assert moved > 10
 
 
-@pytest.mark.slow
-def test_torchrun_writes_one_summary_and_one_event_file(tiny_coco, tiny_cfg, tmp_path):
+def torchrun_train(root, *overrides: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 train.py` on the tiny set (COMMON, evaluation on) with
+    `overrides`; it must exit 0."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={free_port()}", "train.py",
-        *tiny_overrides(tiny_coco, *[c for c in COMMON if c != "eval=false"], "max_steps=2",
-                        f"hydra.run.dir={tmp_path}"),
+        *tiny_overrides(root, *[c for c in COMMON if c != "eval=false"], *overrides),
     ]  # fmt: skip
     proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_torchrun_writes_one_summary_and_one_event_file(tiny_coco, tiny_cfg, tmp_path):
+    proc = torchrun_train(tiny_coco, "max_steps=2", f"hydra.run.dir={tmp_path}")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["global_step"] == 2 and summary["steps"] == 2
     assert summary["device"] == "cpu"
@@ -134,6 +140,24 @@ def test_torchrun_writes_one_summary_and_one_event_file(tiny_coco, tiny_cfg, tmp
     assert ranks["num_detections"] == one["num_detections"] > 0
     assert summary["eval"]["mAP"] == pytest.approx(single["eval"]["mAP"], abs=1e-9)
     assert summary["eval"]["mAP50"] == pytest.approx(single["eval"]["mAP50"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_torchrun_background_eval_gives_the_synchronous_history(tiny_coco, tmp_path):
+    """eval.background=true under torchrun: rank 0 alone hands the gathered detections to its
+    side process (the other rank only takes part in the gather and trains on); the history is
+    the synchronous run's."""
+    histories = {}
+    for mode in ("false", "true"):
+        overrides = ("epochs=2", "eval_every=1", f"eval.background={mode}")
+        torchrun_train(tiny_coco, *overrides, f"hydra.run.dir={tmp_path / mode}")
+        summary = json.loads((tmp_path / mode / "summary.json").read_text())
+        assert summary["eval"]["background"] == (mode == "true")
+        histories[mode] = [
+            {k: v for k, v in e.items() if k not in TIME_KEYS} for e in summary["eval"]["history"]
+        ]
+    assert [e["step"] for e in histories["true"]] == [3, 6]  # 12 images, 2 ranks x batch 2
+    assert histories["true"] == histories["false"]
 
 
 # --- torchrun without host waits -------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ssd_npu.build import build_evaluator, build_training, resolve_postprocess, shape_path
+from ssd_npu.cocoeval import as_dicts as result_dicts
 from ssd_npu.config import ConfigError, expand_short_forms, validate
 from ssd_npu.device import Device
 from ssd_npu.evaluate import (
@@ -88,9 +89,11 @@ def test_device_and_host_records_are_equal(tiny_cfg, model):
     if not model.startswith("ssd"):
         with torch.no_grad():
             t.model.detector.head.classification_head.cls_logits.bias += 3.0
-    host, host_ids = fixed_detections(t.model, t.data.val, t.device)
+    host_found = fixed_detections(t.model, t.data.val, t.device)
+    host, host_ids = result_dicts(host_found.results), host_found.image_ids
     detect = DeviceDetect(t.model, t.device)
-    device, device_ids = fixed_detections(t.model, t.data.val, t.device, detect=detect)
+    device_found = fixed_detections(t.model, t.data.val, t.device, detect=detect)
+    device, device_ids = result_dicts(device_found.results), device_found.image_ids
     assert host_ids == device_ids and len(host) > 0
     assert len(device) == len(host)
     # records in a fixed order (ties in score may be listed either way round)

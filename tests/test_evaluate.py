@@ -3,11 +3,13 @@ the fixed path runs end to end, and it agrees with torchvision's own dynamic inf
 
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from ssd_npu.build import build_training, loader_spec, shape_path
+from ssd_npu.cocoeval import as_dicts
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.loader import build_loaders
@@ -17,9 +19,10 @@ from ssd_npu.evaluate import (
     Evaluator,
     coco_map,
     dynamic_detections,
-    fixed_batch_records,
+    fixed_batch_results,
     fixed_detections,
 )
+from ssd_npu.records import empty_results
 from tests.helpers import calibrate_batchnorm
 
 
@@ -46,11 +49,11 @@ def test_ground_truth_as_predictions_gives_map_one(tiny_coco, tiny_cfg, fit, spl
             {"boxes": b[v], "scores": torch.ones(int(v.sum())), "labels": lab[v]}
             for b, lab, v in zip(batch.boxes, batch.labels, batch.valid, strict=True)
         ]
-        records += fixed_batch_records(batch, gt)
+        records.append(fixed_batch_results(batch, gt))
         ids += [i for i in batch.image_ids.tolist() if i >= 0]
         # control: the same boxes left in canvas pixels (no unfit) must score clearly worse
         unit = FixedBatch(**{**vars(batch), "scales": torch.ones_like(batch.scales)})
-        unmapped += fixed_batch_records(unit, gt)
+        unmapped.append(fixed_batch_results(unit, gt))
 
     assert sorted(ids) == sorted(coco.imgs)  # every image once, padding repeats skipped
     non_crowd = [a for a in coco.anns.values() if not a["iscrowd"]]
@@ -58,6 +61,7 @@ def test_ground_truth_as_predictions_gives_map_one(tiny_coco, tiny_cfg, fit, spl
     # images without objects
     assert any(a["iscrowd"] for a in coco.anns.values())
     assert set(coco.imgs) - {a["image_id"] for a in non_crowd}
+    records, unmapped = np.concatenate(records), np.concatenate(unmapped)
     assert len(records) == len(non_crowd)
     result = coco_map(coco, records, ids)
     assert result["mAP"] == pytest.approx(1.0)
@@ -68,7 +72,7 @@ def test_ground_truth_as_predictions_gives_map_one(tiny_coco, tiny_cfg, fit, spl
 
 def test_coco_map_without_detections(tiny_coco):
     coco = CocoDetectionDataset(tiny_coco, "val2017").coco
-    result = coco_map(coco, [], list(coco.imgs))
+    result = coco_map(coco, empty_results(), list(coco.imgs))
     assert result["mAP"] == 0.0 and result["num_detections"] == 0 and "note" in result
 
 
@@ -87,7 +91,8 @@ def test_evaluate_fixed_end_to_end(tiny_cfg):
     assert result["num_images"] == len(val_set.coco.imgs) == 6  # 6 images, batch 4: padded
     assert result["num_detections"] > 0
 
-    records, ids = fixed_detections(t.model, t.data.val, t.device)
+    found = fixed_detections(t.model, t.data.val, t.device)
+    records, ids = as_dicts(found.results), found.image_ids
     assert len(records) == result["num_detections"] and sorted(ids) == sorted(val_set.coco.imgs)
     for r in records:  # letterbox padding lies outside the image: boxes must not
         img = val_set.coco.imgs[r["image_id"]]
@@ -122,8 +127,8 @@ def test_fixed_and_dynamic_agree_on_stretch(tiny_cfg):
     assert fixed["num_detections"] == dynamic["num_detections"] > 0
     assert fixed["stats"] == pytest.approx(dynamic["stats"], abs=1e-3)  # all 12 AP/AR numbers
 
-    fixed_recs, _ = fixed_detections(t.model, t.data.val, t.device)
-    dyn_recs, _ = dynamic_detections(t.model.detector, dyn_loader, t.device)
+    fixed_recs = as_dicts(fixed_detections(t.model, t.data.val, t.device).results)
+    dyn_recs = as_dicts(dynamic_detections(t.model.detector, dyn_loader, t.device).results)
     f_img, d_img = _per_image(fixed_recs), _per_image(dyn_recs)
     assert f_img.keys() == d_img.keys()
     assert len({f_img[i][0]["score"] for i in f_img}) > 1  # detections depend on the image

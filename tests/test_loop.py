@@ -31,8 +31,9 @@ from ssd_npu.engine import (
     StepRecord,
     TrainLoop,
 )
-from ssd_npu.evaluate import Evaluator
+from ssd_npu.evaluate import Evaluator, Found
 from ssd_npu.hooks import BucketCountHook, CheckpointHook, EvalHook
+from ssd_npu.records import empty_results
 from ssd_npu.step import TrainStep
 from ssd_npu.telemetry import Telemetry
 
@@ -226,7 +227,7 @@ def test_a_step_record_keeps_the_batch_counters_not_the_batch(tmp_path):
 def val_evaluator(tiny_coco) -> Evaluator:
     """A real Evaluator on the tiny val set whose detector finds nothing (mAP 0)."""
     coco = CocoDetectionDataset(tiny_coco, "val2017").coco
-    return Evaluator(lambda loader: ([], list(coco.imgs)), [], coco)
+    return Evaluator(lambda loader: Found(empty_results(), list(coco.imgs), 0.0, 0.0), [], coco)
 
 
 @pytest.mark.parametrize(

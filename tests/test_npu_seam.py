@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -315,7 +316,8 @@ def test_postprocess_on_host_gives_torchvision_own_detections():
     seen = {
         where: dynamic_detections(detector, [batch], "cpu", where) for where in ("device", "host")
     }
-    assert seen["host"] == seen["device"] and len(seen["host"][0]) > 0
+    assert np.array_equal(seen["host"].results, seen["device"].results)
+    assert seen["host"].image_ids == seen["device"].image_ids and len(seen["host"].results) > 0
     assert "postprocess_detections" not in vars(detector)
 
 

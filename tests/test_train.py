@@ -24,6 +24,7 @@ TAGS = {
     "data/boxes_dropped",
     "eval/mAP",
     "eval/mAP50",
+    "time/eval_stall_s",
 }
 SUMMARY_KEYS = {
     "steps",
@@ -54,6 +55,8 @@ def test_few_step_run_writes_events_and_summary(tiny_cfg, tmp_path):
     assert summary["graphs_compiled"] is None and summary["device"] == "cpu"
     assert 0 <= summary["warmup_steps"] <= 4 and summary["steady_step_ms"] > 0
     assert 0.0 <= summary["eval"]["mAP"] <= 1.0
+    (entry,) = summary["eval"]["history"]  # where the evaluation's time went, in seconds
+    assert all(entry[k] >= 0 for k in ("forward_s", "records_s", "cocoeval_s", "stall_s"))
     assert summary["boxes_dropped"] > 0  # max_boxes=3 on images with up to ~30 objects
     assert set(summary["data_counts"]) == {
         "degenerate", "clipped", "skipped", "downscaled", "host_decoded"
