@@ -92,6 +92,10 @@ VARIANTS = {  # name: (shape, compile, compiler.mode; None: the command line's)
     "tv_compiled": ("dynamic", True, None),
 }
 FLOORS = ("floor", "floor_no_loader")
+# the step's compile statistics (TrainStep.compile_statistics) a bench.json run reports
+BENCH_COMPILE_KEYS = (
+    "graphs_compiled", "recompiles", "graphs_per_step", "recompiles_per_step", "recompile_reasons",
+)  # fmt: skip
 CUDA_ONLY = {"fixed_compiled_reduce_overhead": "compiler.mode=reduce-overhead (CUDA graphs)"}
 
 
@@ -186,15 +190,11 @@ def run_variant(name: str, base: DictConfig, events_dir: Path) -> dict:
     warmup = detect_warmup(step_ms)
     steady = steady_median(step_ms, warmup)
     steady_steps = step_ms[warmup:] or step_ms
-    compiled = step.compiled
+    compiled = step.compile_statistics()
     return {
         "steps": len(step_ms),
         "stopped_by": stopped,
-        "graphs_compiled": compiled.graphs if compiled else None,
-        "recompiles": compiled.recompiles if compiled else 0,
-        "graphs_per_step": compiled.graphs_per_call if compiled else None,
-        "recompiles_per_step": compiled.recompiles_per_call if compiled else None,
-        "recompile_reasons": compiled.recompile_reasons[:5] if compiled else [],
+        **{key: compiled[key] for key in BENCH_COMPILE_KEYS},
         "warmup_steps": warmup,
         "first_step_ms": step_ms[0] if step_ms else None,
         "steady_step_ms": steady,

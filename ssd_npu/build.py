@@ -83,6 +83,7 @@ class Training:
     data: Loaders
     data_root: Path
     total_steps: int  # optimizer steps this run trains (epochs x batches, or max_steps)
+    options: StepOptions  # amp, compile and DDP options of the step (evaluation's compile too)
     data_s: float = 0.0  # seconds building the data sets and loaders (JSON parse, arrays, checks)
 
 
@@ -136,6 +137,7 @@ class ShapePath:
     step_type: Callable[..., TrainStep]
     static: bool
     augment_on: str = "host"  # where the training augmentation and the fit run
+    box_rows: tuple[int, ...] = ()  # fixed: M, or the box-count buckets' Ms; dynamic: none
 
     def detections(
         self, model: FixedSSD, device: Device, amp: bool, detect: DeviceDetect | None
@@ -233,10 +235,9 @@ def shape_path(cfg: TrainConfig, device: Device = CPU) -> ShapePath:
             finish, collate, True, None, slots, partial(collate_slots, slot=slots.slot)
         )
         step = partial(FixedStep, augment=augment)
-        return ShapePath("fixed", form, step, static=True, augment_on="device")
-    return ShapePath(
-        "fixed", BatchForm(finish, collate, static=True, buckets=buckets), FixedStep, static=True
-    )
+        return ShapePath("fixed", form, step, static=True, augment_on="device", box_rows=sizes)
+    form = BatchForm(finish, collate, static=True, buckets=buckets)
+    return ShapePath("fixed", form, FixedStep, static=True, box_rows=sizes)
 
 
 def resolve_postprocess(choice: str, device: Device, path: ShapePath) -> str:
@@ -363,6 +364,7 @@ def build_training(cfg: TrainConfig) -> Training:
         data=data,
         data_root=data_root,
         total_steps=total_steps,
+        options=options,
         data_s=data_s,
     )
 
@@ -373,8 +375,7 @@ def build_evaluator(cfg: TrainConfig, t: Training) -> Evaluator:
     compile=true, with the training step's compiler options."""
     detect = None
     if resolve_postprocess(cfg.eval.postprocess, t.device, t.path) == "device":
-        compile_options = step_options(cfg, t.device, t.world, None).compile
-        detect = DeviceDetect(t.model, t.device, cfg.amp, compile_options)
+        detect = DeviceDetect(t.model, t.device, cfg.amp, t.options.compile)
     detections = t.path.detections(t.model, t.device, cfg.amp, detect)
     val_set = t.data.val_set
     return Evaluator(

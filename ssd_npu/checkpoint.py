@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -168,10 +168,20 @@ def set_rng_state(saved: list[RngState] | dict[str, Any], device: Device) -> Non
         _restore(entries[rank], device)
 
 
+class Stateful(Protocol):
+    """A hook whose state a checkpoint keeps (the evaluation history, the bucket counts), so
+    that a resumed run's summary.json covers the whole run."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class TrainState:
     """What a checkpoint holds, so `resume` continues exactly: weights, optimizer, schedule,
-    scaler, RNG states, the position (`Progress`) and the resolved config (for the reader)."""
+    scaler, RNG states, the position (`Progress`), the resolved config (for the reader) and the
+    state of the hooks `attach`ed (their state as it is when the checkpoint is written)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -179,6 +189,17 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     config: dict[str, Any]
     device: Device  # whose generator the RNG states include
+    hooks: dict[str, Stateful] = field(default_factory=dict)
+    # a resumed checkpoint's hook states, until `attach` hands them to the hooks
+    loaded_hooks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def attach(self, hooks: dict[str, Stateful]) -> None:
+        """Keep these hooks' state in every checkpoint from now on; a resumed checkpoint's saved
+        states (`load` ran first: the hooks are built after it) are loaded into them now."""
+        self.hooks = hooks
+        for name, hook in hooks.items():
+            if name in self.loaded_hooks:
+                hook.load_state_dict(self.loaded_hooks[name])
 
     def to_dict(self, progress: Progress, rng: list[RngState] | None = None) -> dict[str, Any]:
         """The checkpoint's contents. `rng`: every rank's states from `gather_rng_states()`
@@ -192,6 +213,7 @@ class TrainState:
             "progress": asdict(progress),
             "config": self.config,
             "rng": rng if rng is not None else [rng_state(self.device)],
+            "hooks": {name: hook.state_dict() for name, hook in self.hooks.items()},
         }
 
     def load(self, state: dict[str, Any]) -> Progress:
@@ -202,4 +224,5 @@ class TrainState:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.device)
+        self.loaded_hooks = dict(state.get("hooks") or {})  # none in checkpoints made before
         return Progress(**state["progress"])

@@ -143,6 +143,29 @@ class CompiledStep:
         """Graphs inductor ran without CUDA graphs since this step was made (CUDA-graph modes)."""
         return cudagraph_skips() - self._skips_base
 
+    def statistics(self, reasons: int = 5) -> dict[str, Any]:
+        """The compile statistics summary.json and bench.json report: graphs_compiled,
+        recompiles, graphs_per_step and recompiles_per_step (per call), the first `reasons`
+        recompile_reasons, graph_breaks and cudagraph_skips."""
+        return {
+            "graphs_compiled": self.graphs,
+            "recompiles": self.recompiles,
+            "graphs_per_step": list(self.graphs_per_call),
+            "recompiles_per_step": list(self.recompiles_per_call),
+            "recompile_reasons": self.recompile_reasons[:reasons],
+            "graph_breaks": self.graph_breaks,
+            "cudagraph_skips": self.cudagraph_skips,
+        }
+
+    @staticmethod
+    def eager_statistics() -> dict[str, Any]:
+        """`statistics` of a step that is not compiled: nothing compiled, nothing recompiled."""
+        return {
+            "graphs_compiled": None, "recompiles": 0, "graphs_per_step": None,
+            "recompiles_per_step": None, "recompile_reasons": [], "graph_breaks": None,
+            "cudagraph_skips": None,
+        }  # fmt: skip
+
     def add_last_call_of(self, other: CompiledStep) -> None:
         """Count `other`'s latest call (graphs, recompiles and their reasons) into this step's
         latest call: `other` is another compiled function of the same training step, the

@@ -157,6 +157,21 @@ class EvalHook(Hook):
         self.history: list[dict[str, Any]] = []
         self.reached: dict[str, Any] | None = None  # the history entry that reached the target
         self.start = time.perf_counter()
+        self.earlier_s = 0.0  # training seconds before a resume: wall_s counts the whole run
+
+    def state_dict(self) -> dict[str, Any]:
+        """The evaluations recorded so far (a checkpoint keeps them: a resumed run's summary
+        holds every one), where the target was reached, and the training time so far. A
+        background evaluation still in the side process is not in it."""
+        reached = self.history.index(self.reached) if self.reached is not None else None
+        elapsed = self.earlier_s + time.perf_counter() - self.start
+        return {"history": list(self.history), "reached": reached, "elapsed_s": elapsed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+        index = state["reached"]
+        self.reached = self.history[index] if index is not None else None
+        self.earlier_s = float(state["elapsed_s"])
 
     @property
     def stops(self) -> bool:
@@ -212,7 +227,7 @@ class EvalHook(Hook):
     def _record(self, step: int, result: dict[str, Any]) -> None:
         keys = ("mAP", "mAP50", "num_images", "num_detections", *TIME_KEYS[:-1])
         entry = {"step": step, **{k: result[k] for k in keys}}
-        entry["wall_s"] = time.perf_counter() - self.start
+        entry["wall_s"] = self.earlier_s + time.perf_counter() - self.start
         self.history.append(entry)
         self.telemetry.log_scalars(step, {"eval/mAP": result["mAP"], "eval/mAP50": result["mAP50"]})
         target = self.target
@@ -288,6 +303,14 @@ class BucketCountHook(Hook):
             return
         self.batches[m] = self.batches.get(m, 0) + 1
         self.graphs[m] = self.graphs.get(m, 0) + record.graphs
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts so far (a checkpoint keeps them: a resumed run counts the whole run)."""
+        return {"batches": dict(self.batches), "graphs": dict(self.graphs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches = {int(m): int(n) for m, n in state["batches"].items()}
+        self.graphs = {int(m): int(n) for m, n in state["graphs"].items()}
 
     def summary(self) -> dict[str, Any]:
         """summary.json's `buckets`: sizes, batches per bucket, graphs per bucket (or None)."""

@@ -86,6 +86,12 @@ class TrainStep:
     def recompile_reasons(self) -> list[str]:
         return list(self.compiled.recompile_reasons) if self.compiled is not None else []
 
+    def compile_statistics(self) -> dict[str, Any]:
+        """`CompiledStep.statistics` of this step (its eager form when not compiled)."""
+        if self.compiled is None:
+            return CompiledStep.eager_statistics()
+        return self.compiled.statistics()
+
     def device_counts(self) -> dict[str, Tensor]:
         """Counters the last call computed on the device (0-d tensors, read with its losses,
         one step late): the device augmentation's; none for most steps."""

@@ -1,6 +1,7 @@
 """`run(cfg)`: build everything from the config, train with hooks, write summary.json.
 
-Reads top to bottom: build -> resume -> hooks -> loop -> summary. The loop (ssd_npu.engine)
+Reads top to bottom: build -> resume -> hooks (`build_hooks`) -> loop -> summary
+(`summarise`). The loop (ssd_npu.engine)
 knows nothing of the config; the hooks (ssd_npu.hooks) do the checkpointing, evaluation,
 profiling, bucket counting and stop signals around it.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,14 @@ from ssd_npu.build import (
     detection_sheet,
     process_age_s,
 )
-from ssd_npu.checkpoint import TrainState, find_resume, list_checkpoints, load_checkpoint
+from ssd_npu.checkpoint import (
+    Stateful,
+    TrainState,
+    find_resume,
+    list_checkpoints,
+    load_checkpoint,
+)
 from ssd_npu.config import TrainConfig
-from ssd_npu.data.buckets import bucket_sizes
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.errors import Interrupted
 from ssd_npu.hooks import (
@@ -44,18 +51,51 @@ def _say(main: bool, text: str) -> None:
         print(text, flush=True)
 
 
+@dataclass
+class RunHooks:
+    """The hooks `run` trains with, and the ones it reads when training ends."""
+
+    stop: StopSignalHook
+    checkpoints: CheckpointHook
+    evals: EvalHook
+    buckets: BucketCountHook | None  # the fixed path only: dynamic batches have no bucket
+    profiler: ProfilerHook | None
+    background: BackgroundCoco | None  # eval.background's side process (rank 0)
+
+    def ordered(self) -> list[Hook]:
+        """The loop's hook list. Order matters twice: the bucket counts take a step before its
+        checkpoint is written (which keeps them), and `after_train` writes the last step's
+        checkpoint before the final evaluation, so a failed or killed evaluation loses no
+        training."""
+        hooks: list[Hook] = [self.stop]
+        if self.buckets is not None:
+            hooks.append(self.buckets)
+        hooks += [self.checkpoints, self.evals]
+        if self.profiler is not None:
+            hooks.append(self.profiler)
+        return hooks
+
+    def stateful(self) -> dict[str, Stateful]:
+        """The hooks whose state checkpoints keep (see TrainState.attach)."""
+        kept: dict[str, Stateful] = {"eval": self.evals}
+        if self.buckets is not None:
+            kept["buckets"] = self.buckets
+        return kept
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (or only evaluate) as configured; return the summary, also in summary.json."""
+    """Train (or only evaluate) as configured; return the summary, also in summary.json.
+
+    build -> resume -> hooks (their state from the checkpoint) -> loop -> summary."""
     t = build_training(cfg)
     main = t.world.is_main
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints"
     config = OmegaConf.to_container(cfg, resolve=True)
     state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, config, t.device)
     progress = Progress()
     if cfg.resume:
-        path = find_resume(cfg.resume, ckpt_dir)
+        path = find_resume(cfg.resume, out_dir / "checkpoints")
         progress = state.load(load_checkpoint(path))
         _say(main, f"ssd-npu: resumed from {path} at step {progress.step} (epoch {progress.epoch})")
         if progress.step >= t.total_steps and not cfg.eval_only:
@@ -64,11 +104,72 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     steps_left = 0 if cfg.eval_only else t.total_steps - progress.step
     telemetry = Telemetry(out_dir, steps_left, enabled=main)
+    hooks = build_hooks(cfg, t, state, telemetry, out_dir)
+    state.attach(hooks.stateful())  # a resumed run's evaluations and counts continue
+
+    # launch to the loop: imports, config, data sets (JSON parse, arrays, checks, the bucket
+    # sampler's counts), model, resume; the first batch's wait is the first step's data time
+    startup_s = round(process_age_s(), 3)
+    failure: NonFiniteLoss | None = None
+    try:
+        if cfg.eval_only:
+            hooks.evals.evaluate(progress.step)
+            hooks.evals.finish()
+        else:
+            loop = TrainLoop(
+                t.step,
+                t.optimizer,
+                t.scheduler,
+                DevicePrefetcher(t.data.train, t.device),  # the next batch copied during a step
+                t.data.train_sampler,
+                t.device,
+                telemetry,
+                hooks.ordered(),
+                scaler=t.scaler,
+                world=t.world,
+                optimizer_step=t.optimizer_step,
+            )
+            progress = loop.run(cfg.epochs, cfg.max_steps, progress)
+    except NonFiniteLoss as err:
+        # Still write summary.json (timings so far, the error) before stopping.
+        last = list_checkpoints(out_dir / "checkpoints")
+        failure = NonFiniteLoss(
+            f"{err} The last good checkpoint is {last[-1] if last else 'not written yet'}."
+        )
+    finally:
+        if hooks.background is not None:  # any exit: the side process never outlives the run
+            hooks.background.close()
+        telemetry.close()
+
+    summary = summarise(cfg, t, telemetry, hooks, progress, startup_s, failure)
+    telemetry.write_summary(summary)
+    if failure is not None:
+        raise failure
+    stop = hooks.stop
+    if stop.requested:
+        raise Interrupted(
+            f"stopped by {signal.Signals(stop.signal.signum).name} at step {progress.step}; "
+            f"checkpoint {hooks.checkpoints.last}. Resume with: python train.py <same overrides> "
+            f"hydra.run.dir={out_dir} resume=auto",
+            stop.signal.signum,
+        )
+    history = hooks.evals.history
+    shown = {k: v for k, v in summary.items() if k != "eval"} | {"eval": history[-1:]}
+    if hooks.evals.target is not None:  # the time to the target beside the final mAP
+        shown["eval_target"] = summary.get("eval", {}).get("target")
+    _say(main, json.dumps(shown, indent=2))
+    return summary
+
+
+def build_hooks(
+    cfg: TrainConfig, t: Training, state: TrainState, telemetry: Telemetry, out_dir: Path
+) -> RunHooks:
+    """The run's hooks from its config and built objects: stop signals, checkpoints,
+    evaluation (with its picture, side process and target), bucket counts, the profiler."""
+    main = t.world.is_main
     evaluator = build_evaluator(cfg, t)
     # rank 0 (the TensorBoard writer) pictures the first show.images val images at each eval
     sheet = detection_sheet(cfg, t, evaluator) if main else None
-    stop = StopSignalHook()
-    checkpoints = CheckpointHook(state, ckpt_dir, cfg.checkpoint_every, cfg.keep_checkpoints, main)
     evaluates = cfg.eval.enabled or cfg.eval_every > 0 or cfg.eval_only
     # eval.background: rank 0 scores in a side process; the other ranks only gather
     background = None
@@ -87,61 +188,39 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if target is None
         else Target(target, cfg.eval.target_metric, cfg.eval.target_stop),
     )
-    # torchvision's dynamic batches have no box-count bucket: counted on the fixed path only
+    checkpoints = CheckpointHook(
+        state, out_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints, main
+    )
     buckets = None
     if t.path.static:
-        buckets = BucketCountHook(bucket_sizes(cfg.max_boxes), count_graphs=cfg.compile)
-    # Hooks run in list order; the one place order matters: `after_train` writes the last
-    # step's checkpoint before the final evaluation, so a failed or killed evaluation loses no
-    # training.
-    hooks: list[Hook] = [stop, checkpoints, evals]
-    if buckets is not None:
-        hooks.append(buckets)
+        buckets = BucketCountHook(t.path.box_rows, count_graphs=cfg.compile)
+    profiler = None
     if cfg.profile_steps and main and not cfg.eval_only:
-        hooks.append(ProfilerHook(t.device, out_dir / "profile", cfg.profile_steps))
+        profiler = ProfilerHook(t.device, out_dir / "profile", cfg.profile_steps)
+    return RunHooks(StopSignalHook(), checkpoints, evals, buckets, profiler, background)
 
-    # launch to the loop: imports, config, data sets (JSON parse, arrays, checks, the bucket
-    # sampler's counts), model, resume; the first batch's wait is the first step's data time
-    startup_s = round(process_age_s(), 3)
-    failure: NonFiniteLoss | None = None
-    try:
-        if cfg.eval_only:
-            evals.evaluate(progress.step)
-            evals.finish()
-        else:
-            loop = TrainLoop(
-                t.step,
-                t.optimizer,
-                t.scheduler,
-                DevicePrefetcher(t.data.train, t.device),  # the next batch copied during a step
-                t.data.train_sampler,
-                t.device,
-                telemetry,
-                hooks,
-                scaler=t.scaler,
-                world=t.world,
-                optimizer_step=t.optimizer_step,
-            )
-            progress = loop.run(cfg.epochs, cfg.max_steps, progress)
-    except NonFiniteLoss as err:
-        # Still write summary.json (timings so far, the error) before stopping.
-        last = list_checkpoints(ckpt_dir)
-        failure = NonFiniteLoss(
-            f"{err} The last good checkpoint is {last[-1] if last else 'not written yet'}."
-        )
-    finally:
-        if background is not None:  # any exit: the side process never outlives the run
-            background.close()
-        telemetry.close()
 
+def summarise(
+    cfg: TrainConfig,
+    t: Training,
+    telemetry: Telemetry,
+    hooks: RunHooks,
+    progress: Progress,
+    startup_s: float,
+    failure: NonFiniteLoss | None,
+) -> dict[str, Any]:
+    """summary.json: the telemetry's timings, the compile statistics, what ran, and the
+    evaluations (every one of the run, a resumed run's too)."""
+    compiled = t.step.compile_statistics()
+    evals, evaluator = hooks.evals, hooks.evals.evaluator
     summary = telemetry.summary(
         graphs_compiled=t.step.graphs,
         # dynamo's own recompiles: the step compiled again because a guard (a shape) failed
-        recompiles=t.step.recompiles,
+        recompiles=compiled["recompiles"],
         # dynamo's guard failures (which tensor changed), the first few, for the user to read
-        recompile_reasons=t.step.recompile_reasons[:5],
-        graph_breaks=t.step.compiled.graph_breaks if t.step.compiled else None,
-        cudagraph_skips=t.step.compiled.cudagraph_skips if t.step.compiled else None,
+        recompile_reasons=compiled["recompile_reasons"],
+        graph_breaks=compiled["graph_breaks"],
+        cudagraph_skips=compiled["cudagraph_skips"],
         device=str(t.device.torch),
         amp=t.device.amp_name(cfg.amp_dtype) if cfg.amp else None,  # bf16 | fp16; None: fp32
         amp_note=t.device.amp_note(cfg.amp, cfg.amp_dtype),  # fp16 on npu: a host sync per step
@@ -155,12 +234,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         startup_s=startup_s,
         data_s=round(t.data_s, 3),
         global_step=progress.step,
-        checkpoint=str(checkpoints.last) if checkpoints.last else None,
-        interrupted=stop.requested,
+        checkpoint=str(hooks.checkpoints.last) if hooks.checkpoints.last else None,
+        interrupted=hooks.stop.requested,
         error=str(failure) if failure else None,
     )
-    if buckets is not None:
-        summary["buckets"] = buckets.summary()
+    if hooks.buckets is not None:
+        summary["buckets"] = hooks.buckets.summary()
     if evals.history:
         last_eval = evals.history[-1]
         summary["eval"] = {"mAP": last_eval["mAP"], "mAP50": last_eval["mAP50"]}
@@ -169,23 +248,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         # the device postprocess under compile=true: graphs compiled for evaluation (1 expected)
         summary["eval"]["graphs_compiled"] = evaluator.detect.graphs if evaluator.detect else None
         summary["eval"]["coco"] = evaluator.engine
-        summary["eval"]["background"] = background is not None
+        summary["eval"]["background"] = evals.background is not None
         if evals.target is not None:
             summary["eval"]["target"] = evals.target_summary(progress.step)
-    telemetry.write_summary(summary)
-    if failure is not None:
-        raise failure
-    if stop.requested:
-        raise Interrupted(
-            f"stopped by {signal.Signals(stop.signal.signum).name} at step {progress.step}; "
-            f"checkpoint {checkpoints.last}. Resume with: python train.py <same overrides> "
-            f"hydra.run.dir={out_dir} resume=auto",
-            stop.signal.signum,
-        )
-    shown = {k: v for k, v in summary.items() if k != "eval"} | {"eval": evals.history[-1:]}
-    if evals.target is not None:  # the time to the target beside the final mAP
-        shown["eval_target"] = summary.get("eval", {}).get("target")
-    _say(main, json.dumps(shown, indent=2))
     return summary
 
 

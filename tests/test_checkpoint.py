@@ -357,3 +357,18 @@ def test_each_rank_saves_and_restores_its_own_rng_states(tmp_path):
     for r in results:
         assert r["resumed"] == r["expected"]  # each rank continues its own stream
     assert results[0]["expected"] != results[1]["expected"]  # and the streams differ
+
+
+def test_a_resumed_runs_summary_holds_every_evaluation_and_count(tiny_cfg, tmp_path):
+    """The evaluation history and the bucket counts travel in the checkpoint: the resumed
+    run's summary.json covers the whole run, not only the steps after the resume."""
+    every_epoch = (*FAST, "epochs=2", "eval_every=1", "eval.enabled=false", "show.images=1")
+    first = run(tiny_cfg(*every_epoch, "max_steps=8", out=tmp_path))  # 6 batches an epoch
+    resumed = run(tiny_cfg(*every_epoch, "resume=auto", out=tmp_path))
+
+    assert [entry["step"] for entry in first["eval"]["history"]] == [6]
+    assert resumed["global_step"] == 12 and resumed["steps"] == 4
+    # the evaluation at step 6 was made before the interruption; the resumed run made none
+    assert resumed["eval"]["history"] == first["eval"]["history"]
+    assert first["buckets"]["batches"] == {"8": 8}
+    assert resumed["buckets"]["batches"] == {"8": 12}  # the whole run's batches
