@@ -178,17 +178,27 @@ def level_candidates(
     """One RetinaNet level: logits [B, A_l, C], regression [B, A_l, 4], anchors [A_l, 4] ->
     the top min(A_l * C, topk_candidates) (anchor, class) pairs above score_thresh: boxes
     [B, k, 4] decoded and clipped, scores [B, k] descending, labels [B, k], valid [B, k]."""
-    classes = logits.shape[-1]
     scores = torch.sigmoid(logits).flatten(1)  # [B, A_l * C], anchor-major as torchvision
-    above = scores > recipe.score_thresh
-    k = min(scores.shape[1], recipe.topk_candidates)
-    top, pair = scores.masked_fill(~above, float("-inf")).topk(k, dim=-1)
-    anchor = torch.div(pair, classes, rounding_mode="floor")
+    top, anchor, labels, valid = top_pairs(scores, logits.shape[-1], recipe)
     deltas = regression.gather(1, anchor[..., None].expand(-1, -1, 4))
     rel_codes = deltas.reshape(-1, 4)
     boxes = box_coder.decode_single(rel_codes, anchors.to(logits.dtype)[anchor.reshape(-1)])
     boxes = clip_to_canvas(boxes.view(deltas.shape), canvas)
-    return boxes, top, pair % classes, above.gather(1, pair)
+    return boxes, top, labels, valid
+
+
+def top_pairs(
+    scores: Tensor, classes: int, recipe: Recipe
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One level's candidates as RetinaNet and FCOS pick them: scores [B, A_l * C] of the
+    anchor-major (anchor, class) pairs -> the top k = min(A_l * C, topk_candidates) pairs
+    above score_thresh: scores [B, k] descending, their anchor [B, k] and label [B, k], and
+    valid [B, k] (pairs at or below the threshold sort last as -inf and are marked invalid)."""
+    above = scores > recipe.score_thresh
+    k = min(scores.shape[1], recipe.topk_candidates)
+    top, pair = scores.masked_fill(~above, float("-inf")).topk(k, dim=-1)
+    anchor = torch.div(pair, classes, rounding_mode="floor")
+    return top, anchor, pair % classes, above.gather(1, pair)
 
 
 def decode_boxes(

@@ -23,7 +23,14 @@ from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvisi
 from ssd_npu.fcos_loss import FCOSLossOptions, fcos_loss_sums, fcos_normalise
 from ssd_npu.model_specs import EvalRecipe
 from ssd_npu.nms import compute_dtype, fixed_batched_nms
-from ssd_npu.postprocess import Detections, Recipe, clip_to_canvas, recipe_of, zero_invalid
+from ssd_npu.postprocess import (
+    Detections,
+    Recipe,
+    clip_to_canvas,
+    recipe_of,
+    top_pairs,
+    zero_invalid,
+)
 
 if TYPE_CHECKING:
     from ssd_npu.model import FixedDetector
@@ -106,16 +113,12 @@ def fcos_level_candidates(
     [A_l, 4] -> the top k = min(A_l x C, topk_candidates) (location, class) pairs above
     score_thresh: boxes [B, k, 4] decoded and clipped, scores [B, k] descending, labels
     [B, k], valid [B, k] (the pairs at or below the threshold sort last, marked invalid)."""
-    classes = logits.shape[-1]
     # anchor-major (location, class) pairs, as torchvision flattens them
     scores = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(ctrness)).flatten(1)
-    above = scores > recipe.score_thresh
-    k = min(scores.shape[1], recipe.topk_candidates)
-    top, pair = scores.masked_fill(~above, float("-inf")).topk(k, dim=-1)
-    location = torch.div(pair, classes, rounding_mode="floor")
+    top, location, labels, valid = top_pairs(scores, logits.shape[-1], recipe)
     distances = regression.gather(1, location[..., None].expand(-1, -1, 4))
     boxes = clip_to_canvas(box_coder.decode(distances, anchors[location]), canvas)
-    return boxes, top, pair % classes, above.gather(1, pair)
+    return boxes, top, labels, valid
 
 
 FCOS = FCOSFamily()
