@@ -15,6 +15,7 @@ from torch import nn
 
 from ssd_npu import distributed
 from ssd_npu.device import Device
+from ssd_npu.ema import WeightAverage
 from ssd_npu.engine import Progress
 from ssd_npu.errors import UserError
 
@@ -179,6 +180,7 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     config: dict[str, Any]
     device: Device  # whose generator the RNG states include
+    ema: WeightAverage | None = None  # optim.ema: the weight average, saved as "ema"
 
     def to_dict(self, progress: Progress, rng: list[RngState] | None = None) -> dict[str, Any]:
         """The checkpoint's contents. `rng`: every rank's states from `gather_rng_states()`
@@ -192,7 +194,7 @@ class TrainState:
             "progress": asdict(progress),
             "config": self.config,
             "rng": rng if rng is not None else [rng_state(self.device)],
-        }
+        } | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
 
     def load(self, state: dict[str, Any]) -> Progress:
         """Load a `to_dict` into the built objects; return where to continue."""
@@ -202,4 +204,7 @@ class TrainState:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.device)
+        # a checkpoint without an average (optim.ema newly set): it starts from these weights
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         return Progress(**state["progress"])

@@ -91,6 +91,9 @@ class OptimConfig:
     weight_decay: float = 4e-5
     warmup_steps: int = 20
     warmup_factor: float = 0.001
+    # decay in (0, 1) per optimizer step: evaluate an exponential moving average of the
+    # weights and buffers (ssd_npu/ema.py; saved in checkpoints); None: the trained weights
+    ema: float | None = None
 
 
 @dataclass
@@ -425,6 +428,11 @@ def validate(cfg: TrainConfig) -> None:
             shown = cfg.data.num_classes if key == "data.num_classes" else value
             minimum = 2 if key == "data.num_classes" else 1
             raise ConfigError(f"{key}={shown} is not valid; it must be an integer >= {minimum}.")
+    if cfg.optim.ema is not None and not 0.0 < cfg.optim.ema < 1.0:
+        raise ConfigError(
+            f"optim.ema={cfg.optim.ema} is not valid; give a decay in (0, 1) per step, e.g. "
+            "optim.ema=0.99, or optim.ema=null (no average)."
+        )
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"max_steps={cfg.max_steps} is not valid; give an integer >= 1 or null.")
     if cfg.eval_every < 0:

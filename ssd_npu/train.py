@@ -24,6 +24,7 @@ from ssd_npu.build import (
 from ssd_npu.checkpoint import TrainState, find_resume, list_checkpoints, load_checkpoint
 from ssd_npu.config import TrainConfig
 from ssd_npu.data.buckets import bucket_sizes
+from ssd_npu.ema import WeightAverage, WeightAverageHook, on_averaged_weights
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.errors import Interrupted
 from ssd_npu.hooks import BucketCountHook, CheckpointHook, EvalHook, ProfilerHook, StopSignalHook
@@ -44,7 +45,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     config = OmegaConf.to_container(cfg, resolve=True)
-    state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, config, t.device)
+    # optim.ema: the average of the plain module (not the step's compiled/DDP wrapper)
+    ema = WeightAverage(t.model, cfg.optim.ema) if cfg.optim.ema is not None else None
+    state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, config, t.device, ema)
     progress = Progress()
     if cfg.resume:
         path = find_resume(cfg.resume, ckpt_dir)
@@ -57,6 +60,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     steps_left = 0 if cfg.eval_only else t.total_steps - progress.step
     telemetry = Telemetry(out_dir, steps_left, enabled=main)
     evaluator = build_evaluator(cfg, t)
+    if ema is not None:  # evaluation (and its pictures) on the averaged weights
+        evaluator.detections = on_averaged_weights(evaluator.detections, ema)
     # rank 0 (the TensorBoard writer) pictures the first show.images val images at each eval
     sheet = detection_sheet(cfg, t, evaluator) if main else None
     stop = StopSignalHook()
@@ -77,6 +82,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # step's checkpoint before the final evaluation, so a failed or killed evaluation loses no
     # training.
     hooks: list[Hook] = [stop, checkpoints, evals]
+    if ema is not None:  # first: the average after step s is in step s's checkpoint
+        hooks.insert(0, WeightAverageHook(ema))
     if buckets is not None:
         hooks.append(buckets)
     if cfg.profile_steps and main and not cfg.eval_only:
@@ -131,6 +138,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         fit=cfg.fit,
         augment_on=t.path.augment_on,  # host | device: where the augmentation and fit ran
         batch_size=cfg.batch_size,
+        ema=cfg.optim.ema,  # decay of the evaluated weight average; None: the trained weights
         startup_s=startup_s,
         data_s=round(t.data_s, 3),
         global_step=progress.step,
