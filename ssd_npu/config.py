@@ -157,6 +157,14 @@ class ConvergeConfig:
     out: str | None = None  # converge.json path; None: <out_dir>/converge.json
     # what the paired runs differ in: shape (fixed vs dynamic) | augment_on (device vs host)
     compare: str = "shape"
+    jobs: int = 1  # runs trained at once, each in its own process (1: in this process)
+    threads: int | None = None  # torch threads per run; None: the cores // jobs
+    # stop adding seeds once the paired mAP50 95% interval's half-width is at most this (after
+    # min_seeds seeds; seeds past the listed ones continue the sequence), or at max_seeds;
+    # None: run the listed seeds
+    target_halfwidth: float | None = None
+    min_seeds: int = 3
+    max_seeds: int = 24
 
 
 @dataclass
@@ -321,6 +329,25 @@ def check_seeds(seeds: list[int]) -> None:
         raise ConfigError(
             f"converge.seeds={seeds} is not valid; give distinct integer seeds, e.g. "
             "converge.seeds=[0,1,2]."
+        )
+
+
+def check_converge_runs(c: ConvergeConfig) -> None:
+    """converge.jobs / threads / target_halfwidth / min_seeds / max_seeds (scripts/converge.py)."""
+    if c.jobs < 1 or (c.threads is not None and c.threads < 1):
+        raise ConfigError(
+            f"converge.jobs={c.jobs} / converge.threads={c.threads} are not valid; give "
+            "jobs >= 1 and threads >= 1 (or threads=null: the cores split between the jobs)."
+        )
+    if c.target_halfwidth is not None and c.target_halfwidth <= 0:
+        raise ConfigError(
+            f"converge.target_halfwidth={c.target_halfwidth} is not valid; give a half-width "
+            "> 0 (e.g. 0.05) or null (run the listed seeds)."
+        )
+    if not 2 <= c.min_seeds <= c.max_seeds:
+        raise ConfigError(
+            f"converge.min_seeds={c.min_seeds} / converge.max_seeds={c.max_seeds} are not "
+            "valid; give 2 <= min_seeds <= max_seeds."
         )
 
 
