@@ -94,6 +94,9 @@ class OptimConfig:
     # decay in (0, 1) per optimizer step: evaluate an exponential moving average of the
     # weights and buffers (ssd_npu/ema.py; saved in checkpoints); None: the trained weights
     ema: float | None = None
+    # with optim.ema: average BatchNorm's running statistics too (timm, YOLO); false: they
+    # follow the trained model (averaged ones fail on the demo: docs/demo.md)
+    ema_buffers: bool = False
 
 
 @dataclass

@@ -46,7 +46,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     ckpt_dir = out_dir / "checkpoints"
     config = OmegaConf.to_container(cfg, resolve=True)
     # optim.ema: the average of the plain module (not the step's compiled/DDP wrapper)
-    ema = WeightAverage(t.model, cfg.optim.ema) if cfg.optim.ema is not None else None
+    ema = None
+    if cfg.optim.ema is not None:
+        ema = WeightAverage(t.model, cfg.optim.ema, buffers=cfg.optim.ema_buffers)
     state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, config, t.device, ema)
     progress = Progress()
     if cfg.resume:

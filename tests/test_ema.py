@@ -22,9 +22,10 @@ def _tiny() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
 
 
-def test_update_is_the_exponential_average():
+@pytest.mark.parametrize("buffers", [False, True])
+def test_update_is_the_exponential_average(buffers):
     model, decay = _tiny(), 0.9
-    average = WeightAverage(model, decay)
+    average = WeightAverage(model, decay, buffers=buffers)
     average.update()  # the first update copies
     expected = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     for _ in range(3):
@@ -35,7 +36,8 @@ def test_update_is_the_exponential_average():
         average.update()
         for k, v in model.state_dict().items():
             if k in expected:
-                expected[k] = decay * expected[k] + (1 - decay) * v
+                averaged = buffers or "running_" not in k  # buffers=False: copied
+                expected[k] = decay * expected[k] + (1 - decay) * v if averaged else v.clone()
     got = average.averaged.module.state_dict()
     for k, v in expected.items():
         torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7, msg=k)
