@@ -3,6 +3,7 @@ docs/demo.md, rendered from it.
 
 Usage:
     python -m ssd_npu.tools.parity --from outputs/converge/converge.json --note "..."
+        [--accelerator "one NVIDIA H100"]
         # writes docs/parity.json (with "machine") and the table in docs/demo.md
     python -m ssd_npu.tools.parity   # the table in docs/demo.md again, from docs/parity.json
 
@@ -30,8 +31,9 @@ END = "<!-- end of the generated parity table -->"
 METRICS = ("mAP", "mAP50")
 
 
-def machine() -> dict[str, Any]:
-    """Where the runs were measured: CPU model, cores, accelerator, library versions, date."""
+def machine(accelerator: str | None) -> dict[str, Any]:
+    """Where the runs were measured: CPU model, cores, `accelerator` (as the caller names it,
+    e.g. "one NVIDIA H100"; None: the runs trained on the CPU), library versions, date."""
     import torch
     import torchvision
 
@@ -43,7 +45,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "accelerator": accelerator,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
@@ -75,7 +77,7 @@ def render(parity: dict[str, Any]) -> str:
     cells = ["**[{:+.3f}, {:+.3f}]**".format(*diff[m]["ci95"]) for m in METRICS]
     lines.append(f"| {name} | **95% CI (bootstrap)** | {cells[0]} | {cells[1]} |")
     m, seeds = parity["machine"], len(diff["mAP50"]["seeds"])
-    where = m["gpu"] or f"CPU only ({m['cores']} cores: {m['cpu']})"
+    where = m["accelerator"] or f"CPU only ({m['cores']} cores: {m['cpu']})"
     lines += [
         "",
         f"{seeds} paired seeds, stopped by `{parity.get('stopped_by')}`, mAP50 half-width "
@@ -94,10 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", type=Path, help="a converge.json to commit")
     parser.add_argument("--note", default="", help="what the runs were (kept in the record)")
+    parser.add_argument("--accelerator", help="the device the runs trained on; none: the CPU")
     args = parser.parse_args(argv)
     if args.source is not None:
         record = json.loads(args.source.read_text())
-        record.update(machine=machine(), note=args.note)
+        record.update(machine=machine(args.accelerator), note=args.note)
         PARITY.write_text(json.dumps(record, indent=2) + "\n")
     table = render(json.loads(PARITY.read_text()))
     DOC.write_text(replace_table(DOC.read_text(), table))
