@@ -15,6 +15,7 @@ from torch import nn
 
 from ssd_npu import distributed
 from ssd_npu.device import Device
+from ssd_npu.ema import WeightAverage
 from ssd_npu.engine import Progress
 from ssd_npu.errors import UserError
 
@@ -189,6 +190,7 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     config: dict[str, Any]
     device: Device  # whose generator the RNG states include
+    ema: WeightAverage | None = None  # optim.ema: the weight average, saved as "ema"
     hooks: dict[str, Stateful] = field(default_factory=dict)
     # a resumed checkpoint's hook states, until `attach` hands them to the hooks
     loaded_hooks: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -214,7 +216,7 @@ class TrainState:
             "config": self.config,
             "rng": rng if rng is not None else [rng_state(self.device)],
             "hooks": {name: hook.state_dict() for name, hook in self.hooks.items()},
-        }
+        } | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
 
     def load(self, state: dict[str, Any]) -> Progress:
         """Load a `to_dict` into the built objects; return where to continue."""
@@ -225,4 +227,7 @@ class TrainState:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.device)
         self.loaded_hooks = dict(state.get("hooks") or {})  # none in checkpoints made before
+        # a checkpoint without an average (optim.ema newly set): it starts from these weights
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         return Progress(**state["progress"])

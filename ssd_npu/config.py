@@ -93,6 +93,12 @@ class OptimConfig:
     weight_decay: float = 4e-5
     warmup_steps: int = 20
     warmup_factor: float = 0.001
+    # decay in (0, 1) per optimizer step: evaluate an exponential moving average of the
+    # weights and buffers (ssd_npu/ema.py; saved in checkpoints); None: the trained weights
+    ema: float | None = None
+    # with optim.ema: average BatchNorm's running statistics too (timm, YOLO); false: they
+    # follow the trained model (averaged ones fail on the demo: docs/demo.md)
+    ema_buffers: bool = False
 
 
 @dataclass
@@ -169,6 +175,14 @@ class ConvergeConfig:
     out: str | None = None  # converge.json path; None: <out_dir>/converge.json
     # what the paired runs differ in: shape (fixed vs dynamic) | augment_on (device vs host)
     compare: str = "shape"
+    jobs: int = 1  # runs trained at once, each in its own process (1: in this process)
+    threads: int | None = None  # torch threads per run; None: the cores // jobs
+    # stop adding seeds once the paired mAP50 95% interval's half-width is at most this (after
+    # min_seeds seeds; seeds past the listed ones continue the sequence), or at max_seeds;
+    # None: run the listed seeds
+    target_halfwidth: float | None = None
+    min_seeds: int = 3
+    max_seeds: int = 24
 
 
 @dataclass
@@ -336,6 +350,25 @@ def check_seeds(seeds: list[int]) -> None:
         )
 
 
+def check_converge_runs(c: ConvergeConfig) -> None:
+    """converge.jobs / threads / target_halfwidth / min_seeds / max_seeds (scripts/converge.py)."""
+    if c.jobs < 1 or (c.threads is not None and c.threads < 1):
+        raise ConfigError(
+            f"converge.jobs={c.jobs} / converge.threads={c.threads} are not valid; give "
+            "jobs >= 1 and threads >= 1 (or threads=null: the cores split between the jobs)."
+        )
+    if c.target_halfwidth is not None and c.target_halfwidth <= 0:
+        raise ConfigError(
+            f"converge.target_halfwidth={c.target_halfwidth} is not valid; give a half-width "
+            "> 0 (e.g. 0.05) or null (run the listed seeds)."
+        )
+    if not 2 <= c.min_seeds <= c.max_seeds:
+        raise ConfigError(
+            f"converge.min_seeds={c.min_seeds} / converge.max_seeds={c.max_seeds} are not "
+            "valid; give 2 <= min_seeds <= max_seeds."
+        )
+
+
 def _check_max_boxes(cfg: TrainConfig) -> None:
     value = cfg.max_boxes
     items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
@@ -457,6 +490,11 @@ def validate(cfg: TrainConfig) -> None:
             shown = cfg.data.num_classes if key == "data.num_classes" else value
             minimum = 2 if key == "data.num_classes" else 1
             raise ConfigError(f"{key}={shown} is not valid; it must be an integer >= {minimum}.")
+    if cfg.optim.ema is not None and not 0.0 < cfg.optim.ema < 1.0:
+        raise ConfigError(
+            f"optim.ema={cfg.optim.ema} is not valid; give a decay in (0, 1) per step, e.g. "
+            "optim.ema=0.99, or optim.ema=null (no average)."
+        )
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"max_steps={cfg.max_steps} is not valid; give an integer >= 1 or null.")
     if cfg.eval_every < 0:

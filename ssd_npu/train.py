@@ -32,6 +32,7 @@ from ssd_npu.checkpoint import (
     load_checkpoint,
 )
 from ssd_npu.config import TrainConfig
+from ssd_npu.ema import WeightAverage, WeightAverageHook, on_averaged_weights
 from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.errors import Interrupted
 from ssd_npu.hooks import (
@@ -61,13 +62,16 @@ class RunHooks:
     buckets: BucketCountHook | None  # the fixed path only: dynamic batches have no bucket
     profiler: ProfilerHook | None
     background: BackgroundCoco | None  # eval.background's side process (rank 0)
+    average: WeightAverageHook | None = None  # optim.ema: updates the weight average
 
     def ordered(self) -> list[Hook]:
-        """The loop's hook list. Order matters twice: the bucket counts take a step before its
-        checkpoint is written (which keeps them), and `after_train` writes the last step's
+        """The loop's hook list. Order matters three times: the weight average and the bucket
+        counts take a step before its checkpoint is written (which keeps them), and `after_train` writes the last step's
         checkpoint before the final evaluation, so a failed or killed evaluation loses no
         training."""
         hooks: list[Hook] = [self.stop]
+        if self.average is not None:  # before the checkpoint: step s's average is in step s's
+            hooks.insert(0, self.average)
         if self.buckets is not None:
             hooks.append(self.buckets)
         hooks += [self.checkpoints, self.evals]
@@ -92,7 +96,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
-    state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, config, t.device)
+    # optim.ema: the average of the plain module (not the step's compiled/DDP wrapper)
+    ema = None
+    if cfg.optim.ema is not None:
+        ema = WeightAverage(t.model, cfg.optim.ema, buffers=cfg.optim.ema_buffers)
+    state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, config, t.device, ema)
     progress = Progress()
     if cfg.resume:
         path = find_resume(cfg.resume, out_dir / "checkpoints")
@@ -168,6 +176,8 @@ def build_hooks(
     evaluation (with its picture, side process and target), bucket counts, the profiler."""
     main = t.world.is_main
     evaluator = build_evaluator(cfg, t)
+    if state.ema is not None:  # evaluation (and its pictures) on the averaged weights
+        evaluator.detections = on_averaged_weights(evaluator.detections, state.ema)
     # rank 0 (the TensorBoard writer) pictures the first show.images val images at each eval
     sheet = detection_sheet(cfg, t, evaluator) if main else None
     evaluates = cfg.eval.enabled or cfg.eval_every > 0 or cfg.eval_only
@@ -197,7 +207,8 @@ def build_hooks(
     profiler = None
     if cfg.profile_steps and main and not cfg.eval_only:
         profiler = ProfilerHook(t.device, out_dir / "profile", cfg.profile_steps)
-    return RunHooks(StopSignalHook(), checkpoints, evals, buckets, profiler, background)
+    average = WeightAverageHook(state.ema) if state.ema is not None else None
+    return RunHooks(StopSignalHook(), checkpoints, evals, buckets, profiler, background, average)
 
 
 def summarise(
@@ -231,6 +242,7 @@ def summarise(
         fit=cfg.fit,
         augment_on=t.path.augment_on,  # host | device: where the augmentation and fit ran
         batch_size=cfg.batch_size,
+        ema=cfg.optim.ema,  # decay of the evaluated weight average; None: the trained weights
         startup_s=startup_s,
         data_s=round(t.data_s, 3),
         global_step=progress.step,

@@ -133,3 +133,61 @@ def test_bad_comparison_is_one_message(tmp_path):
            f"hydra.run.dir={tmp_path}"]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 2 and "converge.compare='fit' is not valid" in run.stderr
+
+
+def _diffs_ci(diffs):
+    return converge.bootstrap_ci(diffs)
+
+
+def test_stop_rule_on_synthetic_differences():
+    stop = converge.stop_reason
+    narrow, wide = [0.01, -0.01, 0.0, 0.02], [0.3, -0.3, 0.2, -0.25]
+    # no target: the listed seeds, then stop
+    assert stop(narrow[:2], _diffs_ci, None, 3, 24, listed=3) is None
+    assert stop(narrow[:3], _diffs_ci, None, 3, 24, listed=3) == "seeds"
+    # a target: not before min_seeds, however narrow the interval
+    assert stop(narrow[:2], _diffs_ci, 0.05, 3, 24, listed=3) is None
+    assert stop(narrow[:3], _diffs_ci, 0.05, 3, 24, listed=3) == "target"
+    assert converge.halfwidth(converge.bootstrap_ci(narrow[:3])) <= 0.05
+    # a wide interval goes on until max_seeds
+    assert stop(wide, _diffs_ci, 0.05, 3, 5, listed=3) is None
+    assert stop([*wide, 0.1], _diffs_ci, 0.05, 3, 5, listed=3) == "max_seeds"
+
+
+def test_seed_sequence_continues_past_the_listed_seeds():
+    assert converge.seed_sequence([0, 1, 2], None, 24) == [0, 1, 2]
+    assert converge.seed_sequence([3, 0], 0.05, 5) == [3, 0, 4, 5, 6]
+    assert converge.seed_sequence([0, 1, 2], 0.05, 2) == [0, 1]
+
+
+def test_bad_jobs_is_one_message(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "converge.py"), "converge.jobs=0",
+           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and "converge.jobs=0 / converge.threads=None" in run.stderr
+
+
+@pytest.mark.slow  # 2 x 4 tiny runs in subprocesses, ~40 s
+def test_parallel_runs_give_the_sequential_rows(tiny_coco, tmp_path):
+    def converge_json(jobs: int, *extra: str) -> dict:
+        out = tmp_path / f"jobs{jobs}"
+        cmd = [
+            sys.executable, str(REPO / "scripts" / "converge.py"),
+            *tiny_overrides(tiny_coco, *FAST, "eval=true", "max_steps=2", "epochs=1"),
+            "converge.seeds=[0,1]", f"converge.jobs={jobs}", "converge.threads=1",
+            f"hydra.run.dir={out}", *extra,
+        ]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "stopped by seeds: 2 seeds" in run.stdout
+        return json.loads((out / "converge.json").read_text())
+
+    one, two = converge_json(1), converge_json(2)
+    assert (one["jobs"], two["jobs"], one["threads"], two["threads"]) == (1, 2, 1, 1)
+    without_wall = [[{k: v for k, v in r.items() if k != "wall_s"} for r in x["runs"]]
+                    for x in (one, two)]  # fmt: skip
+    assert without_wall[0] == without_wall[1]  # the same rows, mAP and mAP50 exactly
+    assert [(r["path"], r["seed"]) for r in two["runs"]] == [
+        ("fixed", 0), ("dynamic", 0), ("fixed", 1), ("dynamic", 1)
+    ]  # fmt: skip
+    assert one["difference"] == two["difference"] and two["stopped_by"] == "seeds"
