@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from ssd_npu.build import build_evaluator, build_training
 from ssd_npu.checkpoint import list_checkpoints, load_checkpoint
+from ssd_npu.cocoeval import coco_map
 from ssd_npu.config import ConfigError, validate
 from ssd_npu.ema import WeightAverage, on_averaged_weights
-from ssd_npu.evaluate import coco_map
 from ssd_npu.train import run
 from tests.helpers import FAST
 
@@ -89,16 +90,17 @@ def test_evaluation_uses_the_averaged_weights(tiny_cfg, tmp_path, shape):
     t = build_training(cfg)
     evaluator = build_evaluator(cfg, t)
     t.model.load_state_dict(state["model"])
-    raw, _ = evaluator.detections(t.data.val)
+    raw = evaluator.detections(t.data.val).results  # [N, 7] records of the trained weights
     average = WeightAverage(t.model, 0.5)
     average.load_state_dict(state["ema"])
-    through_average, ids = on_averaged_weights(evaluator.detections, average)(t.data.val)
-    assert raw != through_average  # the averaged weights detect differently
-    again, _ = evaluator.detections(t.data.val)  # the trained weights are back
-    assert again == raw
+    found = on_averaged_weights(evaluator.detections, average)(t.data.val)
+    through_average = found.results
+    assert not np.array_equal(raw, through_average)  # the averaged weights detect differently
+    again = evaluator.detections(t.data.val).results  # the trained weights are back
+    assert np.array_equal(again, raw)
     t.model.load_state_dict(averaged)  # a manual evaluation of the averaged state dict
-    manual, _ = evaluator.detections(t.data.val)
-    assert manual == through_average
-    got = coco_map(t.data.val_set.coco, manual, ids)
+    manual = evaluator.detections(t.data.val).results
+    assert np.array_equal(manual, through_average)
+    got = coco_map(t.data.val_set.coco, manual, found.image_ids, cfg.eval.coco)
     assert summary["eval"]["mAP50"] == got["mAP50"] and summary["eval"]["mAP"] == got["mAP"]
     assert json.loads((tmp_path / "summary.json").read_text())["ema"] == 0.5
