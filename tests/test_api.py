@@ -136,3 +136,19 @@ def test_readme_own_loop_example_runs_as_written():
     assert all(v.isfinite() and v > 0 for v in losses.values())
     # the optimizer step ran: every trained parameter has a gradient
     assert all(p.grad is not None for p in namespace["model"].parameters() if p.requires_grad)
+
+
+def test_every_package_folder_is_listed_for_pip_install():
+    """pyproject.toml lists its packages explicitly: a new folder of ssd_npu must be in it, or
+    `pip install .` ships a package that fails at import (the slow test above shows that)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in (root / "ssd_npu").rglob("__init__.py")
+    }
+    assert folders <= listed, sorted(folders - listed)
