@@ -66,18 +66,11 @@ class RunHooks:
 
     def ordered(self) -> list[Hook]:
         """The loop's hook list. Order matters three times: the weight average and the bucket
-        counts take a step before its checkpoint is written (which keeps them), and `after_train` writes the last step's
-        checkpoint before the final evaluation, so a failed or killed evaluation loses no
-        training."""
-        hooks: list[Hook] = [self.stop]
-        if self.average is not None:  # before the checkpoint: step s's average is in step s's
-            hooks.insert(0, self.average)
-        if self.buckets is not None:
-            hooks.append(self.buckets)
-        hooks += [self.checkpoints, self.evals]
-        if self.profiler is not None:
-            hooks.append(self.profiler)
-        return hooks
+        counts take a step before its checkpoint is written (which keeps them), and
+        `after_train` writes the last step's checkpoint before the final evaluation, so a
+        failed or killed evaluation loses no training."""
+        ordered = [self.average, self.stop, self.buckets, self.checkpoints, self.evals]
+        return [hook for hook in (*ordered, self.profiler) if hook is not None]
 
     def stateful(self) -> dict[str, Stateful]:
         """The hooks whose state checkpoints keep (see TrainState.attach)."""

@@ -73,6 +73,16 @@ class TensorFields:
         return self.map_tensors(Tensor.pin_memory)
 
 
+class PaddedBoxes(TensorFields):
+    """`TensorFields` with `host_counts` for a batch whose boxes are padded to M rows
+    (`boxes [B, M, 4]`, `image_ids [B]`, `boxes_dropped`): FixedBatch and SlotBatch."""
+
+    def host_counts(self) -> HostCounts:
+        rows = int(self.boxes.shape[1])  # type: ignore[attr-defined]
+        dropped = int(self.boxes_dropped)  # type: ignore[attr-defined]
+        return HostCounts(len(self.image_ids), rows, dropped, data_counts(self))  # type: ignore[attr-defined]
+
+
 def data_counts(batch: object) -> dict[str, int]:
     """The DATA_COUNTS a batch carries as int attributes (0 for those its kind has not)."""
     return {name: int(getattr(batch, name, 0)) for name in DATA_COUNTS}

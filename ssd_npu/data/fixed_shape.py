@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ssd_npu.choices import Canvas
-from ssd_npu.data.batch import HostCounts, TensorFields, data_counts
+from ssd_npu.data.batch import PaddedBoxes
 from ssd_npu.data.decode import DeferredImage
 from ssd_npu.data.fit import (  # noqa: F401 (re-exported: the public names predate fit.py)
     FIT_MODES,
@@ -148,7 +148,7 @@ class FixSample:
 
 
 @dataclass
-class FixedBatch(TensorFields):
+class FixedBatch(PaddedBoxes):
     """A batch with static shapes. image_ids -1 mark padding samples (last val batch)."""
 
     images: Tensor  # [B, 3, H, W] float32 in [0, 1]; uint8 0..255 with data.decode=reduced
@@ -164,11 +164,6 @@ class FixedBatch(TensorFields):
     clipped: int = 0
     downscaled: int = 0
     skipped: int = 0
-
-    def host_counts(self) -> HostCounts:
-        return HostCounts(
-            len(self.image_ids), int(self.boxes.shape[1]), self.boxes_dropped, data_counts(self)
-        )
 
     def fit_info(self, i: int) -> FitInfo:
         """FitInfo of sample i, e.g. for `unfit_boxes` in evaluation."""

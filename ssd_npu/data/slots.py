@@ -30,7 +30,7 @@ from torch import Tensor
 from torchvision.models.detection.transform import resize_boxes
 
 from ssd_npu.choices import Canvas
-from ssd_npu.data.batch import HostCounts, TensorFields, data_counts
+from ssd_npu.data.batch import PaddedBoxes
 from ssd_npu.data.decode import DeferredImage, decode_jpegs, decode_rgb, jpeg_for_device
 from ssd_npu.data.fit import _clip, _resize, content_size
 from ssd_npu.data.fixed_shape import (
@@ -155,7 +155,7 @@ class SlotSample:
 
 
 @dataclass
-class SlotBatch(TensorFields):
+class SlotBatch(PaddedBoxes):
     """A batch of slot samples, every shape static. image_ids -1 mark padding samples."""
 
     # [B, 3, Hs, Ws] uint8 0..255 over [B, Hs, Ws, 3] memory (channels-last), each image at
@@ -187,11 +187,6 @@ class SlotBatch(TensorFields):
         if self.pixels is not None:
             self.pixels = [fn(t) for t in self.pixels]
         return self
-
-    def host_counts(self) -> HostCounts:
-        return HostCounts(
-            len(self.image_ids), int(self.boxes.shape[1]), self.boxes_dropped, data_counts(self)
-        )
 
     def decode_slots(self, device: torch.device) -> Tensor:
         """data.decode=device: the slots [B, 3, Hs, Ws] uint8 (channels-last) on `device`, the
