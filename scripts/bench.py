@@ -120,7 +120,7 @@ def floor_step(model):
     A mean, not a sum: a sum's gradients are large enough that SGD drives the weights towards
     huge or denormal values within a few steps, and denormal arithmetic is slow on a CPU.
     """
-    from ssd_npu.step import TrainStep
+    from ssd_npu.engine.train_step import TrainStep
 
     class FloorStep(TrainStep):
         def __call__(self, batch):
@@ -131,10 +131,10 @@ def floor_step(model):
 
 def run_variant(name: str, base: DictConfig, events_dir: Path) -> dict:
     from ssd_npu.build import build_training
-    from ssd_npu.compiler import reset
-    from ssd_npu.engine import TrainLoop
-    from ssd_npu.step import CompileOptions, DynamicStep, StepOptions
-    from ssd_npu.telemetry import Telemetry, detect_warmup, steady_median
+    from ssd_npu.device.compiler import reset
+    from ssd_npu.engine.loop import TrainLoop
+    from ssd_npu.engine.telemetry import Telemetry, detect_warmup, steady_median
+    from ssd_npu.engine.train_step import CompileOptions, DynamicStep, StepOptions
 
     shape, compile, mode = VARIANTS[name]
     steps = int(base.bench.steps)
@@ -338,7 +338,7 @@ def device_augment_cost(cfg: DictConfig, device, fixed_step_ms: float | None) ->
     from ssd_npu.build import canvas_of
     from ssd_npu.data.device_augment import DeviceAugment
     from ssd_npu.families import train_recipe_of
-    from ssd_npu.model_specs import MODELS
+    from ssd_npu.models.specs import MODELS
 
     recipe = train_recipe_of(MODELS[cfg.model.name]) if cfg.augment else "none"
     augment = DeviceAugment(canvas_of(cfg), cfg.fit, float(cfg.pad_value), recipe=recipe)
@@ -383,7 +383,7 @@ def main(cfg: DictConfig) -> None:
     # inductor keeps compiled kernels on disk; a fresh cache makes first_step_ms a cold compile
     # (as on a new machine) unless the caller chose a cache with TORCHINDUCTOR_CACHE_DIR
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(out_dir / "inductor_cache"))
-    from ssd_npu.device import resolve_device
+    from ssd_npu.device.backend import resolve_device
 
     source = canvas_from(cfg)
     repeats = int(cfg.bench.repeats)

@@ -6,7 +6,7 @@ Usage:
 
 Builds the pipeline as `python train.py` would (same overrides, same val loader), reads the
 val batches once into memory (so JPEG decoding is not timed), then times whole passes of
-`ssd_npu.evaluate.fixed_detections` over them, `bench.eval_rounds` passes per variant, one
+`ssd_npu.evaluation.evaluate.fixed_detections` over them, `bench.eval_rounds` passes per variant, one
 variant after another in this process:
 
     host             the network on the device; head outputs copied to the host, where the
@@ -33,7 +33,7 @@ canvas pixels, stretch to 320x320), and times by phase, `bench.eval_rounds` roun
 rounds of the variants interleaved (medians):
 
     records       loop: the per-detection loop evaluation used before (unfit_boxes per image, a
-                  dict per detection); bulk: `ssd_npu.records.packed_results`
+                  dict per detection); bulk: `ssd_npu.evaluation.records.packed_results`
     cocoeval      each engine (eval.coco=faster | pycocotools): loadRes + evaluate +
                   accumulate + summarize, the same 12 stats checked
     modes         synchronous: the loop waits for records + COCOeval; background
@@ -80,7 +80,7 @@ def time_passes(run_pass, rounds: int, sync) -> list[float]:
 
 def bench(cfg: DictConfig) -> dict:
     from ssd_npu.build import build_training, step_options
-    from ssd_npu.evaluate import DeviceDetect, coco_map, fixed_detections
+    from ssd_npu.evaluation.evaluate import DeviceDetect, coco_map, fixed_detections
 
     if cfg.shape != "fixed":
         raise SystemExit("bench_eval compares the fixed path's postprocess: use shape=fixed.")
@@ -146,9 +146,9 @@ def bench(cfg: DictConfig) -> dict:
 
 def bench_generated(cfg: DictConfig, out_dir: Path) -> dict:
     """The COCO-val-sized host side of evaluation, by phase (see the module docstring)."""
-    from ssd_npu.background import BackgroundCoco
-    from ssd_npu.cocoeval import ENGINES, GroundTruth, evaluate
-    from ssd_npu.records import packed_results
+    from ssd_npu.evaluation.background import BackgroundCoco
+    from ssd_npu.evaluation.cocoeval import ENGINES, GroundTruth, evaluate
+    from ssd_npu.evaluation.records import packed_results
     from ssd_npu.tools.coco_results import as_packed, coco_val_sized, loop_records
 
     images, per_image = int(cfg.bench.eval_images), int(cfg.bench.eval_per_image)

@@ -57,13 +57,13 @@ from torch import Tensor  # noqa: E402
 from torchvision.models import detection  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
-from ssd_npu.loss import SSDLossOptions, normalise, ssd_loss_sums  # noqa: E402
-from ssd_npu.model import canvas_anchors  # noqa: E402
-from ssd_npu.retinanet_loss import (  # noqa: E402
+from ssd_npu.loss.retinanet import (  # noqa: E402
     RetinaNetLossOptions,
     retinanet_loss_sums,
     retinanet_normalise,
 )
+from ssd_npu.loss.ssd import SSDLossOptions, normalise, ssd_loss_sums  # noqa: E402
+from ssd_npu.models.detector import canvas_anchors  # noqa: E402
 
 NUM_CLASSES = 91
 MAX_BOXES = 32

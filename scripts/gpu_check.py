@@ -296,7 +296,7 @@ def _num(value: float | None) -> str:
 
 def losses_by_step(folder: Path) -> dict[int, float]:
     """loss/total per step from a run's TensorBoard events."""
-    from ssd_npu.telemetry import read_scalar_series
+    from ssd_npu.engine.telemetry import read_scalar_series
 
     steps, values = read_scalar_series(folder, "loss/total")["loss/total"]
     return dict(zip(steps, values, strict=True))

@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ssd_npu.engine.telemetry import read_scalar_series  # noqa: E402
 from ssd_npu.errors import UserError  # noqa: E402
-from ssd_npu.telemetry import read_scalar_series  # noqa: E402
 
 LOSS, MAP50, MAP = "loss/total", "eval/mAP50", "eval/mAP"
 

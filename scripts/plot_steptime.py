@@ -5,7 +5,7 @@ Usage:
 
 RUN_DIR is a train.py output folder (its `tensorboard/` is read), a scripts/bench.py variant
 folder, or a TensorBoard folder itself. For each run, `time/step_ms` is drawn on a log y axis;
-the warm-up steps (`ssd_npu.telemetry.detect_warmup`, the rule summary.json uses) are drawn as
+the warm-up steps (`ssd_npu.engine.telemetry.detect_warmup`, the rule summary.json uses) are drawn as
 hollow circles, and the steady median (after warm-up) as a dashed line with its value.
 """
 
@@ -20,8 +20,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ssd_npu.engine.telemetry import detect_warmup, read_scalar_series, steady_median  # noqa: E402
 from ssd_npu.errors import UserError  # noqa: E402
-from ssd_npu.telemetry import detect_warmup, read_scalar_series, steady_median  # noqa: E402
 
 TAG = "time/step_ms"
 GRAPHS = "compile/graphs"  # cumulative graphs compiled, where a compiler ran

@@ -28,7 +28,7 @@ from ssd_npu.config import ConfigError, config_dir  # noqa: E402
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
     from ssd_npu.build import build_evaluator, build_training, detection_sheet
-    from ssd_npu.detections import save_png
+    from ssd_npu.evaluation.detections import save_png
 
     out_dir = run_folder(cfg)
     with user_errors():

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 # torch >= 2.5 auto-imports an installed torch_npu during `import torch`, which fails on a
 # host without CANN even for device=cpu. Importing ssd_npu before torch stops that;
-# ssd_npu.device imports torch_npu itself when device=npu asks for it.
+# ssd_npu.device.backend imports torch_npu itself when device=npu asks for it.
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 _API = {
-    "fixed_ssd_loss": "ssd_npu.loss",
-    "FixedSSD": "ssd_npu.model",
-    "build_detector": "ssd_npu.model",
+    "fixed_ssd_loss": "ssd_npu.loss.ssd",
+    "FixedSSD": "ssd_npu.models.detector",
+    "build_detector": "ssd_npu.models.detector",
     "fit_to_canvas": "ssd_npu.data.fixed_shape",
     "unfit_boxes": "ssd_npu.data.fixed_shape",
     "pad_targets": "ssd_npu.data.fixed_shape",
@@ -41,7 +41,7 @@ _API = {
     "FixedBatch": "ssd_npu.data.fixed_shape",
     "collate_fixed": "ssd_npu.data.fixed_shape",
     "find_dynamic_shapes": "ssd_npu.tools.shapes",
-    "fixed_batched_nms": "ssd_npu.nms",
+    "fixed_batched_nms": "ssd_npu.models.nms",
     "SlotSample": "ssd_npu.data.slots",
     "SlotBatch": "ssd_npu.data.slots",
     "collate_slots": "ssd_npu.data.slots",
@@ -77,9 +77,9 @@ if TYPE_CHECKING:
         unfit_boxes,
     )
     from ssd_npu.data.slots import SlotBatch, SlotSample, collate_slots
-    from ssd_npu.loss import fixed_ssd_loss
-    from ssd_npu.model import FixedSSD, build_detector
-    from ssd_npu.nms import fixed_batched_nms
+    from ssd_npu.loss.ssd import fixed_ssd_loss
+    from ssd_npu.models.detector import FixedSSD, build_detector
+    from ssd_npu.models.nms import fixed_batched_nms
     from ssd_npu.tools.shapes import find_dynamic_shapes
 
 

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ssd_npu import distributed
 from ssd_npu.choices import Canvas
 from ssd_npu.config import (
     ConfigError,
@@ -37,11 +36,27 @@ from ssd_npu.data.fixed_shape import FixSample, collate_fixed
 from ssd_npu.data.loader import BatchForm, Loaders, LoaderSpec, build_loaders
 from ssd_npu.data.slots import SlotSample, collate_slots
 from ssd_npu.data.synthetic import ensure_synthetic_coco
-from ssd_npu.detections import DetectionSheet
-from ssd_npu.device import CPU, Device, resolve_device, use_deterministic_kernels
-from ssd_npu.distributed import World
+from ssd_npu.device import distributed
+from ssd_npu.device.backend import CPU, Device, resolve_device, use_deterministic_kernels
+from ssd_npu.device.distributed import World
+from ssd_npu.engine.optim import (
+    OptimizerStep,
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+    use_fused_sgd,
+)
+from ssd_npu.engine.train_step import (
+    CompileOptions,
+    DynamicStep,
+    FixedStep,
+    StepOptions,
+    TrainStep,
+    Wrap,
+)
 from ssd_npu.errors import DataError
-from ssd_npu.evaluate import (
+from ssd_npu.evaluation.detections import DetectionSheet
+from ssd_npu.evaluation.evaluate import (
     DetectFn,
     DeviceDetect,
     Evaluator,
@@ -49,16 +64,8 @@ from ssd_npu.evaluate import (
     fixed_detections,
 )
 from ssd_npu.families import train_recipe_of
-from ssd_npu.model import FixedSSD, build_detector, load_weights
-from ssd_npu.model_specs import MODELS
-from ssd_npu.optim import (
-    OptimizerStep,
-    build_optimizer,
-    build_scheduler,
-    scaled_lr,
-    use_fused_sgd,
-)
-from ssd_npu.step import CompileOptions, DynamicStep, FixedStep, StepOptions, TrainStep, Wrap
+from ssd_npu.models.detector import FixedSSD, build_detector, load_weights
+from ssd_npu.models.specs import MODELS
 
 
 def seed_everything(seed: int) -> None:

@@ -51,7 +51,7 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def train_main(cfg: DictConfig) -> None:
-    from ssd_npu.distributed import shutdown
+    from ssd_npu.device.distributed import shutdown
     from ssd_npu.train import run
 
     run_folder(cfg)

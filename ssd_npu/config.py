@@ -31,9 +31,9 @@ from ssd_npu.choices import (  # the allowed values, each listed once
     TARGET_METRICS,
 )
 from ssd_npu.errors import UserError
-from ssd_npu.model_specs import DEFAULT_MODEL, MODELS
+from ssd_npu.models.specs import DEFAULT_MODEL, MODELS
 
-# The canvas rule is the model's own (ssd_npu/model_specs.py): ssdlite, RetinaNet and FCOS take
+# The canvas rule is the model's own (ssd_npu/models/specs.py): ssdlite, RetinaNet and FCOS take
 # sides >= 64 divisible by 32; ssd300_vgg16 takes exactly [300, 300].
 
 
@@ -94,7 +94,7 @@ class OptimConfig:
     warmup_steps: int = 20
     warmup_factor: float = 0.001
     # decay in (0, 1) per optimizer step: evaluate an exponential moving average of the
-    # weights and buffers (ssd_npu/ema.py; saved in checkpoints); None: the trained weights
+    # weights and buffers (ssd_npu/engine/ema.py; saved in checkpoints); None: the trained weights
     ema: float | None = None
     # with optim.ema: average BatchNorm's running statistics too (timm, YOLO); false: they
     # follow the trained model (averaged ones fail on the demo: docs/demo.md)
@@ -146,7 +146,7 @@ class ReportConfig:
 
 @dataclass
 class ShowConfig:
-    # eval/detections in TensorBoard and scripts/show_detections.py (ssd_npu/detections.py)
+    # eval/detections in TensorBoard and scripts/show_detections.py (ssd_npu/evaluation/detections.py)
     out: str | None = None  # PNG path of show_detections.py; None: <out_dir>/detections.png
     images: int = 6  # the first N val images (by image id)
     score: float = 0.3  # predictions drawn: score >= this
@@ -159,7 +159,7 @@ class EvalConfig:
     enabled: bool = True  # COCO evaluation at the end of training (and every eval_every epochs)
     postprocess: str = "auto"  # auto | device | host (the fixed path; see POSTPROCESS)
     coco: str = "faster"  # COCOeval engine: faster (faster-coco-eval) | pycocotools
-    # true: COCOeval in a side process while training goes on (ssd_npu/background.py)
+    # true: COCOeval in a side process while training goes on (ssd_npu/evaluation/background.py)
     background: bool = False
     # stop training at the first evaluation whose `target_metric` is >= this; null: never
     target_map: float | None = None
@@ -187,7 +187,7 @@ class ConvergeConfig:
 
 @dataclass
 class ModelConfig:
-    # configs/model/<name>.yaml; the names and canvas rules: ssd_npu/model_specs.py
+    # configs/model/<name>.yaml; the names and canvas rules: ssd_npu/models/specs.py
     name: str = DEFAULT_MODEL
     canvas: list[int] = field(default_factory=lambda: [320, 320])  # the model's default [H, W]
 

@@ -1,8 +1,8 @@
 """`run(cfg)`: build everything from the config, train with hooks, write summary.json.
 
 Reads top to bottom: build -> resume -> hooks (`build_hooks`) -> loop -> summary
-(`summarise`). The loop (ssd_npu.engine)
-knows nothing of the config; the hooks (ssd_npu.hooks) do the checkpointing, evaluation,
+(`summarise`). The loop (ssd_npu.engine.loop)
+knows nothing of the config; the hooks (ssd_npu.engine.hooks) do the checkpointing, evaluation,
 profiling, bucket counting and stop signals around it.
 """
 
@@ -16,7 +16,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ssd_npu.background import BackgroundCoco
 from ssd_npu.build import (
     Training,
     build_evaluator,
@@ -24,18 +23,17 @@ from ssd_npu.build import (
     detection_sheet,
     process_age_s,
 )
-from ssd_npu.checkpoint import (
+from ssd_npu.config import TrainConfig
+from ssd_npu.device.prefetch import DevicePrefetcher
+from ssd_npu.engine.checkpoint import (
     Stateful,
     TrainState,
     find_resume,
     list_checkpoints,
     load_checkpoint,
 )
-from ssd_npu.config import TrainConfig
-from ssd_npu.ema import WeightAverage, WeightAverageHook, on_averaged_weights
-from ssd_npu.engine import Hook, NonFiniteLoss, Progress, TrainLoop
-from ssd_npu.errors import Interrupted
-from ssd_npu.hooks import (
+from ssd_npu.engine.ema import WeightAverage, WeightAverageHook, on_averaged_weights
+from ssd_npu.engine.hooks import (
     BucketCountHook,
     CheckpointHook,
     EvalHook,
@@ -43,8 +41,10 @@ from ssd_npu.hooks import (
     StopSignalHook,
     Target,
 )
-from ssd_npu.prefetch import DevicePrefetcher
-from ssd_npu.telemetry import Telemetry
+from ssd_npu.engine.loop import Hook, NonFiniteLoss, Progress, TrainLoop
+from ssd_npu.engine.telemetry import Telemetry
+from ssd_npu.errors import Interrupted
+from ssd_npu.evaluation.background import BackgroundCoco
 
 
 def _say(main: bool, text: str) -> None:

@@ -18,8 +18,8 @@ from torchvision.ops import box_iou
 from ssd_npu.build import Training
 from ssd_npu.config import config_dir, expand_short_forms, register_configs
 from ssd_npu.data.batch import Batch
-from ssd_npu.engine import Hook, Progress, TrainLoop
-from ssd_npu.telemetry import Telemetry, read_scalar_series
+from ssd_npu.engine.loop import Hook, Progress, TrainLoop
+from ssd_npu.engine.telemetry import Telemetry, read_scalar_series
 from ssd_npu.tools.op_recorder import Key, OpRecorder, Signature
 
 REPO = Path(__file__).resolve().parents[1]

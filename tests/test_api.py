@@ -96,8 +96,8 @@ import sys
 import ssd_npu.data.loader, ssd_npu.data.buckets, ssd_npu.data.samplers, ssd_npu.data.transforms
 import ssd_npu.data.fixed_shape, ssd_npu.data.coco, ssd_npu.data.dynamic, ssd_npu.data.synthetic
 # (`import torchvision` itself loads torch._dynamo and its detection models: not ours to avoid)
-bad = ("ssd_npu.tools", "ssd_npu.compiler", "ssd_npu.model", "ssd_npu.step", "ssd_npu.engine",
-       "ssd_npu.loss", "ssd_npu.build", "ssd_npu.train")
+bad = ("ssd_npu.tools", "ssd_npu.device.compiler", "ssd_npu.models.detector", "ssd_npu.engine.train_step", "ssd_npu.engine.loop",
+       "ssd_npu.loss.ssd", "ssd_npu.build", "ssd_npu.train")
 print(sorted(m for m in sys.modules if m.startswith(bad)))
 """
     result = _python(code, REPO, env_path=str(REPO))
@@ -108,7 +108,7 @@ print(sorted(m for m in sys.modules if m.startswith(bad)))
 def test_training_path_imports_no_tool():
     code = """
 import sys
-import ssd_npu.train, ssd_npu.build, ssd_npu.engine, ssd_npu.hooks
+import ssd_npu.train, ssd_npu.build, ssd_npu.engine.loop, ssd_npu.engine.hooks
 print(sorted(m for m in sys.modules if m.startswith("ssd_npu.tools")))
 """
     result = _python(code, REPO, env_path=str(REPO))

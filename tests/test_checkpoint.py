@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssd_npu.checkpoint import (
+from ssd_npu.device.backend import CPU, Device
+from ssd_npu.engine.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     rng_state,
@@ -23,8 +24,7 @@ from ssd_npu.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ssd_npu.device import CPU, Device
-from ssd_npu.engine import NonFiniteLoss
+from ssd_npu.engine.loop import NonFiniteLoss
 from ssd_npu.train import run
 from tests.helpers import FAST, REPO, TinyCfg, losses, run_train, tiny_overrides
 
@@ -108,7 +108,7 @@ def test_checkpoint_holds_the_training_state(tiny_cfg, tmp_path):
 
 KILLER = """
 import sys, torch
-from ssd_npu.checkpoint import save_checkpoint
+from ssd_npu.engine.checkpoint import save_checkpoint
 step = 0
 while True:
     step += 1
@@ -298,11 +298,11 @@ import json, random, sys
 from pathlib import Path
 import numpy as np
 import torch, torch.distributed as dist
-from ssd_npu import distributed
-from ssd_npu.checkpoint import TrainState, load_checkpoint, set_rng_state
-from ssd_npu.device import CPU, Device
-from ssd_npu.engine import Progress
-from ssd_npu.hooks import CheckpointHook
+from ssd_npu.device import distributed
+from ssd_npu.engine.checkpoint import TrainState, load_checkpoint, set_rng_state
+from ssd_npu.device.backend import CPU, Device
+from ssd_npu.engine.loop import Progress
+from ssd_npu.engine.hooks import CheckpointHook
 
 def draws():
     return [random.random(), float(np.random.rand()), float(torch.rand(1))]

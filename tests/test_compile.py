@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ssd_npu.build import build_training
-from ssd_npu.compiler import NO_REASON, CompiledStep, RecompileError, graphs_compiled, reset
-from ssd_npu.engine import Progress
+from ssd_npu.device.compiler import NO_REASON, CompiledStep, RecompileError, graphs_compiled, reset
+from ssd_npu.engine.loop import Progress
 from tests.helpers import train_loop, train_step
 
 # What this torch's dynamo reports (the code runs on torch 2.6 to 2.14): compile records carry

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from ssd_npu.build import build_training, step_options
-from ssd_npu.compiler import reset
 from ssd_npu.config import COMPILE_MODES, ConfigError, validate
-from ssd_npu.device import Device
-from ssd_npu.distributed import World
-from ssd_npu.engine import Progress
+from ssd_npu.device.backend import Device
+from ssd_npu.device.compiler import reset
+from ssd_npu.device.distributed import World
+from ssd_npu.engine.loop import Progress
 from tests.helpers import FAST, compose_cfg, train_loop, train_step
 
 
@@ -61,7 +61,7 @@ def test_default_mode_and_inductor_pass():
 def test_step_options_check_the_resolved_backend(monkeypatch):
     """device=auto: validate cannot know the device; step_options checks the backend against
     the device auto became (inductor is every device's default, npu's too)."""
-    monkeypatch.setattr("ssd_npu.device._importable", lambda module: True)  # triton-ascend
+    monkeypatch.setattr("ssd_npu.device.backend._importable", lambda module: True)  # triton-ascend
     cfg = compose_cfg("compile=true", "compiler.mode=max-autotune-no-cudagraphs")
     validate(cfg)
     for device in (Device("cpu", None), Device("npu", 0)):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssd_npu.build import build_training
-from ssd_npu.device import Device
+from ssd_npu.device.backend import Device
 from tests.helpers import FAST
 
 

@@ -211,7 +211,7 @@ def test_decode_mode_is_checked(tiny_coco):
 
 
 def test_model_scales_uint8_canvases_on_the_device():
-    from ssd_npu.model import FixedSSD, build_detector
+    from ssd_npu.models.detector import FixedSSD, build_detector
 
     torch.manual_seed(0)
     model = FixedSSD(build_detector(3, (64, 64)), (64, 64)).eval()

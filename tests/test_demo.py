@@ -8,7 +8,7 @@ import statistics
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ssd_npu.telemetry import read_scalar_series
+from ssd_npu.engine.telemetry import read_scalar_series
 from tests.helpers import run_train
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ssd_npu.detections import CLASS_COLOURS, GT_COLOUR, PAD_VALUE, draw_tile, tile_grid
+from ssd_npu.evaluation.detections import CLASS_COLOURS, GT_COLOUR, PAD_VALUE, draw_tile, tile_grid
 from ssd_npu.train import run
 from tests.helpers import REPO, tiny_config, tiny_overrides
 

@@ -1,4 +1,4 @@
-"""One place knows the device: ssd_npu/device.py. Elsewhere in the package no code names an
+"""One place knows the device: ssd_npu/device/backend.py. Elsewhere in the package no code names an
 accelerator ("cuda", "npu"), reaches torch.cuda / torch.npu / torch_npu / cuDNN's switches,
 or branches on a device's type: it asks the `Device` (streams, events, generator, DDP ids,
 defaults). A new device type is then added in one file (docs/architecture.md, "Add a device").
@@ -90,7 +90,7 @@ def test_only_device_py_knows_the_device():
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 20
     found = [hit for p in files for hit in device_knowledge(p, p.relative_to(PACKAGE).as_posix())]
-    assert found == [], "ask the Device (ssd_npu/device.py) instead"
+    assert found == [], "ask the Device (ssd_npu/device/backend.py) instead"
 
 
 def test_the_check_catches_device_knowledge(tmp_path):

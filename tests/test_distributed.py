@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ssd_npu import distributed
 from ssd_npu.build import build_training
 from ssd_npu.config import ConfigError, validate
-from ssd_npu.device import Device, HostCopy, Mark
-from ssd_npu.distributed import World
-from ssd_npu.engine import Hook, Progress, Read, TrainLoop
-from ssd_npu.hooks import TIME_KEYS, StopSignalHook
-from ssd_npu.telemetry import Telemetry
+from ssd_npu.device import distributed
+from ssd_npu.device.backend import Device, HostCopy, Mark
+from ssd_npu.device.distributed import World
+from ssd_npu.engine.hooks import TIME_KEYS, StopSignalHook
+from ssd_npu.engine.loop import Hook, Progress, Read, TrainLoop
+from ssd_npu.engine.telemetry import Telemetry
 from ssd_npu.train import run
 from tests.helpers import REPO, compose_cfg, tiny_config, tiny_overrides
 

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from ssd_npu.build import build_evaluator, build_training, resolve_postprocess, shape_path
-from ssd_npu.cocoeval import as_dicts as result_dicts
 from ssd_npu.config import ConfigError, expand_short_forms, validate
-from ssd_npu.device import Device
-from ssd_npu.evaluate import (
+from ssd_npu.device.backend import Device
+from ssd_npu.evaluation.cocoeval import as_dicts as result_dicts
+from ssd_npu.evaluation.evaluate import (
     DeviceDetect,
     fixed_detections,
     pack_detections,
     unpack_detections,
 )
-from ssd_npu.postprocess import Detections, as_dicts
+from ssd_npu.models.postprocess import Detections, as_dicts
 from tests.helpers import calibrate_batchnorm, compose_cfg, run_train, tiny_overrides
 
 

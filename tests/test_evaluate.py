@@ -9,20 +9,20 @@ import torch
 from omegaconf import OmegaConf
 
 from ssd_npu.build import build_training, loader_spec, shape_path
-from ssd_npu.cocoeval import as_dicts
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.loader import build_loaders
-from ssd_npu.device import Device
-from ssd_npu.distributed import World
-from ssd_npu.evaluate import (
+from ssd_npu.device.backend import Device
+from ssd_npu.device.distributed import World
+from ssd_npu.evaluation.cocoeval import as_dicts
+from ssd_npu.evaluation.evaluate import (
     Evaluator,
     coco_map,
     dynamic_detections,
     fixed_batch_results,
     fixed_detections,
 )
-from ssd_npu.records import empty_results
+from ssd_npu.evaluation.records import empty_results
 from tests.helpers import calibrate_batchnorm
 
 

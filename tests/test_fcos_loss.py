@@ -11,14 +11,14 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 
-from ssd_npu.fcos_loss import (
+from ssd_npu.loss.common import clean_padding
+from ssd_npu.loss.fcos import (
     FCOSLossOptions,
     fcos_loss_sums,
     fcos_normalise,
     fixed_fcos_loss,
     match_locations,
 )
-from ssd_npu.loss_common import clean_padding
 from ssd_npu.tools.op_recorder import OpRecorder
 from tests.helpers import (
     assert_bitwise_equal,

@@ -19,8 +19,8 @@ from ssd_npu.data.fixed_shape import (
 )
 from ssd_npu.data.loader import Loaders, build_loaders
 from ssd_npu.data.samplers import EpochSampler
-from ssd_npu.device import Device
-from ssd_npu.distributed import World
+from ssd_npu.device.backend import Device
+from ssd_npu.device.distributed import World
 
 
 def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -17,12 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from ssd_npu.checkpoint import TrainState, list_checkpoints
 from ssd_npu.data.batch import DATA_COUNTS
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
-from ssd_npu.device import CPU, Device, HostCopy
-from ssd_npu.engine import (
+from ssd_npu.device.backend import CPU, Device, HostCopy
+from ssd_npu.engine.checkpoint import TrainState, list_checkpoints
+from ssd_npu.engine.hooks import BucketCountHook, CheckpointHook, EvalHook
+from ssd_npu.engine.loop import (
     Hook,
     NonFiniteLoss,
     Outcome,
@@ -31,11 +32,10 @@ from ssd_npu.engine import (
     StepRecord,
     TrainLoop,
 )
-from ssd_npu.evaluate import Evaluator, Found
-from ssd_npu.hooks import BucketCountHook, CheckpointHook, EvalHook
-from ssd_npu.records import empty_results
-from ssd_npu.step import TrainStep
-from ssd_npu.telemetry import Telemetry
+from ssd_npu.engine.telemetry import Telemetry
+from ssd_npu.engine.train_step import TrainStep
+from ssd_npu.evaluation.evaluate import Evaluator, Found
+from ssd_npu.evaluation.records import empty_results
 
 EVENTS: list[tuple[str, int]] = []
 

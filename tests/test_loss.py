@@ -6,9 +6,9 @@ from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
-from ssd_npu.loss import fixed_ssd_loss, match_anchors
-from ssd_npu.loss_common import PADDING_IOU, padded_iou
-from ssd_npu.model import canvas_anchors
+from ssd_npu.loss.common import PADDING_IOU, padded_iou
+from ssd_npu.loss.ssd import fixed_ssd_loss, match_anchors
+from ssd_npu.models.detector import canvas_anchors
 from ssd_npu.tools.op_recorder import OpRecorder
 from tests.helpers import op_calls, recorded_step, torchvision_loss
 

@@ -17,16 +17,16 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 from ssd_npu import find_dynamic_shapes
-from ssd_npu.compiler import reset
 from ssd_npu.config import ConfigError, validate
 from ssd_npu.data.fixed_shape import FixedBatch
-from ssd_npu.device import Device
-from ssd_npu.distributed import World
-from ssd_npu.evaluate import postprocess_fixed
+from ssd_npu.device.backend import Device
+from ssd_npu.device.compiler import reset
+from ssd_npu.device.distributed import World
+from ssd_npu.engine.train_step import CompileOptions, FixedStep, StepOptions
+from ssd_npu.evaluation.evaluate import postprocess_fixed
 from ssd_npu.families import eval_recipe_of, train_recipe_of
-from ssd_npu.model import FixedSSD, build_detector, canvas_anchors, detector_spec
-from ssd_npu.model_specs import DEFAULT_MODEL, MODELS, EvalRecipe
-from ssd_npu.step import CompileOptions, FixedStep, StepOptions
+from ssd_npu.models.detector import FixedSSD, build_detector, canvas_anchors, detector_spec
+from ssd_npu.models.specs import DEFAULT_MODEL, MODELS, EvalRecipe
 from ssd_npu.tools.data_report import data_report, smallest_anchor
 from tests.helpers import compose_cfg
 
@@ -270,7 +270,7 @@ def test_fcos_trains_on_the_configured_path(tiny_cfg, shape):
     shape=dynamic torchvision's own FCOS; both give torchvision's three losses, finite, with
     gradients for the head's third output (centerness)."""
     from ssd_npu.build import build_training
-    from ssd_npu.step import DynamicStep
+    from ssd_npu.engine.train_step import DynamicStep
 
     cfg = tiny_cfg("model=fcos_resnet50_fpn", "canvas=[64,64]", f"shape={shape}", "max_boxes=4")
     t = build_training(cfg)

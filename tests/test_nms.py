@@ -10,7 +10,7 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 from torchvision.ops import batched_nms, nms
 
-from ssd_npu.nms import fixed_batched_nms, largest_not_above
+from ssd_npu.models.nms import fixed_batched_nms, largest_not_above
 
 
 def reference(

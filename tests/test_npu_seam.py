@@ -3,7 +3,7 @@
 No Ascend hardware or CANN exists here, so the thinnest seam is faked: a `torch_npu`
 package on the path that does what the real one does at import (rename the privateuse1
 backend to "npu", register `torch.npu` with the functions our code calls) and records the
-calls. Everything above it (ssd_npu.device, distributed, engine) is the real code.
+calls. Everything above it (ssd_npu.device.backend, distributed, engine) is the real code.
 """
 
 import ast
@@ -21,19 +21,19 @@ import pytest
 import torch
 
 from ssd_npu.build import ShapePath, shape_path, step_options, uses_channels_last
-from ssd_npu.compiler import CompiledStep, device_of
 from ssd_npu.config import ConfigError, validate
-from ssd_npu.device import (
+from ssd_npu.device.backend import (
     Device,
     dynamic_postprocess_place,
     import_torch_npu,
     npu_pair_mismatch,
     release_of,
 )
-from ssd_npu.distributed import World
+from ssd_npu.device.compiler import CompiledStep, device_of
+from ssd_npu.device.distributed import World
 from ssd_npu.errors import DeviceError
-from ssd_npu.evaluate import dynamic_detections
-from ssd_npu.model import FixedSSD, build_detector
+from ssd_npu.evaluation.evaluate import dynamic_detections
+from ssd_npu.models.detector import FixedSSD, build_detector
 from tests.helpers import REPO, compose_cfg
 
 FAKE_TORCH_NPU = """
@@ -166,10 +166,10 @@ import json, os, sys
 import ssd_npu  # sets TORCH_DEVICE_BACKEND_AUTOLOAD=0 before torch
 import torch
 import torch.distributed as dist
-from ssd_npu import distributed
+from ssd_npu.device import distributed
 from ssd_npu.build import uses_channels_last
 from ssd_npu.config import ConfigError
-from ssd_npu.device import resolve_device
+from ssd_npu.device.backend import resolve_device
 
 os.environ.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
 dev = resolve_device("npu", None, jit_compile=JIT)
@@ -334,7 +334,7 @@ def test_npu_compile_backends_are_validated():
 def test_inductor_on_npu_needs_triton_ascend(monkeypatch):
     """The default backend on npu is inductor; without triton-ascend it fails at start,
     naming the key, instead of at the first compile."""
-    monkeypatch.setattr("ssd_npu.device._importable", lambda module: module != "triton")
+    monkeypatch.setattr("ssd_npu.device.backend._importable", lambda module: module != "triton")
     cfg = compose_cfg("device=npu", "compile=true")
     with pytest.raises(
         DeviceError, match=r"^compiler\.backend=inductor on device=npu needs triton"
@@ -372,12 +372,12 @@ import ssd_npu  # sets TORCH_DEVICE_BACKEND_AUTOLOAD=0 before torch
 import torch
 import torch_npu  # the fake: torch.npu with its streams, events and generator
 from ssd_npu.build import build_training
-from ssd_npu.checkpoint import TrainState, load_checkpoint
-from ssd_npu.device import Device
-from ssd_npu.engine import TrainLoop
-from ssd_npu.hooks import CheckpointHook
-from ssd_npu.prefetch import DevicePrefetcher
-from ssd_npu.telemetry import Telemetry
+from ssd_npu.engine.checkpoint import TrainState, load_checkpoint
+from ssd_npu.device.backend import Device
+from ssd_npu.engine.loop import TrainLoop
+from ssd_npu.engine.hooks import CheckpointHook
+from ssd_npu.device.prefetch import DevicePrefetcher
+from ssd_npu.engine.telemetry import Telemetry
 from tests.helpers import FAST, tiny_config
 
 
@@ -545,7 +545,7 @@ def test_the_list_is_what_the_script_writes():
 
 
 def test_the_device_module_calls_only_listed_names():
-    """What ssd_npu/device.py reaches through torch.npu (`self._backend` on npu, `torch.npu`)
+    """What ssd_npu/device/backend.py reaches through torch.npu (`self._backend` on npu, `torch.npu`)
     and torch_npu (`import_torch_npu()`) is on the list (calls on events and streams it holds
     are covered by the fake instead)."""
     tree = ast.parse((REPO / "ssd_npu" / "device.py").read_text())
@@ -579,7 +579,7 @@ def test_installed_torch_npu_without_cann_does_not_break_cpu(tmp_path):
     bare = run_python(site, "import torch")
     assert bare.returncode != 0 and "libhccl.so" in bare.stderr  # the trap is real
     ours = run_python(
-        site, "import ssd_npu; import torch; from ssd_npu.device import resolve_device; "
+        site, "import ssd_npu; import torch; from ssd_npu.device.backend import resolve_device; "
         "print(resolve_device('cpu').torch)"
     )  # fmt: skip
     assert ours.returncode == 0, ours.stderr[-2000:]

@@ -17,9 +17,9 @@ import copy
 import torch
 
 from ssd_npu.data.fixed_shape import fit_to_canvas, pad_targets
-from ssd_npu.device import Device
-from ssd_npu.model import FixedSSD, build_detector
-from ssd_npu.step import FixedStep
+from ssd_npu.device.backend import Device
+from ssd_npu.engine.train_step import FixedStep
+from ssd_npu.models.detector import FixedSSD, build_detector
 
 CANVAS = (192, 160)  # non-square, small: fast, and anchors follow the canvas
 NUM_CLASSES = 5

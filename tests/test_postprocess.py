@@ -1,5 +1,5 @@
 """The fixed postprocess equals each detector's own `postprocess_detections` (the host path,
-ssd_npu.evaluate.postprocess_fixed): the same boxes, scores and labels, bit for bit, on random
+ssd_npu.evaluation.evaluate.postprocess_fixed): the same boxes, scores and labels, bit for bit, on random
 head outputs with distinct scores, for ssdlite320, ssd300, RetinaNet v1 and FCOS."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from ssd_npu.evaluate import postprocess_fixed
-from ssd_npu.model import FixedSSD, build_detector
-from ssd_npu.postprocess import Detections, as_dicts, fixed_postprocess
+from ssd_npu.evaluation.evaluate import postprocess_fixed
+from ssd_npu.models.detector import FixedSSD, build_detector
+from ssd_npu.models.postprocess import Detections, as_dicts, fixed_postprocess
 
 BATCH = 3
 # model name -> (canvas, num_classes): small canvases, few classes, to stay fast

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ssd_npu.data.batch import TensorFields
-from ssd_npu.device import Device
-from ssd_npu.prefetch import DevicePrefetcher
+from ssd_npu.device.backend import Device
+from ssd_npu.device.prefetch import DevicePrefetcher
 
 log: list[str] = []
 

@@ -4,8 +4,8 @@ replaced (`unfit_boxes` image by image, then one dict per detection), for every 
 import numpy as np
 import torch
 
-from ssd_npu.cocoeval import as_dicts
-from ssd_npu.records import pack_per_image, packed_results, pad_cat
+from ssd_npu.evaluation.cocoeval import as_dicts
+from ssd_npu.evaluation.records import pack_per_image, packed_results, pad_cat
 from ssd_npu.tools.coco_results import as_packed, coco_val_sized, loop_records
 
 

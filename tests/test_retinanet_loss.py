@@ -13,7 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead, _default_anchorgen
 from torchvision.ops import box_iou
 
-from ssd_npu.retinanet_loss import (
+from ssd_npu.loss.retinanet import (
     BOX_LOSS_TYPES,
     RetinaNetLossOptions,
     fixed_retinanet_loss,

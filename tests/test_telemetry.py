@@ -5,8 +5,8 @@ import json
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from ssd_npu.engine.telemetry import Telemetry, detect_warmup, read_scalar_series, steady_median
 from ssd_npu.errors import UserError
-from ssd_npu.telemetry import Telemetry, detect_warmup, read_scalar_series, steady_median
 
 STEADY = [100.0, 104.0, 98.0, 101.0, 99.0, 103.0, 97.0, 102.0, 100.0, 101.0]
 

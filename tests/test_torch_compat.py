@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ssd_npu.compiler import _limit_keys, recompile_reasons
+from ssd_npu.device.compiler import _limit_keys, recompile_reasons
 
 
 def test_dynamo_limit_keys_exist_in_this_torch():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ssd_npu.build import build_training
-from ssd_npu.engine import Progress
-from ssd_npu.telemetry import read_scalar_series
+from ssd_npu.engine.loop import Progress
+from ssd_npu.engine.telemetry import read_scalar_series
 from ssd_npu.tools.op_recorder import OpRecorder
 from ssd_npu.train import run
 from tests.helpers import FAST, op_calls, recorded_step, train_loop, train_step

@@ -1,7 +1,7 @@
 """Detector families, one module each, registered by name (`ModelSpec.family` says which).
 
 To add a family: a module here implementing `Family` (`ssd_npu/families/base.py`), its entry in
-`FAMILIES`, its models in `ssd_npu/model_specs.py` and `configs/model/` (docs/models.md).
+`FAMILIES`, its models in `ssd_npu/models/specs.py` and `configs/model/` (docs/models.md).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from ssd_npu.families.base import Family, FixedLoss, Head, Reduce, Targets, iden
 from ssd_npu.families.fcos import FCOS
 from ssd_npu.families.retinanet import RETINANET
 from ssd_npu.families.ssd import SSD
-from ssd_npu.model_specs import EvalRecipe, ModelSpec
+from ssd_npu.models.specs import EvalRecipe, ModelSpec
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (SSD, RETINANET, FCOS)}
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 from torch import Tensor
 
 if TYPE_CHECKING:  # model.py imports the families: only its type here
-    from ssd_npu.model import FixedDetector
-    from ssd_npu.model_specs import EvalRecipe, ModelSpec
-    from ssd_npu.postprocess import Detections
+    from ssd_npu.models.detector import FixedDetector
+    from ssd_npu.models.postprocess import Detections
+    from ssd_npu.models.specs import EvalRecipe, ModelSpec
 
 # The head's outputs in the family's order, each [B, A, ...] (e.g. cls_logits [B, A, C],
 # bbox_regression [B, A, 4]); the same tuple FixedDetector.forward returns.

@@ -3,7 +3,7 @@ in fixed shapes.
 
 Head: cls_logits [B, A, C] (no background column), bbox_regression [B, A, 4] (distances to
 the sides over the anchor size, >= 0), bbox_ctrness [B, A, 1]; one anchor per location.
-Loss (`ssd_npu.fcos_loss`): sigmoid focal + GIoU + centerness BCE, each over the foreground
+Loss (`ssd_npu.loss.fcos`): sigmoid focal + GIoU + centerness BCE, each over the foreground
 locations of the (global) batch. Postprocess, per FPN level as `FCOS.forward` splits it:
 score sqrt(sigmoid(logit) x sigmoid(centerness)) per (location, class), the pairs above
 score_thresh, the top min(A_l x C, topk_candidates) of those, boxes decoded with
@@ -20,10 +20,9 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxLinearCoder
 
 from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
-from ssd_npu.fcos_loss import FCOSLossOptions, fcos_loss_sums, fcos_normalise
-from ssd_npu.model_specs import EvalRecipe
-from ssd_npu.nms import compute_dtype, fixed_batched_nms
-from ssd_npu.postprocess import (
+from ssd_npu.loss.fcos import FCOSLossOptions, fcos_loss_sums, fcos_normalise
+from ssd_npu.models.nms import compute_dtype, fixed_batched_nms
+from ssd_npu.models.postprocess import (
     Detections,
     Recipe,
     clip_to_canvas,
@@ -31,10 +30,11 @@ from ssd_npu.postprocess import (
     top_pairs,
     zero_invalid,
 )
+from ssd_npu.models.specs import EvalRecipe
 
 if TYPE_CHECKING:
-    from ssd_npu.model import FixedDetector
-    from ssd_npu.model_specs import ModelSpec
+    from ssd_npu.models.detector import FixedDetector
+    from ssd_npu.models.specs import ModelSpec
 
 
 @dataclass(frozen=True)

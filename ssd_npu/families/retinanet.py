@@ -2,7 +2,7 @@
 `RetinaNet.postprocess_detections` in fixed shapes.
 
 Head: cls_logits [B, A, C] (no background column), bbox_regression [B, A, 4]. Loss
-(`ssd_npu.retinanet_loss`): sigmoid focal + the spec's box loss ("l1" v1, "giou" v2), each
+(`ssd_npu.loss.retinanet`): sigmoid focal + the spec's box loss ("l1" v1, "giou" v2), each
 image over its own foreground anchors, then the mean over the global batch. Postprocess:
 per FPN level, split as `RetinaNet.forward` splits it.
 """
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
-from ssd_npu.model_specs import EvalRecipe
-from ssd_npu.postprocess import Detections, recipe_of, retinanet_postprocess
-from ssd_npu.retinanet_loss import RetinaNetLossOptions, retinanet_loss_sums, retinanet_normalise
+from ssd_npu.loss.retinanet import RetinaNetLossOptions, retinanet_loss_sums, retinanet_normalise
+from ssd_npu.models.postprocess import Detections, recipe_of, retinanet_postprocess
+from ssd_npu.models.specs import EvalRecipe
 
 if TYPE_CHECKING:
-    from ssd_npu.model import FixedDetector
-    from ssd_npu.model_specs import ModelSpec
+    from ssd_npu.models.detector import FixedDetector
+    from ssd_npu.models.specs import ModelSpec
 
 
 @dataclass(frozen=True)

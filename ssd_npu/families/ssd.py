@@ -2,7 +2,7 @@
 `SSD.postprocess_detections` in fixed shapes.
 
 Head: cls_logits [B, A, C] (column 0 background), bbox_regression [B, A, 4]. Loss
-(`ssd_npu.loss`): Smooth-L1 + softmax CE with 3:1 hard negatives, both over the foreground
+(`ssd_npu.loss.ssd`): Smooth-L1 + softmax CE with 3:1 hard negatives, both over the foreground
 anchors of the (global) batch. Postprocess: softmax over all anchors at once (no split).
 """
 
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
-from ssd_npu.loss import SSDLossOptions, normalise, ssd_loss_sums
-from ssd_npu.model_specs import EvalRecipe
-from ssd_npu.postprocess import Detections, recipe_of, ssd_postprocess
+from ssd_npu.loss.ssd import SSDLossOptions, normalise, ssd_loss_sums
+from ssd_npu.models.postprocess import Detections, recipe_of, ssd_postprocess
+from ssd_npu.models.specs import EvalRecipe
 
 if TYPE_CHECKING:
-    from ssd_npu.model import FixedDetector
-    from ssd_npu.model_specs import ModelSpec
+    from ssd_npu.models.detector import FixedDetector
+    from ssd_npu.models.specs import ModelSpec
 
 
 @dataclass(frozen=True)

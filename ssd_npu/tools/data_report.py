@@ -21,7 +21,7 @@ import numpy as np
 from ssd_npu.choices import FITS, Canvas
 from ssd_npu.data.box_table import BoxTable, box_table, load_coco
 from ssd_npu.data.buckets import bucket_of
-from ssd_npu.model_specs import DEFAULT_MODEL, model_spec
+from ssd_npu.models.specs import DEFAULT_MODEL, model_spec
 from ssd_npu.tools.recommend import MAX_BOXES_CANDIDATES, recommend, truncation
 
 PERCENTILES = (50, 90, 99, 99.9)
@@ -55,7 +55,7 @@ def fit_scales(
 
 def smallest_anchor(canvas: tuple[int, int], num_classes: int, model: str = DEFAULT_MODEL) -> float:
     """Size sqrt(w * h) px of the smallest anchor of `model` (its own generator) on this canvas."""
-    from ssd_npu.model import build_detector, canvas_anchors  # torch only when needed
+    from ssd_npu.models.detector import build_detector, canvas_anchors  # torch only when needed
 
     anchors = canvas_anchors(build_detector(num_classes, canvas, model), canvas).numpy()
     wh = anchors[:, 2:] - anchors[:, :2]

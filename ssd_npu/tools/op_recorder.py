@@ -3,7 +3,7 @@
 `OpRecorder` is a `TorchDispatchMode`. For each op (while `phase` is set) it keeps the aten
 name, the input and output shapes and the *site*: the first Python frame outside torch, the
 stdlib and ssd_npu/tools/, shortened to start at the package dir
-(`torchvision/models/detection/ssd.py:277`, `ssd_npu/loss.py:41`). Frames are walked with
+(`torchvision/models/detection/ssd.py:277`, `ssd_npu/loss/ssd.py:41`). Frames are walked with
 `sys._getframe` and every decision is cached per code object / line, so recording a training
 step costs little more than running it.
 
@@ -70,7 +70,7 @@ def sync_reason(name: str, args: tuple, out: Any, kwargs: dict | None = None) ->
         else:
             non_blocking = bool((kwargs or {}).get("non_blocking", False))
         # host vs device only (which side the copy lands on), not which accelerator: the one
-        # device-type test outside ssd_npu/device.py (tests/test_device_seam.py allows it)
+        # device-type test outside ssd_npu/device/backend.py (tests/test_device_seam.py allows it)
         if out.device.type == "cpu" and src.device.type != "cpu" and not non_blocking:
             return "copy from the device to the host"
     return None

@@ -23,7 +23,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import sigmoid_focal_loss
 
-from ssd_npu.loss_common import clean_padding, gather_matched, iou_loss, padded_iou
+from ssd_npu.loss.common import clean_padding, gather_matched, iou_loss, padded_iou
 
 # torchvision's `_box_loss` accepts these; RetinaNet uses "l1" (v1, the default) and "giou" (v2).
 BOX_LOSS_TYPES = ("l1", "smooth_l1", "ciou", "diou", "giou")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from ssd_npu.device import Device
+from ssd_npu.device.backend import Device
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
@@ -101,7 +101,7 @@ def host_all_reduce(values: list[float], op: str = "sum") -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
     if _host_group is None:
-        raise RuntimeError("ssd_npu.distributed.init makes the host group: call it first.")
+        raise RuntimeError("ssd_npu.device.distributed.init makes the host group: call it first.")
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=_host_group)
     return tensor.tolist()

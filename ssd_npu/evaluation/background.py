@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ssd_npu.cocoeval import GroundTruth, coco_map
+from ssd_npu.evaluation.cocoeval import GroundTruth, coco_map
 
 # The worker process's ground truth, loaded once by `_start` (one per process).
 _GT: GroundTruth | None = None
@@ -90,7 +90,7 @@ class BackgroundCoco:
     def submit(
         self, step: int, results: np.ndarray, image_ids: list[int], times: dict[str, float]
     ) -> Pending:
-        """Hand over one evaluation: results [N, 7] (`ssd_npu.records`), the evaluated image
+        """Hand over one evaluation: results [N, 7] (`ssd_npu.evaluation.records`), the evaluated image
         ids, and the loop's times for it (forward_s, records_s; the caller adds stall_s to
         the returned `Pending.times` once it knows it). Returned in the result with them."""
         future = self.pool.submit(_score, results, image_ids, self.engine)

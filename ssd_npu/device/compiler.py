@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ssd_npu.device import Device
+from ssd_npu.device.backend import Device
 from ssd_npu.errors import UserError
 
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes with CUDA graphs
@@ -169,7 +169,7 @@ class CompiledStep:
     def add_last_call_of(self, other: CompiledStep) -> None:
         """Count `other`'s latest call (graphs, recompiles and their reasons) into this step's
         latest call: `other` is another compiled function of the same training step, the
-        compiled optimizer step (`ssd_npu.optim.OptimizerStep`), which runs after this step's
+        compiled optimizer step (`ssd_npu.engine.optim.OptimizerStep`), which runs after this step's
         forward. Before this step's first call, they open it."""
         if not other.graphs_per_call:
             return

@@ -28,12 +28,12 @@ import torch
 
 from ssd_npu.data.batch import Batch, HostCounts
 from ssd_npu.data.samplers import ResumableSampler
-from ssd_npu.device import Device, HostCopy, Mark
-from ssd_npu.distributed import World, all_reduce, host_all_reduce
+from ssd_npu.device.backend import Device, HostCopy, Mark
+from ssd_npu.device.distributed import World, all_reduce, host_all_reduce
+from ssd_npu.engine.optim import OptimizerStep
+from ssd_npu.engine.telemetry import Telemetry
+from ssd_npu.engine.train_step import TrainStep
 from ssd_npu.errors import UserError
-from ssd_npu.optim import OptimizerStep
-from ssd_npu.step import TrainStep
-from ssd_npu.telemetry import Telemetry
 
 # How training ended, for `Hook.after_train`: "done" (epochs or max_steps reached),
 # "interrupted" (a hook's `after_update` answered "stop", e.g. a stop signal), "failed" (raised).

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 
-from ssd_npu.loss_common import clean_padding, gather_matched, padded_iou
+from ssd_npu.loss.common import clean_padding, gather_matched, padded_iou
 
 
 def ssd_box_coder() -> BoxCoder:

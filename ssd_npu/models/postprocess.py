@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 
-from ssd_npu.nms import (
+from ssd_npu.models.nms import (
     compute_dtype,
     fixed_batched_nms,
     greedy_keep,
@@ -52,7 +52,7 @@ from ssd_npu.nms import (
 )
 
 if TYPE_CHECKING:  # the families (imported by model.py) import this module
-    from ssd_npu.model import FixedDetector
+    from ssd_npu.models.detector import FixedDetector
 
 
 class Detections(NamedTuple):

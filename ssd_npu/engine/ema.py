@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ssd_npu.engine import Hook, Progress, Read
+from ssd_npu.engine.loop import Hook, Progress, Read
 
 
 def _state(module: nn.Module) -> list[torch.Tensor]:

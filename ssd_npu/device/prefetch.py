@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from ssd_npu.device import Device
+from ssd_npu.device.backend import Device
 
 B = TypeVar("B")
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.ops import sigmoid_focal_loss
 
-from ssd_npu.loss_common import clean_padding, gather_matched, iou_loss
+from ssd_npu.loss.common import clean_padding, gather_matched, iou_loss
 
 # torchvision's `pairwise_match * (1e8 - areas)`: an unmatched pair scores 0, a matched one
 # more the smaller its box; below this, no box matched

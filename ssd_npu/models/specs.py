@@ -2,7 +2,7 @@
 default canvas, canvas rule, training augmentation recipe.
 
 Light on purpose (no torch import): the config check reads the canvas rules from here before
-anything is built. `ssd_npu.model` builds what a spec names.
+anything is built. `ssd_npu.models.detector` builds what a spec names.
 
 Canvas rules (checked against torchvision 0.29):
 - ssdlite320_mobilenet_v3_large: the backbone halves the resolution five times before its

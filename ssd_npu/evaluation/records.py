@@ -7,10 +7,10 @@ holds image ids exactly (< 2^53) and the float32 boxes and scores of the detecto
 rounding. The rows of one image are consecutive, in the detector's order (descending score).
 
 The fixed path's detections arrive as `packed [B, D, 7]` (x1, y1, x2, y2 canvas pixels,
-score, label, valid; `ssd_npu.evaluate.pack_detections`): `packed_results` maps a whole
+score, label, valid; `ssd_npu.evaluation.evaluate.pack_detections`): `packed_results` maps a whole
 evaluation's worth back to the original images (`unfit_boxes`, in bulk) and keeps the valid
 rows of real images with tensor ops only. The COCO engines still take a list of dicts
-(`ssd_npu.cocoeval.as_dicts`); that conversion is part of COCOeval's time, not the records'.
+(`ssd_npu.evaluation.cocoeval.as_dicts`); that conversion is part of COCOeval's time, not the records'.
 """
 
 from __future__ import annotations

@@ -24,15 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssd_npu.compiler import CompiledStep
 from ssd_npu.data.device_augment import DeviceAugment
 from ssd_npu.data.dynamic import DynamicBatch
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.slots import SlotBatch
-from ssd_npu.device import Device
-from ssd_npu.distributed import World, all_reduce
+from ssd_npu.device.backend import Device
+from ssd_npu.device.compiler import CompiledStep
+from ssd_npu.device.distributed import World, all_reduce
 from ssd_npu.families import Targets, identity
-from ssd_npu.model import FixedSSD
+from ssd_npu.models.detector import FixedSSD
 
 Losses = dict[str, Tensor]
 # summary.json data_counts of data.augment_on=device, counted on the device: valid boxes its

@@ -25,7 +25,7 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from ssd_npu.data.samplers import SampleKey
-from ssd_npu.evaluate import DetectFn
+from ssd_npu.evaluation.evaluate import DetectFn
 
 GT_COLOUR = (255, 255, 255)  # ground truth: white, 1 px
 # predictions: one colour per class id (id % len), none of them white

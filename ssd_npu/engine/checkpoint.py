@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ssd_npu import distributed
-from ssd_npu.device import Device
-from ssd_npu.ema import WeightAverage
-from ssd_npu.engine import Progress
+from ssd_npu.device import distributed
+from ssd_npu.device.backend import Device
+from ssd_npu.engine.ema import WeightAverage
+from ssd_npu.engine.loop import Progress
 from ssd_npu.errors import UserError
 
 

@@ -4,7 +4,7 @@ In fixed mode the model's own `GeneralizedRCNNTransform` (per-image resize, a dy
 shape) is skipped: the host has already put every image on the `[H, W]` canvas, so the
 device runs normalise -> backbone -> head on one `[B, 3, H, W]` tensor. The anchors depend
 only on the canvas, so they are computed once and kept as a buffer. Which torchvision
-builder, family and canvas rule belong to a `model=` name: `ssd_npu.model_specs`; what a
+builder, family and canvas rule belong to a `model=` name: `ssd_npu.models.specs`; what a
 family's head returns, its loss and postprocess: `ssd_npu.families`.
 """
 
@@ -22,7 +22,7 @@ from torchvision.models.detection.image_list import ImageList
 from ssd_npu.choices import Canvas
 from ssd_npu.errors import UserError
 from ssd_npu.families import Family, Head, family_of
-from ssd_npu.model_specs import DEFAULT_MODEL, MODELS, ModelSpec, model_spec
+from ssd_npu.models.specs import DEFAULT_MODEL, MODELS, ModelSpec, model_spec
 
 # SSD, RetinaNet or FCOS: each has backbone, head (a dict of its family's outputs),
 # anchor_generator, transform and postprocess_detections.

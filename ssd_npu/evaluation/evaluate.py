@@ -1,10 +1,10 @@
 """COCO box mAP for the fixed path and for torchvision's dynamic baseline, on the same weights.
 
 Fixed path, `eval.postprocess=device` (`DeviceDetect`): the device runs the network AND the
-detector's postprocess in fixed shapes (`ssd_npu.postprocess.fixed_postprocess`: [B, D]
+detector's postprocess in fixed shapes (`ssd_npu.models.postprocess.fixed_postprocess`: [B, D]
 detections and a valid mask, D = detections_per_img) as one static function, compiled once
 under compile=true; the host receives one [B, D, 7] tensor per batch, keeps them, and after the pass maps every
-box back (`unfit_boxes`, in bulk) and writes the COCO results in one go (`ssd_npu.records`).
+box back (`unfit_boxes`, in bulk) and writes the COCO results in one go (`ssd_npu.evaluation.records`).
 
 Fixed path, `eval.postprocess=host`: the device runs only the static graph (`FixedSSD`:
 `[B, 3, H, W]` -> head outputs). Everything data-dependent runs on the HOST: the detector's
@@ -19,9 +19,9 @@ Dynamic path: `detector(list_of_images)` in eval mode, torchvision's unmodified 
 for torchvision's ops (nms on an NPU without torchvision_npu), its `postprocess_detections`
 gets the head outputs and anchors copied to the host (`postprocess_on_host`).
 
-Both produce COCO results as one array [N, 7] (`ssd_npu.records`: image_id, xywh original
+Both produce COCO results as one array [N, 7] (`ssd_npu.evaluation.records`: image_id, xywh original
 pixels, score, category_id), no dict per detection, and share `coco_map` (COCOeval with
-`eval.coco`'s engine: faster-coco-eval, or pycocotools as the reference; `ssd_npu.cocoeval`).
+`eval.coco`'s engine: faster-coco-eval, or pycocotools as the reference; `ssd_npu.evaluation.cocoeval`).
 Labels are COCO category ids here. Each evaluation is timed by phase: forward_s (the pass
 over the val loader), records_s (the results array), cocoeval_s.
 """
@@ -40,22 +40,22 @@ import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from ssd_npu import distributed
-from ssd_npu.cocoeval import GroundTruth, coco_map
-from ssd_npu.compiler import CompiledStep
 from ssd_npu.data.fixed_shape import FixedBatch
-from ssd_npu.device import Device
-from ssd_npu.families import eval_recipe_of
-from ssd_npu.model import Detector, FixedSSD, detector_spec, eval_mode
-from ssd_npu.postprocess import Detections, as_dicts, fixed_postprocess
-from ssd_npu.records import (
+from ssd_npu.device import distributed
+from ssd_npu.device.backend import Device
+from ssd_npu.device.compiler import CompiledStep
+from ssd_npu.engine.train_step import CompileOptions
+from ssd_npu.evaluation.cocoeval import GroundTruth, coco_map
+from ssd_npu.evaluation.records import (
     empty_results,
     image_results,
     pack_per_image,
     packed_results,
     pad_cat,
 )
-from ssd_npu.step import CompileOptions
+from ssd_npu.families import eval_recipe_of
+from ssd_npu.models.detector import Detector, FixedSSD, detector_spec, eval_mode
+from ssd_npu.models.postprocess import Detections, as_dicts, fixed_postprocess
 
 
 def check_eval_recipe(detector: Detector) -> None:
@@ -149,7 +149,7 @@ def _as_device(device: Device | torch.device | str) -> Device:
 class Found:
     """One rank's detections over a val loader, and where the time went.
 
-    results [N, 7] float64 (`ssd_npu.records`: image_id, x, y, w, h original pixels, score,
+    results [N, 7] float64 (`ssd_npu.evaluation.records`: image_id, x, y, w, h original pixels, score,
     category_id); image_ids: the images evaluated (padding repeats left out); forward_s: the
     pass over the loader (batches, network, postprocess, copies to the host), seconds;
     records_s: building `results` from the detections, seconds."""
@@ -179,7 +179,7 @@ def fixed_detections(
 
     With `detect` the postprocess runs on the device (`DeviceDetect`); without, on the host.
     The pass keeps each batch's packed detections [B, D, 7] (one copy per batch); the results
-    are built after it, for all images at once (`ssd_npu.records.packed_results`)."""
+    are built after it, for all images at once (`ssd_npu.evaluation.records.packed_results`)."""
     dev = _as_device(device)
     check_eval_recipe(model.detector)
     start = time.perf_counter()
@@ -272,7 +272,7 @@ DetectFn = Callable[[Iterable], Found]
 @dataclasses.dataclass
 class Gathered:
     """Every rank's detections, on rank 0: what COCOeval needs (picklable, no tensor), and the
-    times so far. results [N, 7] (`ssd_npu.records`); forward_s / records_s: the slowest
+    times so far. results [N, 7] (`ssd_npu.evaluation.records`); forward_s / records_s: the slowest
     rank's, seconds."""
 
     results: np.ndarray
@@ -286,11 +286,11 @@ class Evaluator:
     `fixed_detections` or `dynamic_detections` to the model and device).
 
     Each rank runs its share of the val set; rank 0 gathers every rank's detections (`gather`)
-    and runs COCOeval with `engine` (`score`; `ssd_npu.cocoeval`). `run` does both: it returns
+    and runs COCOeval with `engine` (`score`; `ssd_npu.evaluation.cocoeval`). `run` does both: it returns
     None on the other ranks; in one process it always returns. `detect`: the fixed path's
     device postprocess when it is used (its graph count), else None. `ann_file`: the val
     annotations' json, which a side process reads instead of being sent the index
-    (`ssd_npu.background`).
+    (`ssd_npu.evaluation.background`).
     """
 
     def __init__(

@@ -7,7 +7,7 @@ COCO-val-sized result (5,000 images x 100 detections) the faster engine took 5.8
 pycocotools' 49.5 s on a shared 2-core CPU (docs/bench.md).
 
 `GroundTruth` holds the val annotations once per run, indexed for each engine on first use;
-`evaluate(gt, results, image_ids, engine)` scores a results array (`ssd_npu.records`).
+`evaluate(gt, results, image_ids, engine)` scores a results array (`ssd_npu.evaluation.records`).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _gc_paused() -> Iterator[None]:
 def evaluate(
     gt: GroundTruth, results: np.ndarray, image_ids: list[int], engine: str = "faster"
 ) -> CocoStats:
-    """COCOeval "bbox" over `image_ids` of `results` [N, 7] (`ssd_npu.records`; N >= 1)."""
+    """COCOeval "bbox" over `image_ids` of `results` [N, 7] (`ssd_npu.evaluation.records`; N >= 1)."""
     coco_gt = gt.index(engine)
     quiet = io.StringIO()
     # both engines print progress lines: keep only summarize's table. loadRes edits records:
@@ -196,7 +196,7 @@ def coco_map(
     """COCOeval "bbox" (`engine`: faster | pycocotools) on `image_ids` only; prints the
     12-line AP/AR table.
 
-    results [N, 7] (`ssd_npu.records`). Returns {"mAP": AP@[.5:.95], "mAP50": AP@.5, "stats":
+    results [N, 7] (`ssd_npu.evaluation.records`). Returns {"mAP": AP@[.5:.95], "mAP50": AP@.5, "stats":
     the 12 COCOeval stats, "num_images", "num_detections"}. COCOeval reports -1 where no
     ground truth exists.
     """

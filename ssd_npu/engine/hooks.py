@@ -1,6 +1,6 @@
 """The loop's hooks: checkpoints, evaluation, the profiler, bucket counting, stop signals.
 
-Each is a `ssd_npu.engine.Hook` built from explicit objects; `ssd_npu.train.run` puts them in
+Each is a `ssd_npu.engine.loop.Hook` built from explicit objects; `ssd_npu.train.run` puts them in
 a list. No hook holds another: how training ended reaches each as `after_train`'s outcome.
 Only rank 0 writes (checkpoints, TensorBoard), but every rank runs every hook, so collectives
 (evaluation's gather, the stop vote) stay in step across ranks.
@@ -17,15 +17,20 @@ from typing import Any
 
 import torch
 
-from ssd_npu import distributed
-from ssd_npu.background import BackgroundCoco, BackgroundEvalError
-from ssd_npu.checkpoint import TrainState, checkpoint_path, gather_rng_states, save_checkpoint
-from ssd_npu.detections import DetectionSheet
-from ssd_npu.device import Device
-from ssd_npu.engine import Hook, NonFiniteLoss, Outcome, Progress, Read, StepRecord
-from ssd_npu.evaluate import Evaluator
-from ssd_npu.interrupt import StopOnSignal
-from ssd_npu.telemetry import Telemetry
+from ssd_npu.device import distributed
+from ssd_npu.device.backend import Device
+from ssd_npu.engine.checkpoint import (
+    TrainState,
+    checkpoint_path,
+    gather_rng_states,
+    save_checkpoint,
+)
+from ssd_npu.engine.interrupt import StopOnSignal
+from ssd_npu.engine.loop import Hook, NonFiniteLoss, Outcome, Progress, Read, StepRecord
+from ssd_npu.engine.telemetry import Telemetry
+from ssd_npu.evaluation.background import BackgroundCoco, BackgroundEvalError
+from ssd_npu.evaluation.detections import DetectionSheet
+from ssd_npu.evaluation.evaluate import Evaluator
 
 DETECTIONS_TAG = "eval/detections"  # TensorBoard image tag (a public contract, README)
 
