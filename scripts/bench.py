@@ -80,7 +80,8 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
-from ssd_npu.config import ConfigError, config_dir  # noqa: E402
+from ssd_npu.config import config_dir  # noqa: E402
+from ssd_npu.errors import ConfigError  # noqa: E402
 
 VARIANTS = {  # name: (shape, compile, compiler.mode; None: the command line's)
     "tv_eager": ("dynamic", False, None),
@@ -131,10 +132,10 @@ def floor_step(model):
 
 def run_variant(name: str, base: DictConfig, events_dir: Path) -> dict:
     from ssd_npu.build import build_training
-    from ssd_npu.device.compiler import reset
+    from ssd_npu.device.compiler import CompileOptions, reset
     from ssd_npu.engine.loop import TrainLoop
     from ssd_npu.engine.telemetry import Telemetry, detect_warmup, steady_median
-    from ssd_npu.engine.train_step import CompileOptions, DynamicStep, StepOptions
+    from ssd_npu.engine.train_step import DynamicStep, StepOptions
 
     shape, compile, mode = VARIANTS[name]
     steps = int(base.bench.steps)

@@ -22,7 +22,8 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from ssd_npu.cli import expand_argv, run_folder, user_errors  # noqa: E402
-from ssd_npu.config import ConfigError, config_dir  # noqa: E402
+from ssd_npu.config import config_dir  # noqa: E402
+from ssd_npu.errors import ConfigError  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

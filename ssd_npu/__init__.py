@@ -4,7 +4,8 @@ The public API, for your own training loop (see the README, "Use the pieces in y
 training loop"):
 
     fixed_ssd_loss      the SSD loss with no data-dependent shape (= torchvision's values)
-    FixedSSD            a torchvision SSD, RetinaNet or FCOS run on one fixed [B, 3, H, W] canvas
+    FixedDetector       a torchvision SSD, RetinaNet or FCOS run on one fixed [B, 3, H, W] canvas
+    FixedSSD            the same class under its first name (kept: user code imports it)
     build_detector      a torchvision detector (ssdlite320, ssd300, RetinaNet, FCOS), random init
     fit_to_canvas       one image + boxes onto the canvas (stretch | letterbox | pad)
     unfit_boxes         canvas boxes back to the original image
@@ -30,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 # ssd_npu.device.backend imports torch_npu itself when device=npu asks for it.
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
-_API = {
+_API = {  # public name: the module that defines it
     "fixed_ssd_loss": "ssd_npu.loss.ssd",
+    "FixedDetector": "ssd_npu.models.detector",
     "FixedSSD": "ssd_npu.models.detector",
     "build_detector": "ssd_npu.models.detector",
     "fit_to_canvas": "ssd_npu.data.fixed_shape",
@@ -48,10 +50,13 @@ _API = {
     "DeviceAugment": "ssd_npu.data.device_augment",
 }
 
+_RENAMED = {"FixedSSD": "FixedDetector"}
+
 __all__ = [
     "DeviceAugment",
     "FixSample",
     "FixedBatch",
+    "FixedDetector",
     "FixedSSD",
     "SlotBatch",
     "SlotSample",
@@ -78,7 +83,9 @@ if TYPE_CHECKING:
     )
     from ssd_npu.data.slots import SlotBatch, SlotSample, collate_slots
     from ssd_npu.loss.ssd import fixed_ssd_loss
-    from ssd_npu.models.detector import FixedSSD, build_detector
+    from ssd_npu.models.detector import FixedDetector, build_detector
+
+    FixedSSD = FixedDetector
     from ssd_npu.models.nms import fixed_batched_nms
     from ssd_npu.tools.shapes import find_dynamic_shapes
 
@@ -87,7 +94,8 @@ def __getattr__(name: str) -> Any:
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'ssd_npu' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    # FixedSSD predates RetinaNet and FCOS; it is FixedDetector under its first name
+    value = getattr(importlib.import_module(module), _RENAMED.get(name, name))
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -21,7 +21,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssd_npu.choices import Canvas
 from ssd_npu.config import (
-    ConfigError,
     TrainConfig,
     check_channels_last,
     check_compile_backend,
@@ -38,6 +37,7 @@ from ssd_npu.data.slots import SlotSample, collate_slots
 from ssd_npu.data.synthetic import ensure_synthetic_coco
 from ssd_npu.device import distributed
 from ssd_npu.device.backend import CPU, Device, resolve_device, use_deterministic_kernels
+from ssd_npu.device.compiler import CompileOptions
 from ssd_npu.device.distributed import World
 from ssd_npu.engine.optim import (
     OptimizerStep,
@@ -47,14 +47,13 @@ from ssd_npu.engine.optim import (
     use_fused_sgd,
 )
 from ssd_npu.engine.train_step import (
-    CompileOptions,
     DynamicStep,
     FixedStep,
     StepOptions,
     TrainStep,
     Wrap,
 )
-from ssd_npu.errors import DataError
+from ssd_npu.errors import ConfigError, DataError
 from ssd_npu.evaluation.detections import DetectionSheet
 from ssd_npu.evaluation.evaluate import (
     DetectFn,
@@ -64,7 +63,7 @@ from ssd_npu.evaluation.evaluate import (
     fixed_detections,
 )
 from ssd_npu.families import train_recipe_of
-from ssd_npu.models.detector import FixedSSD, build_detector, load_weights
+from ssd_npu.models.detector import FixedDetector, build_detector, load_weights
 from ssd_npu.models.specs import MODELS
 
 
@@ -80,7 +79,9 @@ class Training:
 
     device: Device
     world: World
-    model: FixedSSD  # the plain module (checkpoints, evaluation); the step may call a DDP wrapper
+    model: (
+        FixedDetector  # the plain module (checkpoints, evaluation); the step may call a DDP wrapper
+    )
     path: ShapePath  # shape=fixed|dynamic: what differs between the two, built once
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -131,23 +132,26 @@ class ShapePath:
     this module branches on `shape`, it is handed the pieces instead.
 
     fixed: every sample fitted to the canvas with M box rows (`FixSample`), `FixedBatch`es of
-    exactly batch_size, the fixed-shape step and loss, evaluation through `FixedSSD` (+ the
+    exactly batch_size, the fixed-shape step and loss, evaluation through `FixedDetector` (+ the
     postprocess on the host or the device). dynamic: torchvision's own `model(images, targets)`
-    on `DynamicBatch`es and its own inference. `static`: every device shape is static (cuDNN's
-    algorithm search pays off once; box-count buckets are counted per graph).
+    on `DynamicBatch`es and its own inference.
     """
 
-    name: str  # "fixed" | "dynamic"
     batches: BatchForm
     # (model, device, options) -> the step; FixedStep with its DeviceAugment when augment_on
     # is "device"
     step_type: Callable[..., TrainStep]
-    static: bool
     augment_on: str = "host"  # where the training augmentation and the fit run
     box_rows: tuple[int, ...] = ()  # fixed: M, or the box-count buckets' Ms; dynamic: none
 
+    @property
+    def static(self) -> bool:
+        """Every device shape is static (the fixed path): cuDNN's algorithm search pays off
+        once, box-count buckets are counted per graph, evaluation runs `FixedDetector`."""
+        return self.batches.static
+
     def detections(
-        self, model: FixedSSD, device: Device, amp: bool, detect: DeviceDetect | None
+        self, model: FixedDetector, device: Device, amp: bool, detect: DeviceDetect | None
     ) -> DetectFn:
         """Evaluation's detections over a val loader: (COCO records, image ids) of this rank.
         dynamic: torchvision's postprocess where the device has its ops (`dynamic_postprocess`)."""
@@ -213,12 +217,7 @@ def shape_path(cfg: TrainConfig, device: Device = CPU) -> ShapePath:
     data.augment_on=device (`resolve_augment_on` for `device`) the train batches are
     slots and the step augments and fits them."""
     if cfg.shape == "dynamic":
-        return ShapePath(
-            "dynamic",
-            BatchForm(to_dynamic_sample, collate_dynamic, static=False),
-            DynamicStep,
-            static=False,
-        )
+        return ShapePath(BatchForm(to_dynamic_sample, collate_dynamic, static=False), DynamicStep)
     sizes = bucket_sizes(cfg.max_boxes)  # one M, or box-count buckets
     # buckets: samples are padded to the largest, each batch cut to its bucket on collate
     finish = FixSample(canvas_of(cfg), sizes[-1], cfg.fit, float(cfg.pad_value), int(cfg.seed))
@@ -242,9 +241,9 @@ def shape_path(cfg: TrainConfig, device: Device = CPU) -> ShapePath:
             finish, collate, True, None, slots, partial(collate_slots, slot=slots.slot)
         )
         step = partial(FixedStep, augment=augment)
-        return ShapePath("fixed", form, step, static=True, augment_on="device", box_rows=sizes)
+        return ShapePath(form, step, augment_on="device", box_rows=sizes)
     form = BatchForm(finish, collate, static=True, buckets=buckets)
-    return ShapePath("fixed", form, FixedStep, static=True, box_rows=sizes)
+    return ShapePath(form, FixedStep, box_rows=sizes)
 
 
 def resolve_postprocess(choice: str, device: Device, path: ShapePath) -> str:
@@ -334,7 +333,7 @@ def build_training(cfg: TrainConfig) -> Training:
         load_weights(detector, cfg.weights)
     if cfg.sync_bn and world.distributed:
         distributed.convert_sync_batchnorm(detector, device)
-    model = FixedSSD(detector, canvas).to(device.torch)
+    model = FixedDetector(detector, canvas).to(device.torch)
     if uses_channels_last(cfg.device.channels_last, device, cfg.amp):
         model.to(memory_format=torch.channels_last)
     model.train()

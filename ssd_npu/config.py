@@ -30,15 +30,11 @@ from ssd_npu.choices import (  # the allowed values, each listed once
     SHAPES,
     TARGET_METRICS,
 )
-from ssd_npu.errors import UserError
+from ssd_npu.errors import ConfigError
 from ssd_npu.models.specs import DEFAULT_MODEL, MODELS
 
 # The canvas rule is the model's own (ssd_npu/models/specs.py): ssdlite, RetinaNet and FCOS take
 # sides >= 64 divisible by 32; ssd300_vgg16 takes exactly [300, 300].
-
-
-class ConfigError(UserError):
-    """A bad config value; the message names the key and what is allowed."""
 
 
 @dataclass

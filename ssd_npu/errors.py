@@ -15,6 +15,10 @@ class Interrupted(UserError):
         self.exit_code = 128 + signum  # the shell's convention for "killed by signal"
 
 
+class ConfigError(UserError):
+    """A bad config value; the message names the key and what is allowed."""
+
+
 class DataError(UserError):
     """Bad data: a missing or malformed file, a corrupt image, an unknown category."""
 

@@ -36,15 +36,14 @@ from ssd_npu.engine.ema import WeightAverage, WeightAverageHook, on_averaged_wei
 from ssd_npu.engine.hooks import (
     BucketCountHook,
     CheckpointHook,
-    EvalHook,
     ProfilerHook,
     StopSignalHook,
-    Target,
 )
 from ssd_npu.engine.loop import Hook, NonFiniteLoss, Progress, TrainLoop
 from ssd_npu.engine.telemetry import Telemetry
 from ssd_npu.errors import Interrupted
 from ssd_npu.evaluation.background import BackgroundCoco
+from ssd_npu.evaluation.hook import EvalHook, Target
 
 
 def _say(main: bool, text: str) -> None:

@@ -16,6 +16,7 @@ PUBLIC = (
     "fixed_batched_nms",
     "fixed_ssd_loss",
     "FixedSSD",
+    "FixedDetector",
     "build_detector",
     "fit_to_canvas",
     "unfit_boxes",
@@ -46,6 +47,7 @@ def test_public_names_import_from_the_top_level():
     for name in PUBLIC:
         assert getattr(ssd_npu, name) is not None, name
     assert sorted(ssd_npu.__all__) == sorted(PUBLIC)
+    assert ssd_npu.FixedSSD is ssd_npu.FixedDetector  # the first name of the one class
     with pytest.raises(AttributeError):
         ssd_npu.no_such_name  # noqa: B018
 

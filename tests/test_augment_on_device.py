@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ssd_npu.build import build_training, resolve_augment_on
-from ssd_npu.config import ConfigError
 from ssd_npu.data.slots import SlotBatch
 from ssd_npu.device.backend import Device
 from ssd_npu.engine.loop import Progress
+from ssd_npu.errors import ConfigError
 from ssd_npu.train import run
 from tests.helpers import FAST, compose_cfg, losses, train_loop, train_step
 

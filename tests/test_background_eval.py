@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 from ssd_npu.build import build_training
-from ssd_npu.config import ConfigError, validate
+from ssd_npu.config import validate
 from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.engine.checkpoint import TrainState, list_checkpoints
-from ssd_npu.engine.hooks import TIME_KEYS, CheckpointHook, EvalHook, Target
+from ssd_npu.engine.hooks import CheckpointHook
 from ssd_npu.engine.telemetry import Telemetry, read_scalar_series
+from ssd_npu.errors import ConfigError
 from ssd_npu.evaluation.background import BackgroundCoco, BackgroundEvalError
 from ssd_npu.evaluation.evaluate import Evaluator, Found
+from ssd_npu.evaluation.hook import TIME_KEYS, EvalHook, Target
 from ssd_npu.train import run
 from tests.helpers import compose_cfg, train_loop
 

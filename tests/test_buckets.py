@@ -8,9 +8,10 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 
 from ssd_npu.build import build_training
-from ssd_npu.config import ConfigError, validate
+from ssd_npu.config import validate
 from ssd_npu.data.buckets import BucketBatchSampler, bucket_of
 from ssd_npu.device.compiler import reset
+from ssd_npu.errors import ConfigError
 from ssd_npu.loss.ssd import fixed_ssd_loss
 from ssd_npu.models.detector import build_detector, canvas_anchors
 from ssd_npu.train import run

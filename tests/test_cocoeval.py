@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ssd_npu.build import build_training
-from ssd_npu.config import ConfigError, validate
+from ssd_npu.config import validate
+from ssd_npu.errors import ConfigError
 from ssd_npu.evaluation.cocoeval import ENGINES, GroundTruth, evaluate
 from ssd_npu.evaluation.evaluate import coco_map, fixed_detections
 from ssd_npu.tools.coco_results import coco_val_sized, noisy_results

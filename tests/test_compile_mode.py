@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from ssd_npu.build import build_training, step_options
-from ssd_npu.config import COMPILE_MODES, ConfigError, validate
+from ssd_npu.config import COMPILE_MODES, validate
 from ssd_npu.device.backend import Device
 from ssd_npu.device.compiler import reset
 from ssd_npu.device.distributed import World
 from ssd_npu.engine.loop import Progress
+from ssd_npu.errors import ConfigError
 from tests.helpers import FAST, compose_cfg, train_loop, train_step
 
 

@@ -3,7 +3,8 @@
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from ssd_npu.config import ConfigError, validate
+from ssd_npu.config import validate
+from ssd_npu.errors import ConfigError
 from tests.helpers import compose_cfg, run_train
 
 

@@ -211,10 +211,10 @@ def test_decode_mode_is_checked(tiny_coco):
 
 
 def test_model_scales_uint8_canvases_on_the_device():
-    from ssd_npu.models.detector import FixedSSD, build_detector
+    from ssd_npu.models.detector import FixedDetector, build_detector
 
     torch.manual_seed(0)
-    model = FixedSSD(build_detector(3, (64, 64)), (64, 64)).eval()
+    model = FixedDetector(build_detector(3, (64, 64)), (64, 64)).eval()
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
         got = model(images)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ssd_npu.build import build_training
-from ssd_npu.config import ConfigError, validate
+from ssd_npu.config import validate
+from ssd_npu.errors import ConfigError
 from tests.helpers import FAST, compose_cfg
 
 
@@ -27,7 +28,7 @@ def test_reduced_decode_trains_on_uint8_canvases(tiny_cfg):
     t = build_training(tiny_cfg(*FAST, "data.decode=reduced", "fit=letterbox"))
     batch = next(iter(t.data.train))
     assert batch.images.dtype == torch.uint8 and tuple(batch.images.shape[1:]) == (3, 128, 128)
-    losses = t.step(batch)  # FixedSSD scales uint8 to [0, 1] on the device
+    losses = t.step(batch)  # FixedDetector scales uint8 to [0, 1] on the device
     assert all(torch.isfinite(v) for v in losses.values())
     exact = build_training(tiny_cfg(*FAST, "fit=letterbox"))
     assert next(iter(exact.data.train)).images.dtype == torch.float32

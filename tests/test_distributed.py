@@ -23,13 +23,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ssd_npu.build import build_training
-from ssd_npu.config import ConfigError, validate
+from ssd_npu.config import validate
 from ssd_npu.device import distributed
 from ssd_npu.device.backend import Device, HostCopy, Mark
 from ssd_npu.device.distributed import World
-from ssd_npu.engine.hooks import TIME_KEYS, StopSignalHook
+from ssd_npu.engine.hooks import StopSignalHook
 from ssd_npu.engine.loop import Hook, Progress, Read, TrainLoop
 from ssd_npu.engine.telemetry import Telemetry
+from ssd_npu.errors import ConfigError
+from ssd_npu.evaluation.hook import TIME_KEYS
 from ssd_npu.train import run
 from tests.helpers import REPO, compose_cfg, tiny_config, tiny_overrides
 

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from ssd_npu.build import build_evaluator, build_training
-from ssd_npu.config import ConfigError, validate
+from ssd_npu.config import validate
 from ssd_npu.engine.checkpoint import list_checkpoints, load_checkpoint
 from ssd_npu.engine.ema import WeightAverage, on_averaged_weights
+from ssd_npu.errors import ConfigError
 from ssd_npu.evaluation.cocoeval import coco_map
 from ssd_npu.train import run
 from tests.helpers import FAST

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from ssd_npu.build import build_evaluator, build_training, resolve_postprocess, shape_path
-from ssd_npu.config import ConfigError, expand_short_forms, validate
+from ssd_npu.config import expand_short_forms, validate
 from ssd_npu.device.backend import Device
+from ssd_npu.errors import ConfigError
 from ssd_npu.evaluation.cocoeval import as_dicts as result_dicts
 from ssd_npu.evaluation.evaluate import (
     DeviceDetect,

@@ -22,7 +22,7 @@ from ssd_npu.data.coco import CocoDetectionDataset
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device.backend import CPU, Device, HostCopy
 from ssd_npu.engine.checkpoint import TrainState, list_checkpoints
-from ssd_npu.engine.hooks import BucketCountHook, CheckpointHook, EvalHook
+from ssd_npu.engine.hooks import BucketCountHook, CheckpointHook
 from ssd_npu.engine.loop import (
     Hook,
     NonFiniteLoss,
@@ -35,6 +35,7 @@ from ssd_npu.engine.loop import (
 from ssd_npu.engine.telemetry import Telemetry
 from ssd_npu.engine.train_step import TrainStep
 from ssd_npu.evaluation.evaluate import Evaluator, Found
+from ssd_npu.evaluation.hook import EvalHook
 from ssd_npu.evaluation.records import empty_results
 
 EVENTS: list[tuple[str, int]] = []

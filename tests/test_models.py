@@ -17,15 +17,16 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 from ssd_npu import find_dynamic_shapes
-from ssd_npu.config import ConfigError, validate
+from ssd_npu.config import validate
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device.backend import Device
-from ssd_npu.device.compiler import reset
+from ssd_npu.device.compiler import CompileOptions, reset
 from ssd_npu.device.distributed import World
-from ssd_npu.engine.train_step import CompileOptions, FixedStep, StepOptions
+from ssd_npu.engine.train_step import FixedStep, StepOptions
+from ssd_npu.errors import ConfigError
 from ssd_npu.evaluation.evaluate import postprocess_fixed
 from ssd_npu.families import eval_recipe_of, train_recipe_of
-from ssd_npu.models.detector import FixedSSD, build_detector, canvas_anchors, detector_spec
+from ssd_npu.models.detector import FixedDetector, build_detector, canvas_anchors, detector_spec
 from ssd_npu.models.specs import DEFAULT_MODEL, MODELS, EvalRecipe
 from ssd_npu.tools.data_report import data_report, smallest_anchor
 from tests.helpers import compose_cfg
@@ -48,7 +49,7 @@ ANCHORS = [
 
 @pytest.mark.parametrize(("name", "canvas", "count"), ANCHORS)
 def test_anchors_follow_the_model_and_canvas(name, canvas, count):
-    model = FixedSSD(build_detector(NUM_CLASSES, canvas, name), canvas)
+    model = FixedDetector(build_detector(NUM_CLASSES, canvas, name), canvas)
     assert model.anchors.shape == (count, 4) and sum(model.anchors_per_level) == count
     torch.testing.assert_close(model.anchors, canvas_anchors(model.detector, canvas))
     with torch.no_grad():
@@ -110,7 +111,7 @@ def make_batch(seed: int, canvas: tuple[int, int], batch: int, counts: list[int]
 )
 def test_fixed_step_has_no_dynamic_shape_and_no_host_sync(name, canvas):
     torch.manual_seed(0)
-    model = FixedSSD(build_detector(NUM_CLASSES, canvas, name), canvas)
+    model = FixedDetector(build_detector(NUM_CLASSES, canvas, name), canvas)
     model.train()
     step = FixedStep(model, CPU)
 
@@ -158,7 +159,7 @@ def test_fixed_training_equals_torchvision_training(name):
     canvas = (64, 96)
     torch.manual_seed(0)
     reference = build_detector(NUM_CLASSES, canvas, name).double()
-    fixed = FixedSSD(copy.deepcopy(reference), canvas)
+    fixed = FixedDetector(copy.deepcopy(reference), canvas)
     assert fixed.anchors.dtype == fixed.image_mean.dtype == torch.float64
     reference.train()
     fixed.train()
@@ -189,7 +190,7 @@ def test_fixed_step_compiles_one_graph(name):
     reset()  # graphs and counters of earlier tests' compiles must not count here
     canvas = (128, 128)
     torch.manual_seed(0)
-    model = FixedSSD(build_detector(NUM_CLASSES, canvas, name), canvas)
+    model = FixedDetector(build_detector(NUM_CLASSES, canvas, name), canvas)
     model.train()
     options = StepOptions(compile=CompileOptions(fail_on_recompile=True))
     step = FixedStep(model, CPU, options)
@@ -206,7 +207,7 @@ def test_retinanet_ranks_losses_sum_to_the_global_batch_loss():
     does not depend on how the batch is split)."""
     canvas = (64, 64)
     torch.manual_seed(0)
-    model = FixedSSD(build_detector(NUM_CLASSES, canvas, "retinanet_resnet50_fpn"), canvas)
+    model = FixedDetector(build_detector(NUM_CLASSES, canvas, "retinanet_resnet50_fpn"), canvas)
     model.eval()
     whole = make_batch(30, canvas, 4, [2, 0, 6, 3])
     single = FixedStep(model, CPU)(whole)
@@ -252,7 +253,7 @@ def test_spec_facts_are_what_torchvisions_builder_sets(name):
         assert getattr(eval_recipe_of(spec), field.name) == getattr(detector, field.name)
     # SSD's regression head has no `_loss_type`: its Smooth-L1 is fixed (spec: None)
     assert spec.box_loss_type == getattr(detector.head.regression_head, "_loss_type", None)
-    model = FixedSSD(detector, spec.exact or (128, 128))
+    model = FixedDetector(detector, spec.exact or (128, 128))
     assert model.family.name == spec.family
     options = model.family.loss(spec).options
     assert getattr(options, "bbox_reg_loss_type", None) == spec.box_loss_type

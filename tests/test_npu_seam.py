@@ -21,19 +21,14 @@ import pytest
 import torch
 
 from ssd_npu.build import ShapePath, shape_path, step_options, uses_channels_last
-from ssd_npu.config import ConfigError, validate
-from ssd_npu.device.backend import (
-    Device,
-    dynamic_postprocess_place,
-    import_torch_npu,
-    npu_pair_mismatch,
-    release_of,
-)
+from ssd_npu.config import validate
+from ssd_npu.device.ascend import import_torch_npu, npu_pair_mismatch, release_of
+from ssd_npu.device.backend import Device, dynamic_postprocess_place
 from ssd_npu.device.compiler import CompiledStep, device_of
 from ssd_npu.device.distributed import World
-from ssd_npu.errors import DeviceError
+from ssd_npu.errors import ConfigError, DeviceError
 from ssd_npu.evaluation.evaluate import dynamic_detections
-from ssd_npu.models.detector import FixedSSD, build_detector
+from ssd_npu.models.detector import FixedDetector, build_detector
 from tests.helpers import REPO, compose_cfg
 
 FAKE_TORCH_NPU = """
@@ -168,7 +163,7 @@ import torch
 import torch.distributed as dist
 from ssd_npu.device import distributed
 from ssd_npu.build import uses_channels_last
-from ssd_npu.config import ConfigError
+from ssd_npu.errors import ConfigError
 from ssd_npu.device.backend import resolve_device
 
 os.environ.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
@@ -297,7 +292,7 @@ def test_dynamic_path_binds_where_its_postprocess_runs(monkeypatch):
     its own (`eval.postprocess`)."""
     monkeypatch.setitem(sys.modules, "torchvision_npu", None)  # not installed
     path: ShapePath = shape_path(compose_cfg("shape=dynamic"))
-    model = FixedSSD(build_detector(3, (64, 64)), (64, 64))
+    model = FixedDetector(build_detector(3, (64, 64)), (64, 64))
     detect = path.detections(model, Device("npu", 0), amp=False, detect=None)
     assert detect.func is dynamic_detections and detect.keywords["postprocess"] == "host"
     detect = path.detections(model, Device("cpu", None), amp=False, detect=None)
@@ -545,10 +540,13 @@ def test_the_list_is_what_the_script_writes():
 
 
 def test_the_device_module_calls_only_listed_names():
-    """What ssd_npu/device/backend.py reaches through torch.npu (`self._backend` on npu, `torch.npu`)
-    and torch_npu (`import_torch_npu()`) is on the list (calls on events and streams it holds
-    are covered by the fake instead)."""
-    tree = ast.parse((REPO / "ssd_npu" / "device.py").read_text())
+    """What ssd_npu/device/backend.py and ascend.py reach through torch.npu (`self._backend` on
+    npu, `torch.npu`) and torch_npu (`import_torch_npu()`) is on the list (calls on events and
+    streams they hold are covered by the fake instead)."""
+    source = "\n".join(
+        (REPO / "ssd_npu" / "device" / name).read_text() for name in ("backend.py", "ascend.py")
+    )
+    tree = ast.parse(source)
     inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     prefixes = {"self._backend.": "npu.", "torch.npu.": "npu.", "import_torch_npu().": ""}
     used = set()

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from ssd_npu.build import Training, build_training
-from ssd_npu.config import ConfigError, validate
+from ssd_npu.config import validate
 from ssd_npu.device.backend import Device
-from ssd_npu.device.compiler import CompiledStep, reset
+from ssd_npu.device.compiler import CompiledStep, CompileOptions, reset
 from ssd_npu.engine.loop import Hook, Progress, StepRecord
 from ssd_npu.engine.optim import (
     OptimizerStep,
@@ -24,7 +24,7 @@ from ssd_npu.engine.optim import (
     fused_sgd_available,
     use_fused_sgd,
 )
-from ssd_npu.engine.train_step import CompileOptions
+from ssd_npu.errors import ConfigError
 from ssd_npu.tools.op_recorder import OpRecorder
 from tests.helpers import compose_cfg, host_syncs, recorded_step, train_loop
 

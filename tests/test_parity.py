@@ -2,7 +2,7 @@
 
 From the same initial weights and the same un-augmented batch (images of different sizes
 and box counts), a few SGD steps of torchvision's own `model(images, targets)` and of the
-fixed pipeline (FixedSSD, padded targets, fixed_ssd_loss) give the same losses and the same
+fixed pipeline (FixedDetector, padded targets, fixed_ssd_loss) give the same losses and the same
 parameters.
 
 Both paths get the images after the host's stretch to the canvas (torchvision's own resize
@@ -19,7 +19,7 @@ import torch
 from ssd_npu.data.fixed_shape import fit_to_canvas, pad_targets
 from ssd_npu.device.backend import Device
 from ssd_npu.engine.train_step import FixedStep
-from ssd_npu.models.detector import FixedSSD, build_detector
+from ssd_npu.models.detector import FixedDetector, build_detector
 
 CANVAS = (192, 160)  # non-square, small: fast, and anchors follow the canvas
 NUM_CLASSES = 5
@@ -63,7 +63,7 @@ def fixed_inputs(images, targets):
 def test_fixed_training_equals_torchvision_training():
     torch.manual_seed(0)
     reference = build_detector(NUM_CLASSES, CANVAS)
-    fixed = FixedSSD(copy.deepcopy(reference), CANVAS)
+    fixed = FixedDetector(copy.deepcopy(reference), CANVAS)
     initial = {n: p.detach().clone() for n, p in reference.named_parameters()}
     reference.train()
     fixed.train()

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 from ssd_npu.evaluation.evaluate import postprocess_fixed
-from ssd_npu.models.detector import FixedSSD, build_detector
+from ssd_npu.models.detector import FixedDetector, build_detector
 from ssd_npu.models.postprocess import Detections, as_dicts, fixed_postprocess
 
 BATCH = 3
@@ -34,16 +34,16 @@ REGIMES = {
 
 
 @pytest.fixture(scope="module")
-def models() -> dict[str, FixedSSD]:
+def models() -> dict[str, FixedDetector]:
     torch.manual_seed(0)
     return {
-        name: FixedSSD(build_detector(classes, canvas, name), canvas).eval()
+        name: FixedDetector(build_detector(classes, canvas, name), canvas).eval()
         for name, (canvas, classes) in MODELS.items()
     }
 
 
 def head_outputs(
-    model: FixedSSD, low: float, high: float, background: float, seed: int
+    model: FixedDetector, low: float, high: float, background: float, seed: int
 ) -> tuple[Tensor, ...]:
     """Random cls_logits [B, A, C] (each image a permutation of evenly spaced values in
     [low, high], so all distinct; column 0 + background for SSD) and bbox_regression [B, A, 4]
@@ -64,7 +64,7 @@ def head_outputs(
     return logits, regression.abs() + 4.0, ctrness  # boxes ~9 strides wide: NMS bites
 
 
-def pair_scores(model: FixedSSD, head: tuple[Tensor, ...]) -> Tensor:
+def pair_scores(model: FixedDetector, head: tuple[Tensor, ...]) -> Tensor:
     """Per (image, anchor, class) score as torchvision's postprocess computes it: [B, A, C]
     (sigmoid for RetinaNet, sqrt(sigmoid x sigmoid(centerness)) for FCOS)."""
     if model.family.name == "fcos":
@@ -72,7 +72,7 @@ def pair_scores(model: FixedSSD, head: tuple[Tensor, ...]) -> Tensor:
     return torch.sigmoid(head[0])
 
 
-def candidate_scores(model: FixedSSD, head: tuple[Tensor, ...]) -> list[Tensor]:
+def candidate_scores(model: FixedDetector, head: tuple[Tensor, ...]) -> list[Tensor]:
     """Per image, the scores torchvision's postprocess hands to batched_nms (threshold, then
     top-k per class for SSD, per level for RetinaNet and FCOS)."""
     detector, out = model.detector, []
@@ -86,7 +86,7 @@ def candidate_scores(model: FixedSSD, head: tuple[Tensor, ...]) -> list[Tensor]:
     return out
 
 
-def assert_equal_to_torchvision(model: FixedSSD, *head: Tensor) -> None:
+def assert_equal_to_torchvision(model: FixedDetector, *head: Tensor) -> None:
     """fixed_postprocess == postprocess_detections image by image, bit for bit."""
     fixed = fixed_postprocess(model, *head)
     d = model.detector.detections_per_img
@@ -122,7 +122,7 @@ def test_fewer_candidates_than_detections_are_padded(models):
     """ssdlite with one foreground class: fewer candidates than detections_per_img (300), so
     every image has invalid slots at the end, and the valid ones still equal torchvision's."""
     canvas = (64, 64)
-    model = FixedSSD(build_detector(2, canvas, "ssdlite320_mobilenet_v3_large"), canvas).eval()
+    model = FixedDetector(build_detector(2, canvas, "ssdlite320_mobilenet_v3_large"), canvas).eval()
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(BATCH, model.anchors.shape[0], 2, generator=g)
     regression = torch.randn(BATCH, model.anchors.shape[0], 4, generator=g) * 0.5

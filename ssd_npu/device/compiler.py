@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +44,17 @@ def recompile_reasons(records: list) -> list[str]:
     records have no `recompile_reason` field, so there they are unknown (empty)."""
     reasons = (getattr(m, "recompile_reason", None) for m in records)
     return [r for r in reasons if r]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """`torch.compile(dynamic=False)` of the step: one graph per input shape, like an NPU."""
+
+    backend: str = "inductor"  # "npu" on Ascend (torch_npu's dynamo backend)
+    fail_on_recompile: bool = False  # a new graph after the first call raises RecompileError
+    recompile_limit: int | None = None  # dynamo's per-function limit; None: torch's default
+    fail_on_limit: bool = False  # past the limit: raise instead of running eagerly
+    mode: str | None = None  # torch.compile's mode (inductor only); None: torch's default
 
 
 class RecompileError(UserError):

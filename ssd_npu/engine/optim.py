@@ -12,10 +12,9 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from ssd_npu.config import ConfigError
 from ssd_npu.device.backend import Device
-from ssd_npu.device.compiler import CompiledStep
-from ssd_npu.engine.train_step import CompileOptions
+from ssd_npu.device.compiler import CompiledStep, CompileOptions
+from ssd_npu.errors import ConfigError
 
 
 def scaled_lr(lr: float | None, base_lr: float, base_batch: int, global_batch: int) -> float:

@@ -29,27 +29,16 @@ from ssd_npu.data.dynamic import DynamicBatch
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.data.slots import SlotBatch
 from ssd_npu.device.backend import Device
-from ssd_npu.device.compiler import CompiledStep
+from ssd_npu.device.compiler import CompiledStep, CompileOptions
 from ssd_npu.device.distributed import World, all_reduce
 from ssd_npu.families import Targets, identity
-from ssd_npu.models.detector import FixedSSD
+from ssd_npu.models.detector import FixedDetector
 
 Losses = dict[str, Tensor]
 # summary.json data_counts of data.augment_on=device, counted on the device: valid boxes its
 # crop or sanitising removed, images whose IoU crop no round decided (left whole)
 DEVICE_COUNTS = ("augment_removed", "crop_undecided")
 Wrap = Callable[[nn.Module], nn.Module]  # e.g. functools.partial(DistributedDataParallel, ...)
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    """`torch.compile(dynamic=False)` of the step: one graph per input shape, like an NPU."""
-
-    backend: str = "inductor"  # "npu" on Ascend (torch_npu's dynamo backend)
-    fail_on_recompile: bool = False  # a new graph after the first call raises RecompileError
-    recompile_limit: int | None = None  # dynamo's per-function limit; None: torch's default
-    fail_on_limit: bool = False  # past the limit: raise instead of running eagerly
-    mode: str | None = None  # torch.compile's mode (inductor only); None: torch's default
 
 
 @dataclass(frozen=True)
@@ -151,7 +140,7 @@ class LossSums(nn.Module):
     autocast gave the network. The loss (its options) is built once, from the model's spec.
     """
 
-    def __init__(self, model: FixedSSD, device: Device, amp: bool, amp_dtype: str | None):
+    def __init__(self, model: FixedDetector, device: Device, amp: bool, amp_dtype: str | None):
         super().__init__()
         self.model, self.device, self.amp, self.amp_dtype = model, device, amp, amp_dtype
         self.loss = model.family.loss(model.spec)
@@ -218,7 +207,7 @@ class FixedStep(TrainStep):
 
     def __init__(
         self,
-        model: FixedSSD,
+        model: FixedDetector,
         device: Device,
         options: StepOptions = StepOptions(),
         augment: DeviceAugment | None = None,
@@ -266,7 +255,7 @@ class DynamicStep(TrainStep):
     reference does.
     """
 
-    def __init__(self, model: FixedSSD, device: Device, options: StepOptions = StepOptions()):
+    def __init__(self, model: FixedDetector, device: Device, options: StepOptions = StepOptions()):
         self.device, self.options = device, options
         self.compiled = _compiled(model.detector, options)
         self.detector = _callable(model.detector, self.compiled, options)

@@ -2,7 +2,7 @@
 
 `DetectionSheet.render()` runs the model on the first N val images (the N smallest image
 ids, the same ones every time) with evaluation's own detections function: fixed path,
-`FixedSSD` on the canvas, the postprocess where `eval.postprocess` puts it and `unfit_boxes`
+`FixedDetector` on the canvas, the postprocess where `eval.postprocess` puts it and `unfit_boxes`
 back to the original image (`fixed_detections`); dynamic path, the detector's own inference
 (`dynamic_detections`). It draws on the ORIGINAL images, decoded by the data set's reader:
 ground truth thin in white, predictions with score >= `score` (at most `MAX_PER_IMAGE`) in

@@ -6,7 +6,7 @@ detections and a valid mask, D = detections_per_img) as one static function, com
 under compile=true; the host receives one [B, D, 7] tensor per batch, keeps them, and after the pass maps every
 box back (`unfit_boxes`, in bulk) and writes the COCO results in one go (`ssd_npu.evaluation.records`).
 
-Fixed path, `eval.postprocess=host`: the device runs only the static graph (`FixedSSD`:
+Fixed path, `eval.postprocess=host`: the device runs only the static graph (`FixedDetector`:
 `[B, 3, H, W]` -> head outputs). Everything data-dependent runs on the HOST: the detector's
 own `postprocess_detections` (SSD: softmax over all anchors; RetinaNet: sigmoid per FPN level,
 so the head outputs and anchors are split per level as `RetinaNet.forward` does; then box
@@ -43,8 +43,7 @@ from torch import Tensor
 from ssd_npu.data.fixed_shape import FixedBatch
 from ssd_npu.device import distributed
 from ssd_npu.device.backend import Device
-from ssd_npu.device.compiler import CompiledStep
-from ssd_npu.engine.train_step import CompileOptions
+from ssd_npu.device.compiler import CompiledStep, CompileOptions
 from ssd_npu.evaluation.cocoeval import GroundTruth, coco_map
 from ssd_npu.evaluation.records import (
     empty_results,
@@ -54,7 +53,7 @@ from ssd_npu.evaluation.records import (
     pad_cat,
 )
 from ssd_npu.families import eval_recipe_of
-from ssd_npu.models.detector import Detector, FixedSSD, detector_spec, eval_mode
+from ssd_npu.models.detector import Detector, FixedDetector, detector_spec, eval_mode
 from ssd_npu.models.postprocess import Detections, as_dicts, fixed_postprocess
 
 
@@ -71,11 +70,11 @@ def check_eval_recipe(detector: Detector) -> None:
             )
 
 
-def postprocess_fixed(model: FixedSSD, *head: Tensor) -> list[dict]:
+def postprocess_fixed(model: FixedDetector, *head: Tensor) -> list[dict]:
     """The detector's own postprocess of fixed head outputs, on the host, in fp32 (its
     family's `host_postprocess`).
 
-    head: FixedSSD's outputs, e.g. cls_logits [B, A, C], bbox_regression [B, A, 4] (any
+    head: FixedDetector's outputs, e.g. cls_logits [B, A, C], bbox_regression [B, A, 4] (any
     device/dtype) -> per image {"boxes" [N, 4] xyxy canvas pixels, "scores" [N], "labels"
     [N]} (N varies: host only).
     """
@@ -108,7 +107,7 @@ class DeviceDetect:
 
     def __init__(
         self,
-        model: FixedSSD,
+        model: FixedDetector,
         device: Device,
         amp: bool = False,
         compile_options: CompileOptions | None = None,
@@ -169,7 +168,7 @@ def fixed_batch_results(batch: FixedBatch, detections: list[dict[str, Tensor]]) 
 
 @torch.no_grad()
 def fixed_detections(
-    model: FixedSSD,
+    model: FixedDetector,
     loader: Iterable[FixedBatch],
     device: Device | torch.device | str,
     amp: bool = False,
@@ -236,7 +235,7 @@ def postprocess_on_host(detector: Detector) -> Iterator[None]:
 
 @torch.no_grad()
 def dynamic_detections(
-    detector: Detector | FixedSSD,
+    detector: Detector | FixedDetector,
     loader: Iterable,
     device: Device | torch.device | str,
     postprocess: str = "device",
@@ -244,7 +243,7 @@ def dynamic_detections(
     """COCO results and image ids from torchvision's own inference on each DynamicBatch;
     `postprocess`: "device", or "host" (`postprocess_on_host`; `Device.dynamic_postprocess`)."""
     dev = _as_device(device)
-    detector = detector.detector if isinstance(detector, FixedSSD) else detector
+    detector = detector.detector if isinstance(detector, FixedDetector) else detector
     check_eval_recipe(detector)
     start = time.perf_counter()
     rows: list[np.ndarray] = []

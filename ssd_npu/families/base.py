@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from torch import Tensor
 
-if TYPE_CHECKING:  # model.py imports the families: only its type here
+if TYPE_CHECKING:  # models/detector.py imports the families: only its type here
     from ssd_npu.models.detector import FixedDetector
     from ssd_npu.models.postprocess import Detections
     from ssd_npu.models.specs import EvalRecipe, ModelSpec

@@ -149,10 +149,6 @@ class FixedDetector(nn.Module):
         return tuple(head[name] for name in self.family.outputs)
 
 
-# The public name (ssd_npu.FixedSSD) predates RetinaNet and FCOS; both names are one class.
-FixedSSD = FixedDetector
-
-
 def num_classes_of(detector: Detector) -> int:
     """Logit columns of the classification head (background included for SSD)."""
     head = detector.head.classification_head

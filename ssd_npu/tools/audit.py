@@ -25,11 +25,12 @@ import torch
 
 from ssd_npu.build import Training, build_training
 from ssd_npu.choices import AUDIT_TARGETS
-from ssd_npu.config import ConfigError, TrainConfig
+from ssd_npu.config import TrainConfig
 from ssd_npu.data.loader import Loaders
 from ssd_npu.device.backend import Device
 from ssd_npu.engine.loop import Progress, StepRecord, TrainLoop
 from ssd_npu.engine.telemetry import Telemetry
+from ssd_npu.errors import ConfigError
 from ssd_npu.evaluation.evaluate import DeviceDetect, postprocess_fixed
 from ssd_npu.models.detector import eval_mode
 from ssd_npu.tools.shapes import ShapeReport, find_dynamic_shapes
