@@ -144,10 +144,10 @@ def map_entries(text: str) -> set[str]:
         if name.endswith("/"):
             stack.append((indent, name))
         entries.add(path)
-    return {e for e in entries if e.startswith("ssd_npu/")}
+    return {e for e in entries if e.startswith(("ssd_npu/", "scripts/"))}
 
 
-def test_the_architecture_map_lists_every_module_and_nothing_else():
+def test_the_architecture_map_lists_every_module_and_script_and_nothing_else():
     listed = map_entries(ARCHITECTURE.read_text())
     modules = {
         path.relative_to(REPO).as_posix()
@@ -157,8 +157,10 @@ def test_the_architecture_map_lists_every_module_and_nothing_else():
     folders = {
         path.parent.relative_to(REPO).as_posix() + "/" for path in PACKAGE.rglob("__init__.py")
     }
-    assert {m for m in listed if m.endswith(".py")} == modules
-    assert {f for f in listed if f.endswith("/")} == folders
+    assert {m for m in listed if m.startswith("ssd_npu/") and m.endswith(".py")} == modules
+    scripts = {path.relative_to(REPO).as_posix() for path in (REPO / "scripts").glob("*.py")}
+    assert {m for m in listed if m.startswith("scripts/") and m.endswith(".py")} == scripts
+    assert {f for f in listed if f.startswith("ssd_npu/") and f.endswith("/")} == folders
 
 
 def test_the_map_parser_reads_nesting():
