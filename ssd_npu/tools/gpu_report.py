@@ -55,9 +55,7 @@ def sustained_figure(
     """
     steps, warmup = summary.get("steps"), summary.get("warmup_steps")
     device = summary.get("steady_images_per_s")
-    cores = (
-        round(device / images_per_s_per_core, 1) if device and images_per_s_per_core else None
-    )
+    cores = round(device / images_per_s_per_core, 1) if device and images_per_s_per_core else None
     return {
         "train_images": train_images,
         "steady_steps": steps - warmup if steps is not None and warmup is not None else None,
@@ -244,8 +242,14 @@ def upgrade_legacy(old: dict[str, Any], label: str) -> dict[str, Any]:
         "overrides": [],
         "deadline_s": None,
         "elapsed_s": None,
-        "sources": {label: {"note": LEGACY_NOTE.format(date=date), "date": date, "runs": runs,
-                            "data": old.get("data")}},  # fmt: skip
+        "sources": {
+            label: {
+                "note": LEGACY_NOTE.format(date=date),
+                "date": date,
+                "runs": runs,
+                "data": old.get("data"),
+            }
+        },  # fmt: skip
     }
     # by the wall clock as estimated above: fixed + CUDA graphs over torchvision's eager
     est = "wall_images_per_s_estimated"
