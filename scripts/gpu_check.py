@@ -631,11 +631,7 @@ def run_checks(runner: Runner, info: dict, plan: Plan, data: SustainedData) -> d
         train(f"amp_{dtype}_b{big}", "amp", ["amp=true", f"amp_dtype={dtype}"])
     if "resume" in plan.groups:
         if gate.status != PASS or runner.left() < MIN_SECONDS["resume"]:
-            reason = (
-                "no time left"
-                if gate.status == PASS
-                else f"preflight is {gate.status}: {why}"
-            )
+            reason = "no time left" if gate.status == PASS else f"preflight is {gate.status}: {why}"
             found = {k: Check(SKIP, reason) for k in ("resume", "eval_sheet", "profiler")}
         else:
             found = resume_checks(runner, max(4, min(plan.steps, 8)), small)
@@ -711,7 +707,9 @@ def combine(files: list[Path], out: Path, upgrade: bool = False) -> int:
     loaded = [(str(f), json.loads(f.read_text())) for f in files]
     if upgrade:
         (label, old), = loaded  # fmt: skip
-        result = gpu_report.upgrade_legacy(old, f"{Path(label).name} ({old.get('date')})")
+        result = gpu_report.upgrade_legacy(
+            old, f"{Path(label).name}, hand-merged {old.get('date')}"
+        )
     else:
         result = gpu_report.merge(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from typing import Any
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
@@ -84,7 +85,7 @@ def sustained_verdict(figure: dict[str, Any], steady_wanted: int) -> tuple[str, 
     text = (
         f"{_num(f['wall_images_per_s'])} img/s wall, {_num(f['device_images_per_s'])} device, "
         f"data wait {_num(f['data_wait_pct'])}%, {f['steady_steps']} steady steps over "
-        f"{f['train_images']} images, host CPU {_num(f['host_cpu_pct'])}%, "
+        f"{f['train_images']} images, host CPU {_pct(f['host_cpu_pct'])}, "
         f"cores needed {_num(f['cores_needed'])}"
     )
     loss = f.get("final_loss")
@@ -140,6 +141,10 @@ def ratios(checks: dict[str, dict], big: int = 64, small: int = 24) -> dict[str,
 
 def _round(value: float | None, digits: int = 1) -> float | None:
     return round(value, digits) if isinstance(value, (int, float)) else value
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
 
 
 def _num(value: float | None) -> str:
@@ -369,6 +374,11 @@ def render_headline(result: dict[str, Any]) -> str:
     )
 
 
+def _wrap(text: str, width: int = 95) -> str:
+    """A paragraph wrapped like the docs' hand-written ones (links and code kept whole)."""
+    return textwrap.fill(text, width, break_long_words=False, break_on_hyphens=False)
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- gpu_check:{name} -->", f"<!-- /gpu_check:{name} -->"
 
@@ -386,6 +396,6 @@ def replace_block(text: str, name: str, body: str) -> str:
 def render_docs(result: dict[str, Any], readme: str, bench: str) -> tuple[str, str]:
     """(README.md, docs/bench.md) with their generated blocks rendered from `result`."""
     return (
-        replace_block(readme, "headline", render_headline(result)),
+        replace_block(readme, "headline", _wrap(render_headline(result))),
         replace_block(bench, "table", render_table(result)),
     )
