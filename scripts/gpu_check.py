@@ -502,9 +502,12 @@ class SustainedData:
             else:
                 from make_photo_coco import ensure_photo_coco
 
+                start = time.monotonic()
                 self._root, self.written = ensure_photo_coco(
                     self.photos_dir, self.photos, num_val=min(24, self.photos)
                 )
+                done = f"written in {time.monotonic() - start:.0f} s" if self.written else "kept"
+                print(f"photo set: {self._root} ({self.photos} train images, {done})", flush=True)
         return self._root
 
     def overrides(self) -> list[str]:
