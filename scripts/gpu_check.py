@@ -305,8 +305,9 @@ def throughput(run: Run, batch: int) -> Check:
 
 
 def compiled(run: Run, batch: int, graphs: int = 1) -> Check:
-    """compile=true: exactly `graphs` graphs (one per box-count bucket) and no recompile
-    beyond them (graph breaks counted, not failed)."""
+    """compile=true: one graph and no recompile (graph breaks counted, not failed); with
+    `graphs` box-count buckets, one graph per bucket the data reached (1 to `graphs`), each
+    after the first a recompile."""
     check = throughput(run, batch)
     if check.status == FAIL or not run.ok:
         return check
@@ -317,7 +318,7 @@ def compiled(run: Run, batch: int, graphs: int = 1) -> Check:
     )
     if (f["recompiles"] or 0) > graphs - 1:  # a bucket after the first is a recompile
         return Check(FAIL, text, f)
-    if f["graphs_compiled"] != graphs:
+    if not 1 <= (f["graphs_compiled"] or 0) <= graphs:
         return Check(WARN, text, f)
     return Check(check.status, text, f)
 

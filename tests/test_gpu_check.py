@@ -59,6 +59,10 @@ def test_status_rules(tmp_path):
     # box-count buckets: one graph per bucket, each after the first a recompile
     buckets = {**one, "graphs_compiled": 3, "recompiles": 2}
     assert gpu_check.compiled(fake_run(tmp_path, buckets), 64, graphs=3).status == "PASS"
+    two_of_three = {**one, "graphs_compiled": 2, "recompiles": 1}  # no image reached bucket 64
+    assert gpu_check.compiled(fake_run(tmp_path, two_of_three), 64, graphs=3).status == "PASS"
+    four = {**one, "graphs_compiled": 4, "recompiles": 3}
+    assert gpu_check.compiled(fake_run(tmp_path, four), 64, graphs=3).status == "FAIL"
 
     assert gpu_check.cudagraphs(fake_run(tmp_path, one), 64).status == "PASS"
     log = "W1204 skipping cudagraphs due to mutated inputs (1 instances)\n"
