@@ -96,7 +96,7 @@ def test_without_cuda_every_check_skips_and_says_why(tmp_path):
     assert checks["preflight"]["status"] == "SKIP"
     assert "no CUDA GPU visible" in checks["preflight"]["text"]
     assert set(checks) >= {"eager_fixed_b64", "cudagraphs_b64", "resume", "torchrun_nccl",
-                           *gpu_report.SUSTAINED, "model_ssd300", "bench_cuda"}  # fmt: skip
+                           *gpu_report.SUSTAINED, *gpu_report.NEVER_RUN}  # fmt: skip
     assert all(c["status"] == "SKIP" for c in checks.values())
     # every SKIP says why, and the headline pair comes right after preflight
     assert all("no CUDA GPU visible" in c["text"] for c in checks.values())

@@ -30,6 +30,10 @@ DATA_WAIT_TARGET_PCT = 5.0
 SUSTAINED = ("sustained_tv_eager", "sustained_fixed_graphs_device", "sustained_fixed_graphs",
              "sustained_fixed_eager", "sustained_fixed_eager_device",
              "sustained_tv_eager_nobench")  # fmt: skip
+# the checks added with the sustained ones, for what had never run on a GPU (scripts/gpu_check.py)
+NEVER_RUN = ("resume_compiled", "model_ssd300", "model_retinanet", "compiler_optimizer",
+             "amp_compile", "amp_cudagraphs", "buckets_cudagraphs", "decode_reduced",
+             "bench_cuda")  # fmt: skip
 HEADLINE = "wall_fixed_graphs_vs_tv_eager"
 # bench_data.py's variant whose per-core rate feeds each sustained check's data path
 BENCH_VARIANT = {"tv": "torchvision_reference", "host": "fixed_{fit}", "device": "fixed_device"}
@@ -317,6 +321,9 @@ def render_table(result: dict[str, Any]) -> str:
             said.replace("|", "/"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    absent = [f"`{n}`" for n in NEVER_RUN if n not in checks]
+    if absent:
+        lines += ["", "Not in this file (no GPU run of these checks yet): " + ", ".join(absent)]
     shown = {k: v for k, v in result.get("ratios", {}).items() if v is not None}
     lines += ["", "Ratios: " + (", ".join(f"`{k}` {v:.2f}" for k, v in shown.items()) or "none")]
     return "\n".join(lines)
