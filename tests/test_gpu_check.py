@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,16 @@ def test_sustained_checks_on_cpu(tmp_path, tiny_coco):
     again = json.loads((tmp_path / "two" / "gpu_check.json").read_text())
     assert again["machine"]["sustained_data"]["written_now"] is False
     assert (photos / "photo_set.json").stat().st_mtime_ns == manifest
+
+
+@pytest.mark.slow
+def test_bench_check_reads_bench_json(tmp_path, tiny_coco):
+    """The bench_cuda check's reading of scripts/bench.py's bench.json, on the CPU (the check
+    itself SKIPs without cuda): a real bench.py run, its variants' steady img/s."""
+    words = ["data=coco", f"data.root={tiny_coco}", "data.num_classes=6", "canvas=[64,64]",
+             "max_boxes=8"]  # fmt: skip
+    runner = gpu_check.Runner(tmp_path, time.monotonic() + 600, "cpu", words, workers=0)
+    check = gpu_check.bench_cuda(runner, batch=2, steps=3)
+    assert check.status == "PASS", check.text
+    assert set(check.figure["images_per_s"]) == {"tv_eager", "fixed_eager"}
+    assert all(v > 0 for v in check.figure["images_per_s"].values())
