@@ -798,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     if head.get("wall_images_per_s"):
         # the targets for one H100 / H200 at batch 64 (other GPUs: for reference)
         print(f"headline: {head['wall_images_per_s']:.0f} img/s wall (target >= 3000), "
-              f"{result['ratios'][gpu_report.HEADLINE]}x torchvision eager (target >= 7), "
+              f"{result['ratios'][gpu_report.HEADLINE] or '-'}x torchvision eager (target >= 7), "
               f"data wait {head['data_wait_pct']}% (target < 5)")  # fmt: skip
     print(f"gpu_check.json: {path} ({result['elapsed_s']:.0f} s)")
     return 1 if any(c.status == FAIL for c in checks.values()) else 0
