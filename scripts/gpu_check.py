@@ -353,12 +353,11 @@ def _num(value: float | None) -> str:
 
 
 def losses_by_step(folder: Path) -> dict[int, float]:
-    """loss/total per step from a run's TensorBoard events (the standard event format)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """loss/total per step from a run's TensorBoard events."""
+    from ssd_npu.telemetry import read_scalar_series
 
-    acc = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("loss/total")}
+    steps, values = read_scalar_series(folder, "loss/total")["loss/total"]
+    return dict(zip(steps, values, strict=True))
 
 
 def resume_checks(runner: Runner, steps: int, batch: int) -> dict[str, Check]:
