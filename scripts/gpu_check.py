@@ -22,7 +22,7 @@ ones first, so that a short deadline drops what matters least:
                  device, on --photos N photo-sized JPEGs (written once, in parallel, kept in
                  outputs/photos_N; data.root=... uses yours instead), --sustained-steps steady
                  steps over several epochs, canvas = the model's (320x320 for ssdlite), cuDNN's
-                 algorithm search pinned on for both (scripts/cudnn_pin.py), the same workers
+                 algorithm search on for both (device.cudnn_benchmark=true), the same workers
                  and amp: wall-clock and device img/s, data wait, host CPU, the cores per GPU
                  the device rate needs (bench_data.py on the same images and host)
     eager:       shape=fixed and shape=dynamic (torchvision's own path) at batch 64 (24 last)
@@ -159,7 +159,6 @@ class Runner:
         overrides: list[str],
         launcher: list[str] | None = None,
         script: str = "train.py",
-        env: dict[str, str] | None = None,
         final: list[str] | None = None,
     ) -> Run:
         """Run `script` (train.py; or `launcher` + it) into <out>/<name>, killed at the deadline.
@@ -184,7 +183,7 @@ class Runner:
             *(launcher or [sys.executable]), str(REPO / script), *words,
             f"hydra.run.dir={folder}",
         ]  # fmt: skip
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_LOGS="perf_hints", **(env or {}))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_LOGS="perf_hints")
         start, cpu = time.monotonic(), _children_cpu_s()
         with open(folder / "log.txt", "w") as log:
             log.write(" ".join(args) + "\n")
@@ -551,23 +550,22 @@ def sustained(
     benchmark: bool = True,
 ) -> Check:
     """A run of `steady` steady steps (warm-up on top) over as many epochs as they take on
-    `data`'s images, cuDNN's algorithm search pinned (`benchmark`) for every path alike; its
+    `data`'s images, cuDNN's algorithm search (`benchmark`: device.cudnn_benchmark) set alike for every path; its
     figure: ssd_npu.tools.gpu_report.sustained_figure."""
     train_images = data.train_images
     per_epoch = max(1, (train_images or batch) // batch)
     # warm-up: 1-2 steps eager, the compile and CUDA graph recording steps; 5 more is ample
     steps = steady + 5
     words = [*data.overrides(), f"batch_size={batch}", f"max_steps={steps}",
-             f"epochs={math.ceil(steps / per_epoch) + 1}", *overrides]  # fmt: skip
+             f"epochs={math.ceil(steps / per_epoch) + 1}",
+             f"device.cudnn_benchmark={str(benchmark).lower()}", *overrides]  # fmt: skip
     shape = override(words, "shape", "fixed")
     where = override(words, "data.augment_on", "auto")
     fit = override(runner.overrides, "fit", "stretch")
     kind = "tv" if shape == "dynamic" else "device" if where == "device" else "host"
     variant = gpu_report.BENCH_VARIANT[kind].format(fit=fit)
     per_core = data.images_per_s_per_core(variant)
-    launcher = [sys.executable, str(REPO / "scripts" / "cudnn_pin.py")]
-    pin = {"GPU_CHECK_CUDNN_BENCHMARK": "1" if benchmark else "0"}
-    run = runner.train(name, words, launcher=launcher, env=pin)
+    run = runner.train(name, words)
     if not run.ok:
         return _failed(run)
     figure = gpu_report.sustained_figure(

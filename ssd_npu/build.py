@@ -316,7 +316,7 @@ def build_training(cfg: TrainConfig) -> Training:
     device = resolve_device(cfg.device.name, cfg.device.index, cfg.device.jit_compile)
     path = shape_path(cfg, device)
     deterministic = cfg.device.deterministic
-    device.tune_convolutions(path.static, deterministic)
+    device.tune_convolutions(path.static, deterministic, cfg.device.cudnn_benchmark)
     if deterministic:
         use_deterministic_kernels()
     world = distributed.init(device, cfg.dist_timeout_min)

@@ -46,6 +46,9 @@ class DeviceConfig:
     channels_last: bool | None = None
     # bit-identical runs and resumes on cuda (deterministic kernels, no cuDNN autotuning): slower
     deterministic: bool = False
+    # cuDNN's algorithm search (torch.backends.cudnn.benchmark); None: on for shape=fixed on
+    # cuda only. true also for shape=dynamic when its images share one size (ssdlite's 320x320)
+    cudnn_benchmark: bool | None = None
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -152,26 +151,6 @@ def test_real_runs_on_cpu(tmp_path, tiny_coco):
     assert resume["figure"]["steps_compared"] == [3, 4]
     assert checks["eval_sheet"]["status"] == "PASS" and checks["profiler"]["status"] == "PASS"
     assert "compile_b64" not in checks  # not asked for
-
-
-def test_cudnn_pin_keeps_the_flag_whatever_the_script_sets(tmp_path):
-    """scripts/cudnn_pin.py: train.py sets torch.backends.cudnn.benchmark itself (off for the
-    dynamic path); under the pin an assignment leaves the pinned value, and the script sees
-    its own argv."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import sys, torch\n"
-        "torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark\n"
-        "print(torch.backends.cudnn.benchmark, sys.argv[1:])\n"
-    )
-    for pinned in ("1", "0"):
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "cudnn_pin.py"), str(probe), "a=1"],
-            capture_output=True, text=True, timeout=120,
-            env={**os.environ, "GPU_CHECK_CUDNN_BENCHMARK": pinned},
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.split() == [str(pinned == "1"), "['a=1']"]
 
 
 def test_merge_and_render_from_the_command_line(tmp_path):

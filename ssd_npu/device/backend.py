@@ -211,17 +211,23 @@ class Device:
         read per step): cuda; torch_npu's fused SGD is unproven (optim.use_fused_sgd)."""
         return self.type == "cuda"
 
-    def cudnn_benchmark(self, static_shapes: bool) -> bool:
+    def cudnn_benchmark(self, static_shapes: bool, setting: bool | None = None) -> bool:
         """Whether cuDNN should time its convolution algorithms and keep the fastest
-        (`torch.backends.cudnn.benchmark`): on cuda when every shape is static (the fixed path),
-        so the timing is paid once. Off for the dynamic path: each new shape would be timed
-        anew; off where there is no cuDNN."""
-        return self.type == "cuda" and static_shapes
+        (`torch.backends.cudnn.benchmark`). `setting` (device.cudnn_benchmark) decides where
+        given; None: on cuda when every shape is static (the fixed path), so the timing is paid
+        once, and off for the dynamic path, where each new shape would be timed anew. Off
+        where there is no cuDNN, whatever the setting."""
+        if self.type != "cuda":
+            return False
+        return static_shapes if setting is None else setting
 
-    def tune_convolutions(self, static_shapes: bool, deterministic: bool) -> None:
+    def tune_convolutions(
+        self, static_shapes: bool, deterministic: bool, setting: bool | None = None
+    ) -> None:
         """Set cuDNN's algorithm search for this run (`cudnn_benchmark`); off with
         `device.deterministic`, whose kernels must not be chosen by timing."""
-        torch.backends.cudnn.benchmark = self.cudnn_benchmark(static_shapes) and not deterministic
+        search = self.cudnn_benchmark(static_shapes, setting)
+        torch.backends.cudnn.benchmark = search and not deterministic
 
     @property
     def decodes_jpeg(self) -> bool:
