@@ -36,7 +36,7 @@ ones first, so that a short deadline drops what matters least:
     compile:     compile=true, batch 64: 1 graph, 0 recompiles, graph breaks counted
     sustained (the rest): fixed + CUDA graphs with augmentation on the host, fixed eager
                  (host and device augmentation), torchvision eager with cuDNN's search off
-    models:      ssd300_vgg16 and retinanet_resnet50_fpn (a few steps each)
+    models:      ssd300_vgg16, retinanet_resnet50_fpn and fcos_resnet50_fpn (a few steps each)
     variants:    compiler.optimizer=true, amp with compile and with CUDA graphs, box-count
                  buckets under CUDA graphs, data.decode=reduced, scripts/bench.py device=cuda
     torchrun:    2 processes on nccl (SKIP with fewer than 2 GPUs)
@@ -658,6 +658,7 @@ def run_checks(runner: Runner, info: dict, plan: Plan, data: SustainedData) -> d
     train("model_ssd300", "models", ["model=ssd300_vgg16"], batch=small, final=[MODEL_CANVAS])
     train("model_retinanet", "models", ["model=retinanet_resnet50_fpn"], batch=8,
           final=[MODEL_CANVAS])  # fmt: skip
+    train("model_fcos", "models", ["model=fcos_resnet50_fpn"], batch=8, final=[MODEL_CANVAS])
     # the optimizer step compiles as a second graph of the same training step
     train("compiler_optimizer", "variants", ["compile=true", "compiler.optimizer=true"], compiled,
           graphs=2)  # fmt: skip
@@ -668,7 +669,7 @@ def run_checks(runner: Runner, info: dict, plan: Plan, data: SustainedData) -> d
     train("decode_reduced", "variants", ["data.decode=reduced", *host])
     timed("bench_cuda", "variants", lambda: bench_cuda(runner, big, plan.steps),
           cuda_only="scripts/bench.py device=cuda")  # fmt: skip
-    for shape in ("fixed", "dynamic"):
+    for shape in ("fixed", "dynamic") if small != big else ():  # (--batches 2,2: ran above)
         train(f"eager_{shape}_b{small}", "eager", [f"shape={shape}"], batch=small)
     two_gpus = info["gpus"] >= 2
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

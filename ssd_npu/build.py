@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssd_npu.choices import Canvas
 from ssd_npu.config import (
+    OptimConfig,
     TrainConfig,
     check_channels_last,
     check_compile_backend,
@@ -62,9 +63,9 @@ from ssd_npu.evaluation.evaluate import (
     dynamic_detections,
     fixed_detections,
 )
-from ssd_npu.families import train_recipe_of
+from ssd_npu.families import sgd_recipe_of, train_recipe_of
 from ssd_npu.models.detector import FixedDetector, build_detector, load_weights
-from ssd_npu.models.specs import MODELS
+from ssd_npu.models.specs import MODELS, ModelSpec
 
 
 def seed_everything(seed: int) -> None:
@@ -306,6 +307,18 @@ def uses_channels_last(setting: bool | None, device: Device, amp: bool) -> bool:
     return device.channels_last_default(amp)
 
 
+def sgd_settings(optim: OptimConfig, spec: ModelSpec, global_batch: int) -> tuple[float, float]:
+    """(lr, weight decay) of a run: `optim.lr` if set, else the recipe's lr scaled linearly to
+    `global_batch` (images per optimizer step over all ranks). The recipe is the model's
+    torchvision one (`sgd_recipe_of`) where `optim.base_lr`, `base_batch`, `weight_decay` are
+    null: ssd300 trains at 1/12.5 of ssdlite's lr per image, and diverges at ssdlite's."""
+    recipe = sgd_recipe_of(spec)
+    base_lr = recipe.lr if optim.base_lr is None else optim.base_lr
+    base_batch = recipe.batch if optim.base_batch is None else optim.base_batch
+    weight_decay = recipe.weight_decay if optim.weight_decay is None else optim.weight_decay
+    return scaled_lr(optim.lr, base_lr, base_batch, global_batch), weight_decay
+
+
 def build_training(cfg: TrainConfig) -> Training:
     """Validate the config and build everything; under torchrun, join the process group.
 
@@ -347,10 +360,10 @@ def build_training(cfg: TrainConfig) -> Training:
     schedule_steps = cfg.epochs * len(data.train)
     total_steps = min(schedule_steps, cfg.max_steps or schedule_steps)
     o = cfg.optim
-    lr = scaled_lr(o.lr, o.base_lr, o.base_batch, cfg.batch_size * world.size)
+    lr, weight_decay = sgd_settings(o, MODELS[cfg.model.name], cfg.batch_size * world.size)
     scaler = device.grad_scaler(cfg.amp, cfg.amp_dtype)
     fused = use_fused_sgd(device, scaler is not None)  # fp16 on cuda: no per-step sync
-    optimizer = build_optimizer(model.parameters(), lr, o.momentum, o.weight_decay, fused=fused)
+    optimizer = build_optimizer(model.parameters(), lr, o.momentum, weight_decay, fused=fused)
     scheduler = build_scheduler(optimizer, o.warmup_steps, o.warmup_factor, schedule_steps)
     options = step_options(cfg, device, world, ddp)
     step = path.step_type(model, device, options)

@@ -83,13 +83,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # torchvision's ssdlite recipe: lr 0.15 at global batch 192, SGD momentum 0.9, wd 4e-5,
-    # cosine. `lr: null` scales the recipe lr linearly to the global batch.
+    # SGD, momentum 0.9, cosine. `lr: null` scales the recipe's lr (base_lr at global batch
+    # base_batch) linearly to the global batch. base_lr, base_batch, weight_decay null: the
+    # model's torchvision recipe (ssd_npu/models/specs.py; ssdlite320: 0.15 at 192, 4e-5)
     lr: float | None = None
-    base_lr: float = 0.15
-    base_batch: int = 192
+    base_lr: float | None = None
+    base_batch: int | None = None
     momentum: float = 0.9
-    weight_decay: float = 4e-5
+    weight_decay: float | None = None
     warmup_steps: int = 20
     warmup_factor: float = 0.001
     # decay in (0, 1) per optimizer step: evaluate an exponential moving average of the

@@ -27,7 +27,7 @@ def test_demo_settings_apply_to_the_default_pair_only():
     assert list(demo.canvas) == [224, 224] and demo.epochs == 13 and demo.eval_every == 7
     assert demo.optim.lr == 0.025 and demo.optim.warmup_steps == 60
     ssd300 = compose_cfg("model=ssd300_vgg16")
-    assert list(ssd300.canvas) == [300, 300] and ssd300.optim.lr == 0.04 and ssd300.epochs == 8
+    assert list(ssd300.canvas) == [300, 300] and ssd300.optim.lr is None and ssd300.epochs == 8
     coco = compose_cfg("data=coco", "data.root=/data/coco")
     assert list(coco.canvas) == [320, 320] and coco.optim.lr is None and coco.epochs == 4
     mine = compose_cfg("canvas=[320,320]", "optim.lr=0.04")

@@ -20,7 +20,7 @@ from ssd_npu.errors import ConfigError
 def scaled_lr(lr: float | None, base_lr: float, base_batch: int, global_batch: int) -> float:
     """`lr` if set, else the recipe's lr scaled linearly: base_lr * global_batch / base_batch.
 
-    The recipe is lr 0.15 at global batch 192 (8 devices x 24); batch 8 gives 0.00625.
+    ssdlite320's recipe is lr 0.15 at global batch 192 (8 devices x 24); batch 8 gives 0.00625.
     """
     return float(lr) if lr is not None else base_lr * global_batch / base_batch
 

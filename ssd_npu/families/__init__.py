@@ -10,7 +10,7 @@ from ssd_npu.families.base import Family, FixedLoss, Head, Reduce, Targets, iden
 from ssd_npu.families.fcos import FCOS
 from ssd_npu.families.retinanet import RETINANET
 from ssd_npu.families.ssd import SSD
-from ssd_npu.models.specs import EvalRecipe, ModelSpec
+from ssd_npu.models.specs import EvalRecipe, ModelSpec, SGDRecipe
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (SSD, RETINANET, FCOS)}
 
@@ -35,8 +35,14 @@ def train_recipe_of(spec: ModelSpec) -> str:
     return spec.recipe or family_of(spec.family).train_recipe
 
 
+def sgd_recipe_of(spec: ModelSpec) -> SGDRecipe:
+    """`spec`'s SGD recipe (lr at a global batch, weight decay): its own, or its family's."""
+    return spec.sgd or family_of(spec.family).sgd_recipe
+
+
 __all__ = [
     "eval_recipe_of",
+    "sgd_recipe_of",
     "train_recipe_of",
     "FAMILIES",
     "Family",

@@ -16,7 +16,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # models/detector.py imports the families: only its type here
     from ssd_npu.models.detector import FixedDetector
     from ssd_npu.models.postprocess import Detections
-    from ssd_npu.models.specs import EvalRecipe, ModelSpec
+    from ssd_npu.models.specs import EvalRecipe, ModelSpec, SGDRecipe
 
 # The head's outputs in the family's order, each [B, A, ...] (e.g. cls_logits [B, A, C],
 # bbox_regression [B, A, 4]); the same tuple FixedDetector.forward returns.
@@ -62,6 +62,7 @@ class Family(Protocol):
     outputs: tuple[str, ...]  # the head dict's keys, in the order of `Head`
     eval_recipe: EvalRecipe  # the postprocess settings of torchvision's class (its defaults)
     train_recipe: str  # torchvision references/detection's augmentation (data.transforms)
+    sgd_recipe: SGDRecipe  # references/detection's lr at a global batch, and weight decay
 
     def loss(self, spec: ModelSpec) -> FixedLoss:
         """The fixed loss with the options torchvision's builder gives `spec`'s detector."""

@@ -30,7 +30,7 @@ from ssd_npu.models.postprocess import (
     top_pairs,
     zero_invalid,
 )
-from ssd_npu.models.specs import EvalRecipe
+from ssd_npu.models.specs import EvalRecipe, SGDRecipe
 
 if TYPE_CHECKING:
     from ssd_npu.models.detector import FixedDetector
@@ -57,6 +57,7 @@ class FCOSFamily:
     outputs = ("cls_logits", "bbox_regression", "bbox_ctrness")
     eval_recipe = EvalRecipe(0.2, 0.6, 100, 1000)  # `FCOS`'s defaults
     train_recipe = "hflip"
+    sgd_recipe = SGDRecipe(0.01, 16, 1e-4)  # --lr 0.01, 8 GPUs x 2 images, default decay
 
     def loss(self, spec: ModelSpec) -> FCOSLoss:
         return FCOSLoss()  # fcos_resnet50_fpn: torchvision's defaults (radius 1.5)

@@ -17,7 +17,7 @@ from torch import Tensor
 from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
 from ssd_npu.loss.retinanet import RetinaNetLossOptions, retinanet_loss_sums, retinanet_normalise
 from ssd_npu.models.postprocess import Detections, recipe_of, retinanet_postprocess
-from ssd_npu.models.specs import EvalRecipe
+from ssd_npu.models.specs import EvalRecipe, SGDRecipe
 
 if TYPE_CHECKING:
     from ssd_npu.models.detector import FixedDetector
@@ -45,6 +45,7 @@ class RetinaNetFamily:
     outputs = ("cls_logits", "bbox_regression")
     eval_recipe = EvalRecipe(0.05, 0.5, 300, 1000)  # `RetinaNet`'s defaults
     train_recipe = "hflip"
+    sgd_recipe = SGDRecipe(0.01, 16, 1e-4)  # --lr 0.01, 8 GPUs x 2 images, default decay
 
     def loss(self, spec: ModelSpec) -> RetinaNetLoss:
         # a spec that names no box loss type: torchvision's RetinaNet default

@@ -16,7 +16,7 @@ from torch import Tensor
 from ssd_npu.families.base import Head, Levels, Reduce, Sums, Targets, torchvision_postprocess
 from ssd_npu.loss.ssd import SSDLossOptions, normalise, ssd_loss_sums
 from ssd_npu.models.postprocess import Detections, recipe_of, ssd_postprocess
-from ssd_npu.models.specs import EvalRecipe
+from ssd_npu.models.specs import EvalRecipe, SGDRecipe
 
 if TYPE_CHECKING:
     from ssd_npu.models.detector import FixedDetector
@@ -43,6 +43,7 @@ class SSDFamily:
     outputs = ("cls_logits", "bbox_regression")
     eval_recipe = EvalRecipe(0.01, 0.45, 200, 400)  # `SSD`'s defaults, ssd300's
     train_recipe = "ssd"  # ssd300's; ssdlite320 names its own
+    sgd_recipe = SGDRecipe(0.002, 32, 5e-4)  # ssd300's (--lr 0.002 --batch-size 4, 8 GPUs)
 
     def loss(self, spec: ModelSpec) -> SSDLoss:
         return SSDLoss()  # every SSD takes torchvision's own options

@@ -17,7 +17,9 @@ Canvas rules (checked against torchvision 0.29):
 
 Training recipes: torchvision's references/detection README trains ssdlite320 with `ssdlite`
 (IoU crop, flip), ssd300_vgg16 with `ssd` (photometric distortion, zoom-out, IoU crop, flip)
-and RetinaNet and FCOS with the default `hflip`.
+and RetinaNet and FCOS with the default `hflip`; its SGD (8 GPUs, momentum 0.9): ssdlite320
+lr 0.15 at global batch 192, weight decay 4e-5; ssd300_vgg16 0.002 at 32, 5e-4; RetinaNet and
+FCOS 0.01 at 16 (train.py's default --batch-size 2), 1e-4 (its default weight decay).
 
 Family: which module of `ssd_npu.families` owns the head outputs, the fixed loss and the
 postprocess (`ssd`, `retinanet`, `fcos`); named here as a string so this module stays light.
@@ -50,6 +52,21 @@ SSDLITE_RECIPE = EvalRecipe(0.001, 0.55, 300, 300)
 
 
 @dataclass(frozen=True)
+class SGDRecipe:
+    """The SGD of torchvision's references/detection README for a model (8 GPUs): the lr at
+    a global batch, which `optim.lr=null` scales linearly to the run's global batch, and the
+    weight decay. Momentum 0.9 for all."""
+
+    lr: float  # at `batch`
+    batch: int  # global batch (8 GPUs x the README's --batch-size; train.py's default is 2)
+    weight_decay: float
+
+
+# ssdlite320: --lr 0.15 --batch-size 24 --weight-decay 0.00004 (the SSD family's is ssd300's)
+SSDLITE_SGD = SGDRecipe(0.15, 192, 4e-5)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One detector: its torchvision builder name, family, box loss, default canvas (H, W),
     canvas rule, and where they differ from its family's defaults (`ssd_npu.families`), its
@@ -68,6 +85,8 @@ class ModelSpec:
     # torchvision references/detection's training augmentation for it (ssd_npu.data.transforms);
     # None: its family's
     recipe: str | None = None
+    # references/detection's SGD for it (lr at a global batch, weight decay); None: its family's
+    sgd: SGDRecipe | None = None
 
     @property
     def canvas_rule(self) -> str:
@@ -95,6 +114,7 @@ MODELS: dict[str, ModelSpec] = {
             (320, 320),
             eval_recipe=SSDLITE_RECIPE,
             recipe="ssdlite",
+            sgd=SSDLITE_SGD,
         ),
         ModelSpec("ssd300_vgg16", "ssd", (300, 300), exact=(300, 300)),
         # RetinaNet: its box loss type (torchvision's `_loss_type`)
