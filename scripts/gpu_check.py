@@ -417,16 +417,25 @@ def profiler(run: Run) -> Check:
     return Check(PASS, f"trace {traces[0]}", {"traces": traces})
 
 
+def resume_from(
+    runner: Runner, name: str, checkpoint: Path, batch: int, steps: int, words: list[str]
+) -> tuple[Run, int] | Check:
+    """A run of `name` resuming `checkpoint` for `steps` more steps (`words` on top): the run
+    and the checkpoint's step, or a SKIP when the checkpoint was never written."""
+    if not checkpoint.is_file():
+        return Check(SKIP, "no checkpoint (the resume check did not run)")
+    step = int(checkpoint.stem.split("_")[1])
+    args = [f"batch_size={batch}", f"resume={checkpoint}", f"max_steps={step + steps}", *words]
+    return runner.train(name, args), step
+
+
 def cpu_resume(runner: Runner, gpu_checkpoint: Path, batch: int) -> Check:
     """The GPU run's checkpoint, resumed by a device=cpu process for 1 step."""
-    if not gpu_checkpoint.is_file():
-        return Check(SKIP, "no GPU checkpoint (the resume check did not run)")
-    step = int(gpu_checkpoint.stem.split("_")[1])
-    run = runner.train(
-        "cpu_resume",
-        [f"batch_size={batch}", f"resume={gpu_checkpoint}", f"max_steps={step + 1}",
-         "device=cpu", "num_workers=2"],
-    )  # fmt: skip
+    found = resume_from(runner, "cpu_resume", gpu_checkpoint, batch, 1,
+                        ["device=cpu", "num_workers=2"])  # fmt: skip
+    if isinstance(found, Check):
+        return found
+    run, step = found
     if not run.ok:
         return _failed(run)
     s = run.summary
@@ -439,14 +448,10 @@ def resume_compiled(runner: Runner, checkpoint: Path, batch: int, steps: int) ->
     """The resume check's eager checkpoint, resumed by a compile=true process: it goes on
     from the next step, in one graph, with a finite loss (compiled and eager kernels differ
     in float order, so the losses are not compared bit for bit)."""
-    if not checkpoint.is_file():
-        return Check(SKIP, "no checkpoint (the resume check did not run)")
-    step = int(checkpoint.stem.split("_")[1])
-    run = runner.train(
-        "resume_compiled",
-        [f"batch_size={batch}", f"resume={checkpoint}", f"max_steps={step + steps}",
-         "compile=true"],
-    )  # fmt: skip
+    found = resume_from(runner, "resume_compiled", checkpoint, batch, steps, ["compile=true"])
+    if isinstance(found, Check):
+        return found
+    run, step = found
     check = compiled(run, batch)
     if check.status in (FAIL, SKIP) or not run.ok:
         return check
