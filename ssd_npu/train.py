@@ -64,11 +64,12 @@ class RunHooks:
     average: WeightAverageHook | None = None  # optim.ema: updates the weight average
 
     def ordered(self) -> list[Hook]:
-        """The loop's hook list. Order matters three times: the weight average and the bucket
-        counts take a step before its checkpoint is written (which keeps them), and
-        `after_train` writes the last step's checkpoint before the final evaluation, so a
-        failed or killed evaluation loses no training."""
-        ordered = [self.average, self.stop, self.buckets, self.checkpoints, self.evals]
+        """The loop's hook list. Order matters: the weight average, the bucket counts and the
+        evaluations come before the checkpoints, so a checkpoint keeps what they did up to its
+        step (an epoch's evaluation too: `CheckpointHook` saves an epoch's last step after
+        `after_epoch`). The last step's checkpoint is written when that step is read, before
+        `after_train` and its final evaluation."""
+        ordered = [self.average, self.stop, self.buckets, self.evals, self.checkpoints]
         return [hook for hook in (*ordered, self.profiler) if hook is not None]
 
     def stateful(self) -> dict[str, Stateful]:
@@ -191,7 +192,13 @@ def build_hooks(
         else Target(target, cfg.eval.target_metric, cfg.eval.target_stop),
     )
     checkpoints = CheckpointHook(
-        state, out_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints, main
+        state,
+        out_dir / "checkpoints",
+        cfg.checkpoint_every,
+        cfg.keep_checkpoints,
+        main,
+        steps_per_epoch=len(t.data.train),
+        last_step=t.total_steps,
     )
     buckets = None
     if t.path.static:

@@ -372,3 +372,21 @@ def test_a_resumed_runs_summary_holds_every_evaluation_and_count(tiny_cfg, tmp_p
     assert resumed["eval"]["history"] == first["eval"]["history"]
     assert first["buckets"]["batches"] == {"8": 8}
     assert resumed["buckets"]["batches"] == {"8": 12}  # the whole run's batches
+
+
+def test_a_checkpoint_at_an_epochs_end_holds_that_epochs_evaluation(tiny_cfg, tmp_path):
+    """checkpoint_every = the epoch's length: the checkpoint of step 6 is written after the
+    epoch's evaluation, so a run resumed from it (the newer checkpoint lost, as after a kill)
+    still reports the evaluation of step 6."""
+    every_epoch = (*FAST, "epochs=3", "eval_every=1", "eval.enabled=false", "show.images=1")
+    first = run(tiny_cfg(*every_epoch, "checkpoint_every=6", "max_steps=8", out=tmp_path))
+    assert [entry["step"] for entry in first["eval"]["history"]] == [6]
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in list_checkpoints(folder)] == ["step_0000006.pt", "step_0000008.pt"]
+    (folder / "step_0000008.pt").unlink()  # killed after step 8: only step 6's survives
+    held = load_checkpoint(folder / "step_0000006.pt")["hooks"]["eval"]["history"]
+    assert [entry["step"] for entry in held] == [6]
+    resumed = run(tiny_cfg(*every_epoch, "resume=auto", out=tmp_path))
+    assert resumed["global_step"] == 18 and resumed["steps"] == 12
+    assert [entry["step"] for entry in resumed["eval"]["history"]] == [6, 12]
+    assert resumed["eval"]["history"][0] == first["eval"]["history"][0]

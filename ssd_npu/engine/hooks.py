@@ -53,23 +53,54 @@ class StopSignalHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """A checkpoint every `every` steps (0: none on the way) and one when training ends "done"
-    or "interrupted" (after a failure the last one written is the last good one)."""
+    """A checkpoint every `every` steps (0: none on the way), one after the run's `last_step`,
+    and one when training ends "interrupted" (after a failure the last one written is the last
+    good one).
 
-    def __init__(self, state: TrainState, folder: Path, every: int, keep: int, main: bool):
+    A due step that ends an epoch (`steps_per_epoch`) is saved in `after_epoch`, after the
+    hooks before this one in the list: an evaluation of that epoch is then in the checkpoint,
+    so a run resumed from it keeps it. The last step is saved at once, before `after_train`
+    (and its final evaluation): a failed or killed final evaluation loses no training.
+    """
+
+    def __init__(
+        self,
+        state: TrainState,
+        folder: Path,
+        every: int,
+        keep: int,
+        main: bool,
+        steps_per_epoch: int = 0,
+        last_step: int = 0,
+    ):
         self.state, self.folder, self.every, self.keep, self.main = state, folder, every, keep, main
+        self.steps_per_epoch, self.last_step = steps_per_epoch, last_step
         self.saved: list[Path] = []
+        self.deferred: int | None = None  # a due step that ends an epoch: saved in after_epoch
 
     def _due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
+        return (bool(self.every) and step % self.every == 0) or step == self.last_step
+
+    def _ends_epoch(self, step: int) -> bool:
+        return bool(self.steps_per_epoch) and step % self.steps_per_epoch == 0
 
     def after_update(self, progress: Progress) -> Read:
         # the checkpoint must hold the weights of that step: read it before the next is queued
         return "now" if self._due(progress.step) else "late"
 
     def after_step(self, record: StepRecord, progress: Progress) -> None:
-        if self._due(record.step):
+        if not self._due(record.step):
+            return
+        if self._ends_epoch(record.step) and record.step != self.last_step:
+            self.deferred = record.step  # the model stays as after it until after_epoch
+        else:
             self.save(progress)
+
+    def after_epoch(self, progress: Progress) -> Read | None:
+        if self.deferred == progress.step:
+            self.save(progress)
+        self.deferred = None
+        return None
 
     def save(self, progress: Progress) -> None:
         # A finite loss at step s was computed before s's update: the update itself can still
