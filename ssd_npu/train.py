@@ -66,9 +66,9 @@ class RunHooks:
     def ordered(self) -> list[Hook]:
         """The loop's hook list. Order matters: the weight average, the bucket counts and the
         evaluations come before the checkpoints, so a checkpoint keeps what they did up to its
-        step (an epoch's evaluation too: `CheckpointHook` saves an epoch's last step after
-        `after_epoch`). The last step's checkpoint is written when that step is read, before
-        `after_train` and its final evaluation."""
+        step (an epoch's evaluation too: `CheckpointHook` writes an epoch's last step again at
+        `after_epoch`). Every checkpoint, the last step's included, is written when its step
+        is read, before a later evaluation (or the final one) can fail."""
         ordered = [self.average, self.stop, self.buckets, self.evals, self.checkpoints]
         return [hook for hook in (*ordered, self.profiler) if hook is not None]
 
@@ -197,7 +197,6 @@ def build_hooks(
         cfg.checkpoint_every,
         cfg.keep_checkpoints,
         main,
-        steps_per_epoch=len(t.data.train),
         last_step=t.total_steps,
     )
     buckets = None

@@ -144,6 +144,25 @@ def test_a_checkpoint_step_is_read_at_once(tmp_path):
     assert saved == ["step_0000003.pt", "step_0000006.pt"]
 
 
+class FailsAtEpochEnd(Hook):
+    """An evaluation that fails at the end of the first epoch."""
+
+    def after_epoch(self, progress: Progress) -> Read | None:
+        raise RuntimeError("evaluation failed")
+
+
+def test_an_epoch_end_checkpoint_survives_a_hook_that_fails_after_it(tmp_path):
+    """The checkpoint of an epoch's last step is written when the step is read, before the
+    hooks' after_epoch (an evaluation) can fail: that training is kept."""
+    failing = FailsAtEpochEnd()
+    loop, model, optimizer, scheduler, _ = make_loop(tmp_path, hooks=[failing])
+    state = TrainState(model, optimizer, scheduler, None, {}, CPU)
+    loop.hooks.append(CheckpointHook(state, tmp_path / "ckpt", every=6, keep=5, main=True))
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        loop.run(epochs=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "ckpt")] == ["step_0000006.pt"]
+
+
 def test_nan_at_step_k_stops_naming_step_k_and_keeps_the_last_good_checkpoint(tmp_path):
     loop, model, optimizer, scheduler, telemetry = make_loop(tmp_path, nan_at=4)
     state = TrainState(model, optimizer, scheduler, None, {}, CPU)

@@ -57,10 +57,11 @@ class CheckpointHook(Hook):
     and one when training ends "interrupted" (after a failure the last one written is the last
     good one).
 
-    A due step that ends an epoch (`steps_per_epoch`) is saved in `after_epoch`, after the
-    hooks before this one in the list: an evaluation of that epoch is then in the checkpoint,
-    so a run resumed from it keeps it. The last step is saved at once, before `after_train`
-    (and its final evaluation): a failed or killed final evaluation loses no training.
+    A checkpoint is written as soon as its step is read, so nothing a later hook does (an
+    evaluation that fails or is killed) can lose that training; the last step's too, before
+    `after_train` and its final evaluation. A checkpoint of an epoch's last step is written
+    again at `after_epoch`, after the hooks before this one in the list: an evaluation of that
+    epoch is then in it, and a run resumed from it keeps that evaluation.
     """
 
     def __init__(
@@ -70,36 +71,31 @@ class CheckpointHook(Hook):
         every: int,
         keep: int,
         main: bool,
-        steps_per_epoch: int = 0,
         last_step: int = 0,
     ):
         self.state, self.folder, self.every, self.keep, self.main = state, folder, every, keep, main
-        self.steps_per_epoch, self.last_step = steps_per_epoch, last_step
+        self.last_step = last_step  # 0: unknown (then the end's checkpoint is after_train's)
         self.saved: list[Path] = []
-        self.deferred: int | None = None  # a due step that ends an epoch: saved in after_epoch
 
     def _due(self, step: int) -> bool:
         return (bool(self.every) and step % self.every == 0) or step == self.last_step
 
-    def _ends_epoch(self, step: int) -> bool:
-        return bool(self.steps_per_epoch) and step % self.steps_per_epoch == 0
+    def _saved_at(self, step: int) -> bool:
+        return bool(self.saved) and self.saved[-1] == checkpoint_path(self.folder, step)
 
     def after_update(self, progress: Progress) -> Read:
         # the checkpoint must hold the weights of that step: read it before the next is queued
         return "now" if self._due(progress.step) else "late"
 
     def after_step(self, record: StepRecord, progress: Progress) -> None:
-        if not self._due(record.step):
-            return
-        if self._ends_epoch(record.step) and record.step != self.last_step:
-            self.deferred = record.step  # the model stays as after it until after_epoch
-        else:
+        if self._due(record.step):
             self.save(progress)
 
     def after_epoch(self, progress: Progress) -> Read | None:
-        if self.deferred == progress.step:
+        # the weights are still those of the saved step; the hooks before this one (an
+        # evaluation) changed their state since. The last epoch evaluates in after_train only.
+        if self._saved_at(progress.step) and progress.step != self.last_step:
             self.save(progress)
-        self.deferred = None
         return None
 
     def save(self, progress: Progress) -> None:
@@ -121,9 +117,7 @@ class CheckpointHook(Hook):
 
     def after_train(self, progress: Progress, outcome: Outcome) -> None:
         # after a failure (a non-finite loss) the last checkpoint written is the last good one
-        if outcome != "failed" and (
-            not self.saved or self.saved[-1] != checkpoint_path(self.folder, progress.step)
-        ):
+        if outcome != "failed" and not self._saved_at(progress.step):
             self.save(progress)
 
     @property
