@@ -84,10 +84,10 @@ if TYPE_CHECKING:
     from ssd_npu.data.slots import SlotBatch, SlotSample, collate_slots
     from ssd_npu.loss.ssd import fixed_ssd_loss
     from ssd_npu.models.detector import FixedDetector, build_detector
-
-    FixedSSD = FixedDetector
     from ssd_npu.models.nms import fixed_batched_nms
     from ssd_npu.tools.shapes import find_dynamic_shapes
+
+    FixedSSD = FixedDetector
 
 
 def __getattr__(name: str) -> Any:

@@ -80,9 +80,8 @@ class Training:
 
     device: Device
     world: World
-    model: (
-        FixedDetector  # the plain module (checkpoints, evaluation); the step may call a DDP wrapper
-    )
+    # the plain module (checkpoints, evaluation); the step may call a DDP wrapper
+    model: FixedDetector
     path: ShapePath  # shape=fixed|dynamic: what differs between the two, built once
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler

@@ -25,7 +25,8 @@ AMP_DTYPES = ("bf16", "fp16")
 # where evaluation's postprocess (score threshold, top-k, NMS) runs on the fixed path; auto:
 # the device on cuda and npu, the host on the cpu (faster there: docs/bench.md)
 POSTPROCESS = ("auto", "device", "host")
-# COCOeval's engine (ssd_npu/evaluation/cocoeval.py): faster-coco-eval, or pycocotools (the reference)
+# COCOeval's engine (ssd_npu/evaluation/cocoeval.py): faster-coco-eval, or pycocotools (the
+# reference)
 COCO_ENGINES = ("faster", "pycocotools")
 # what eval.target_map is compared with: AP@[.5:.95] (COCO's mAP, MLPerf's) or AP@.5
 TARGET_METRICS = ("mAP", "mAP50")

@@ -146,7 +146,8 @@ class ReportConfig:
 
 @dataclass
 class ShowConfig:
-    # eval/detections in TensorBoard and scripts/show_detections.py (ssd_npu/evaluation/detections.py)
+    # eval/detections in TensorBoard and scripts/show_detections.py
+    # (ssd_npu/evaluation/detections.py)
     out: str | None = None  # PNG path of show_detections.py; None: <out_dir>/detections.png
     images: int = 6  # the first N val images (by image id)
     score: float = 0.3  # predictions drawn: score >= this

@@ -98,8 +98,9 @@ import sys
 import ssd_npu.data.loader, ssd_npu.data.buckets, ssd_npu.data.samplers, ssd_npu.data.transforms
 import ssd_npu.data.fixed_shape, ssd_npu.data.coco, ssd_npu.data.dynamic, ssd_npu.data.synthetic
 # (`import torchvision` itself loads torch._dynamo and its detection models: not ours to avoid)
-bad = ("ssd_npu.tools", "ssd_npu.device.compiler", "ssd_npu.models.detector", "ssd_npu.engine.train_step", "ssd_npu.engine.loop",
-       "ssd_npu.loss.ssd", "ssd_npu.build", "ssd_npu.train")
+bad = ("ssd_npu.tools", "ssd_npu.device.compiler", "ssd_npu.models.detector",
+       "ssd_npu.engine.train_step", "ssd_npu.engine.loop", "ssd_npu.loss.ssd", "ssd_npu.build",
+       "ssd_npu.train")
 print(sorted(m for m in sys.modules if m.startswith(bad)))
 """
     result = _python(code, REPO, env_path=str(REPO))

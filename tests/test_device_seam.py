@@ -1,7 +1,8 @@
-"""One place knows the device: ssd_npu/device/backend.py (and ascend.py, its torch_npu import). Elsewhere in the package no code names an
-accelerator ("cuda", "npu"), reaches torch.cuda / torch.npu / torch_npu / cuDNN's switches,
-or branches on a device's type: it asks the `Device` (streams, events, generator, DDP ids,
-defaults). A new device type is then added in one file (docs/architecture.md, "Add a device").
+"""One place knows the device: ssd_npu/device/backend.py (and ascend.py, its torch_npu import).
+Elsewhere in the package no code names an accelerator ("cuda", "npu"), reaches torch.cuda /
+torch.npu / torch_npu / cuDNN's switches, or branches on a device's type: it asks the `Device`
+(streams, events, generator, DDP ids, defaults). A new device type is then added there
+(docs/architecture.md, "Add a device").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The fixed postprocess equals each detector's own `postprocess_detections` (the host path,
-ssd_npu.evaluation.evaluate.postprocess_fixed): the same boxes, scores and labels, bit for bit, on random
-head outputs with distinct scores, for ssdlite320, ssd300, RetinaNet v1 and FCOS."""
+ssd_npu.evaluation.evaluate.postprocess_fixed): the same boxes, scores and labels, bit for bit,
+on random head outputs with distinct scores, for ssdlite320, ssd300, RetinaNet v1 and FCOS."""
 
 from __future__ import annotations
 

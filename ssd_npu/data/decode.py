@@ -224,7 +224,8 @@ class DeferredImage:
 
     def as_subclass(self, cls: type) -> Tensor:
         """`decode()` as `cls`: code that reads the reader's image as a tensor (drawing
-        detections on the original, ssd_npu.evaluation.detections) gets its pixels in reduced mode too."""
+        detections on the original, ssd_npu.evaluation.detections) gets its pixels in reduced
+        mode too."""
         return self.decode().as_subclass(cls)
 
     def _load(self, content: tuple[int, int]) -> tuple[Image.Image, float, float] | None:

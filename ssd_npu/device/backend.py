@@ -1,8 +1,8 @@
 """The one place that knows cpu / cuda / npu.
 
 `resolve_device(name, index, jit_compile)` parses the name, imports the backend (torch_npu
-for `npu`, through `ssd_npu.device.ascend`), checks it works, and fails with a message that says what to do. Nothing falls
-back to another device silently: `auto` is the only name that chooses, and it says what
+for `npu`, through `ssd_npu.device.ascend`), checks it works, and fails with a message that
+says what to do. Nothing falls back to another device silently: `auto` is the only name that chooses, and it says what
 it chose. The rest of the package asks the `Device` (streams, events, the generator, DDP's
 ids, the defaults that differ per device) and never names a device type itself
 (tests/test_device_seam.py), so a new device type is added here.
@@ -262,7 +262,7 @@ class Device:
         return None
 
     def autocast(self, enabled: bool, dtype: str | None = None):
-        """Mixed precision for the network (the fixed loss stays fp32: see engine.py)."""
+        """Mixed precision for the network (the fixed loss stays fp32: `engine/train_step.py`)."""
         if not enabled:
             return contextlib.nullcontext()
         return torch.autocast(self.type, dtype=self.amp_dtype(dtype))

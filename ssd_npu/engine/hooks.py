@@ -1,7 +1,8 @@
 """The hooks every run has: checkpoints, the profiler, bucket counting, stop signals.
 
-Each is a `ssd_npu.engine.loop.Hook` built from explicit objects; `ssd_npu.train.run` puts them in
-a list with evaluation's hook (`ssd_npu.evaluation.hook.EvalHook`). No hook holds another: how training ended reaches each as `after_train`'s outcome.
+Each is a `ssd_npu.engine.loop.Hook` built from explicit objects; `ssd_npu.train.run` puts
+them in a list with evaluation's hook (`ssd_npu.evaluation.hook.EvalHook`). No hook holds
+another: how training ended reaches each as `after_train`'s outcome.
 Only rank 0 writes (checkpoints, TensorBoard), but every rank runs every hook, so collectives
 (evaluation's gather, the stop vote) stay in step across ranks.
 """

@@ -90,8 +90,8 @@ class BackgroundCoco:
     def submit(
         self, step: int, results: np.ndarray, image_ids: list[int], times: dict[str, float]
     ) -> Pending:
-        """Hand over one evaluation: results [N, 7] (`ssd_npu.evaluation.records`), the evaluated image
-        ids, and the loop's times for it (forward_s, records_s; the caller adds stall_s to
+        """Hand over one evaluation: results [N, 7] (`ssd_npu.evaluation.records`), the
+        evaluated image ids, and the loop's times for it (forward_s, records_s; the caller adds stall_s to
         the returned `Pending.times` once it knows it). Returned in the result with them."""
         future = self.pool.submit(_score, results, image_ids, self.engine)
         self.pending.append(Pending(step, future, times))

@@ -160,7 +160,8 @@ def _gc_paused() -> Iterator[None]:
 def evaluate(
     gt: GroundTruth, results: np.ndarray, image_ids: list[int], engine: str = "faster"
 ) -> CocoStats:
-    """COCOeval "bbox" over `image_ids` of `results` [N, 7] (`ssd_npu.evaluation.records`; N >= 1)."""
+    """COCOeval "bbox" over `image_ids` of `results` [N, 7] (`ssd_npu.evaluation.records`;
+    N >= 1)."""
     coco_gt = gt.index(engine)
     quiet = io.StringIO()
     # both engines print progress lines: keep only summarize's table. loadRes edits records:
@@ -196,8 +197,8 @@ def coco_map(
     """COCOeval "bbox" (`engine`: faster | pycocotools) on `image_ids` only; prints the
     12-line AP/AR table.
 
-    results [N, 7] (`ssd_npu.evaluation.records`). Returns {"mAP": AP@[.5:.95], "mAP50": AP@.5, "stats":
-    the 12 COCOeval stats, "num_images", "num_detections"}. COCOeval reports -1 where no
+    results [N, 7] (`ssd_npu.evaluation.records`). Returns {"mAP": AP@[.5:.95], "mAP50": AP@.5,
+    "stats": the 12 COCOeval stats, "num_images", "num_detections"}. COCOeval reports -1 where no
     ground truth exists.
     """
     gt = gt if isinstance(gt, GroundTruth) else GroundTruth.of_coco(gt)

@@ -4,7 +4,8 @@ Fixed path, `eval.postprocess=device` (`DeviceDetect`): the device runs the netw
 detector's postprocess in fixed shapes (`ssd_npu.models.postprocess.fixed_postprocess`: [B, D]
 detections and a valid mask, D = detections_per_img) as one static function, compiled once
 under compile=true; the host receives one [B, D, 7] tensor per batch, keeps them, and after the pass maps every
-box back (`unfit_boxes`, in bulk) and writes the COCO results in one go (`ssd_npu.evaluation.records`).
+box back (`unfit_boxes`, in bulk) and writes the COCO results in one go
+(`ssd_npu.evaluation.records`).
 
 Fixed path, `eval.postprocess=host`: the device runs only the static graph (`FixedDetector`:
 `[B, 3, H, W]` -> head outputs). Everything data-dependent runs on the HOST: the detector's
@@ -21,7 +22,8 @@ gets the head outputs and anchors copied to the host (`postprocess_on_host`).
 
 Both produce COCO results as one array [N, 7] (`ssd_npu.evaluation.records`: image_id, xywh original
 pixels, score, category_id), no dict per detection, and share `coco_map` (COCOeval with
-`eval.coco`'s engine: faster-coco-eval, or pycocotools as the reference; `ssd_npu.evaluation.cocoeval`).
+`eval.coco`'s engine: faster-coco-eval, or pycocotools as the reference;
+`ssd_npu.evaluation.cocoeval`).
 Labels are COCO category ids here. Each evaluation is timed by phase: forward_s (the pass
 over the val loader), records_s (the results array), cocoeval_s.
 """
@@ -148,8 +150,8 @@ def _as_device(device: Device | torch.device | str) -> Device:
 class Found:
     """One rank's detections over a val loader, and where the time went.
 
-    results [N, 7] float64 (`ssd_npu.evaluation.records`: image_id, x, y, w, h original pixels, score,
-    category_id); image_ids: the images evaluated (padding repeats left out); forward_s: the
+    results [N, 7] float64 (`ssd_npu.evaluation.records`: image_id, x, y, w, h original pixels,
+    score, category_id); image_ids: the images evaluated (padding repeats left out); forward_s: the
     pass over the loader (batches, network, postprocess, copies to the host), seconds;
     records_s: building `results` from the detections, seconds."""
 
@@ -285,8 +287,8 @@ class Evaluator:
     `fixed_detections` or `dynamic_detections` to the model and device).
 
     Each rank runs its share of the val set; rank 0 gathers every rank's detections (`gather`)
-    and runs COCOeval with `engine` (`score`; `ssd_npu.evaluation.cocoeval`). `run` does both: it returns
-    None on the other ranks; in one process it always returns. `detect`: the fixed path's
+    and runs COCOeval with `engine` (`score`; `ssd_npu.evaluation.cocoeval`). `run` does both:
+    it returns None on the other ranks; in one process it always returns. `detect`: the fixed path's
     device postprocess when it is used (its graph count), else None. `ann_file`: the val
     annotations' json, which a side process reads instead of being sent the index
     (`ssd_npu.evaluation.background`).

@@ -10,7 +10,8 @@ The fixed path's detections arrive as `packed [B, D, 7]` (x1, y1, x2, y2 canvas 
 score, label, valid; `ssd_npu.evaluation.evaluate.pack_detections`): `packed_results` maps a whole
 evaluation's worth back to the original images (`unfit_boxes`, in bulk) and keeps the valid
 rows of real images with tensor ops only. The COCO engines still take a list of dicts
-(`ssd_npu.evaluation.cocoeval.as_dicts`); that conversion is part of COCOeval's time, not the records'.
+(`ssd_npu.evaluation.cocoeval.as_dicts`); that conversion is part of COCOeval's time, not the
+records'.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 with 80 categories (COCO's ids, 1..90 with gaps), 640x480-like images, about 7.6 boxes per
 image (37,925 over 5,000 images, as val2017) in COCO's mix of small, medium and large, crowd
 regions (1%), ~2% images without objects; and `results [images * per_image, 7]`
-(`ssd_npu.evaluation.records`) from `noisy_results`: per image, noisy copies of its boxes (some with the
-wrong class) and random false positives, scores in (0, 1]. Deterministic for a seed.
+(`ssd_npu.evaluation.records`) from `noisy_results`: per image, noisy copies of its boxes (some
+with the wrong class) and random false positives, scores in (0, 1]. Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def coco_val_sized(
 def loop_records(
     packed: torch.Tensor, scales: torch.Tensor, orig_sizes: torch.Tensor, image_ids: torch.Tensor
 ) -> list[dict]:
-    """The records as evaluation built them before `ssd_npu.evaluation.records` (the reference for its
-    test and the "before" of scripts/bench_eval.py): image by image `unfit_boxes`, then one
+    """The records as evaluation built them before `ssd_npu.evaluation.records` (the reference
+    for its test and the "before" of scripts/bench_eval.py): image by image `unfit_boxes`, then one
     dict per detection. Arguments as `ssd_npu.evaluation.records.packed_results`."""
     records = []
     for i in range(packed.shape[0]):
@@ -116,7 +116,8 @@ def as_packed(
 ) -> tuple[torch.Tensor, ...]:
     """`results` [I * D, 7] (D rows per image, images in `dataset` order) as the fixed path's
     packed detections on a stretched canvas: (packed [I, D, 7] canvas pixels, scales [I, 2],
-    orig_sizes [I, 2], image_ids [I]), the arguments of `ssd_npu.evaluation.records.packed_results`."""
+    orig_sizes [I, 2], image_ids [I]), the arguments of
+    `ssd_npu.evaluation.records.packed_results`."""
     images = len(dataset["images"])
     rows = torch.from_numpy(results).reshape(images, -1, 7)
     orig_sizes = torch.tensor([[img["height"], img["width"]] for img in dataset["images"]])

@@ -31,8 +31,8 @@ SUSTAINED = ("sustained_tv_eager", "sustained_fixed_graphs_device", "sustained_f
              "sustained_fixed_eager", "sustained_fixed_eager_device",
              "sustained_tv_eager_nobench")  # fmt: skip
 # the checks added with the sustained ones, for what had never run on a GPU (scripts/gpu_check.py)
-NEVER_RUN = ("resume_compiled", "model_ssd300", "model_retinanet", "model_fcos", "compiler_optimizer",
-             "amp_compile", "amp_cudagraphs", "buckets_cudagraphs", "decode_reduced",
+NEVER_RUN = ("resume_compiled", "model_ssd300", "model_retinanet", "model_fcos",
+             "compiler_optimizer", "amp_compile", "amp_cudagraphs", "buckets_cudagraphs", "decode_reduced",
              "bench_cuda")  # fmt: skip
 HEADLINE = "wall_fixed_graphs_vs_tv_eager"
 # bench_data.py's variant whose per-core rate feeds each sustained check's data path
