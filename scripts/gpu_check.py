@@ -80,7 +80,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import torch  # noqa: E402
 
 from ssd_npu.tools import gpu_report  # noqa: E402
-from ssd_npu.tools.gpu_report import FAIL, PASS, SKIP, WARN  # noqa: E402
+from ssd_npu.tools.gpu_report import FAIL, PASS, SKIP, WARN, number  # noqa: E402
 
 GROUPS = ("preflight", "sustained", "eager", "cudagraphs", "amp", "resume", "cpu_resume",
           "compile", "models", "variants", "torchrun")  # fmt: skip
@@ -294,9 +294,9 @@ def throughput(run: Run, batch: int) -> Check:
     }
     f = figure
     text = (
-        f"{_num(f['device_images_per_s'])} img/s device, {_num(f['wall_images_per_s'])} wall, "
-        f"data wait {_num(f['data_wait_pct'])}%, step {_num(f['steady_step_ms'])} ms, "
-        f"first {_num(f['first_step_ms'])} ms"
+        f"{number(f['device_images_per_s'])} img/s device, {number(f['wall_images_per_s'])} wall, "
+        f"data wait {number(f['data_wait_pct'])}%, step {number(f['steady_step_ms'])} ms, "
+        f"first {number(f['first_step_ms'])} ms"
     )
     if f["final_loss"] is None or not math.isfinite(f["final_loss"]):
         return Check(FAIL, f"loss not finite ({f['final_loss']}); {text}", figure)
@@ -343,12 +343,6 @@ def _failed(run: Run) -> Check:
     if run.returncode is None:
         return Check(SKIP, f"stopped at the deadline after {run.wall_s:.0f} s (no time left)")
     return Check(FAIL, f"exit {run.returncode}: {run.error()} (log: {run.folder / 'log.txt'})")
-
-
-def _num(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
 def losses_by_step(folder: Path) -> dict[int, float]:
@@ -478,7 +472,7 @@ def bench_cuda(runner: Runner, batch: int, steps: int) -> Check:
     rates = {name: r.get("images_per_s") for name, r in found.get("runs", {}).items()}
     if not rates or not all(rates.values()):
         return Check(FAIL, f"bench.json has no steady img/s for every variant: {rates}")
-    text = ", ".join(f"{n} {_num(v)} img/s" for n, v in rates.items())
+    text = ", ".join(f"{n} {number(v)} img/s" for n, v in rates.items())
     return Check(PASS, text, {"images_per_s": rates, "bench_json": str(path)})
 
 

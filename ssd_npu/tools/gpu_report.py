@@ -87,10 +87,10 @@ def sustained_verdict(figure: dict[str, Any], steady_wanted: int) -> tuple[str, 
     for fewer steady steps than asked or a data wait above 5%, else PASS."""
     f = figure
     text = (
-        f"{_num(f['wall_images_per_s'])} img/s wall, {_num(f['device_images_per_s'])} device, "
-        f"data wait {_num(f['data_wait_pct'])}%, {f['steady_steps']} steady steps over "
+        f"{number(f['wall_images_per_s'])} img/s wall, {number(f['device_images_per_s'])} device, "
+        f"data wait {number(f['data_wait_pct'])}%, {f['steady_steps']} steady steps over "
         f"{f['train_images']} images, host CPU {_pct(f['host_cpu_pct'])}, "
-        f"cores needed {_num(f['cores_needed'])}"
+        f"cores needed {number(f['cores_needed'])}"
     )
     loss = f.get("final_loss")
     if loss is None or not math.isfinite(loss):
@@ -151,7 +151,9 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}%"
 
 
-def _num(value: float | None) -> str:
+def number(value: float | None) -> str:
+    """A figure for a check's line or the docs: "-" when not measured, thousands separated
+    from 100 on, two decimals below."""
     if value is None:
         return "-"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
